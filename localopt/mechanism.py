@@ -1,0 +1,240 @@
+"""The one mechanism every rule uses: substitute what a module sends backward.
+
+A *site* is one hooked module (an ``nn.Linear``/``nn.ConvNd`` for the feedback-alignment
+family, any ``nn.Module`` for block-level rules).  Two hooks are installed on it:
+
+* a forward **pre-hook** hands the module a *detached* alias of its input ``x``;
+* a forward **hook** routes the module's output through :class:`_Inject`, an identity in
+  the forward pass whose backward receives the error ``delta = dL/d out`` and returns
+
+  - ``delta`` to the module's own graph, so autograd computes the exact *local* weight and
+    bias gradients ``dW = delta^T x``, ``db = sum(delta)`` (the input is detached, so autograd
+    computes no input gradient there: no wasted work), and
+  - ``rule.backward(site, delta, payload)`` as the gradient of ``x`` -- the signal the rule
+    sends to the layers below (``delta B`` for feedback alignment, ``B_l e`` for DFA, ...).
+
+The forward computation is untouched -- the module runs its own ``forward`` on the same
+values -- so outputs are bitwise what they were before wrapping, for subclasses too.
+``_Inject`` returns its input marked dirty instead of a view, so in-place operations that
+follow (``ReLU(inplace=True)``, ``x += shortcut``) keep working as with plain autograd.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Site", "input_grad", "overrides_forward", "CONV_TYPES", "LAYER_TYPES"]
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYER_TYPES = (nn.Linear,) + CONV_TYPES
+
+
+class _Inject(torch.autograd.Function):
+    """Identity on ``out``; backward sends ``delta`` to ``out`` and the rule's signal to ``x``."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, x: Tensor, site: "Site", payload: Any) -> Tensor:
+        ctx.site, ctx.payload = site, payload
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = ctx.site.rule.backward(ctx.site, delta, ctx.payload)
+        return delta, grad_x, None, None
+
+
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    site: Site | None = module.__dict__.get("_localopt_site")
+    if site is None or not site.active:
+        return None
+    if args:
+        x = args[0]
+    else:
+        x = kwargs.get(site.input_kwarg)
+    if not (isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled()):
+        site._pending = None
+        return None
+    site._pending = x
+    xd = x.detach()
+    if args:
+        return (xd,) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs[site.input_kwarg] = xd
+    return args, kwargs
+
+
+def _post_hook(module: nn.Module, args: tuple, out: Any):
+    site: Site | None = module.__dict__.get("_localopt_site")
+    if site is None or not site.active or site._pending is None:
+        return None
+    x, site._pending = site._pending, None
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"localopt: module '{site.name}' ({type(module).__name__}) returned "
+            f"{type(out).__name__}, not a Tensor; rule '{site.rule.name}' can only hook modules "
+            "with a single tensor output (exclude it, or wrap a sub-module instead)"
+        )
+    payload = site.rule.forward(site, x, out)
+    return _Inject.apply(out, x, site, payload)
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """True when ``module``'s class changes the forward of its torch base layer."""
+    for base in LAYER_TYPES:
+        if isinstance(module, base):
+            cls = type(module)
+            if cls.forward is not base.forward:
+                return True
+            conv_fwd = getattr(base, "_conv_forward", None)
+            return conv_fwd is not None and cls._conv_forward is not conv_fwd
+    return True
+
+
+class Site:
+    """One hooked module: its name, rule, and the buffers the rule registered on it.
+
+    Rules keep their per-layer state as buffers on the hooked module (named ``localopt_*``),
+    so it follows ``model.to(...)`` and is saved by ``model.state_dict()``.
+    """
+
+    BUFFER_PREFIX = "localopt_"
+
+    def __init__(self, module: nn.Module, name: str, rule: "Any") -> None:
+        self.module = module
+        self.name = name
+        self.rule = rule
+        self.active = True
+        self.input_kwarg = "input"
+        self.buffer_names: list[str] = []
+        self._hook_ids: list[tuple[str, int]] = []
+        self._pending: Tensor | None = None
+        # Plain torch layers (and subclasses that keep their forward) get the closed-form
+        # input gradient; others re-run their own forward with W swapped (see input_grad).
+        self.fast = isinstance(module, LAYER_TYPES) and not overrides_forward(module)
+
+    # -- state ---------------------------------------------------------------------------
+    def register_buffer(self, name: str, tensor: Tensor) -> None:
+        full = self.BUFFER_PREFIX + name
+        self.module.register_buffer(full, tensor, persistent=True)
+        self.buffer_names.append(full)
+
+    def buffer(self, name: str) -> Tensor:
+        return self.module._buffers[self.BUFFER_PREFIX + name]
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    # -- install / remove ------------------------------------------------------------------
+    def install(self) -> None:
+        m = self.module
+        object.__setattr__(m, "_localopt_site", self)
+        h1 = m.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        h2 = m.register_forward_hook(_post_hook)
+        self._hook_ids = [("_forward_pre_hooks", h1.id), ("_forward_hooks", h2.id)]
+
+    def remove(self) -> None:
+        m = self.module
+        for dict_name, hid in self._hook_ids:
+            for suffix in ("", "_with_kwargs", "_always_called"):
+                getattr(m, dict_name + suffix, {}).pop(hid, None)
+        self._hook_ids = []
+        for b in self.buffer_names:
+            m._buffers.pop(b, None)
+        self.buffer_names = []
+        m.__dict__.pop("_localopt_site", None)
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        """Run the module's forward without this site's hooks (used by the slow path)."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
+    def __repr__(self) -> str:
+        return f"Site({self.name!r}, {type(self.module).__name__}, rule={self.rule.name!r})"
+
+
+# ---------------------------------------------------------------------------------------
+# The input gradient of a layer with a substitute weight: the only place that knows the
+# layer types.  Every rule of the feedback-alignment family calls this with its B.
+# ---------------------------------------------------------------------------------------
+def input_grad(site: Site, delta: Tensor, weight: Tensor, x: Tensor | torch.Size) -> Tensor:
+    """Gradient w.r.t. the layer input of ``layer(x)`` with ``weight`` in place of W.
+
+    ``Linear``: ``delta @ weight`` (any leading dims).  ``ConvNd``: the transposed convolution
+    of ``delta`` with ``weight`` (stride, padding incl. ``'same'`` and non-zero padding modes,
+    dilation, groups).  Subclasses that override ``forward`` take an exact but slower path:
+    their own forward is re-run with ``weight`` substituted and differentiated w.r.t. ``x``
+    (one extra layer forward); ``x`` must then be the tensor, not its shape.
+    """
+    m = site.module
+    if not site.fast:
+        return _functional_input_grad(site, delta, weight, x)
+    w = weight.to(delta.dtype)
+    if isinstance(m, nn.Linear):
+        return delta.matmul(w)
+    shape = x if isinstance(x, torch.Size) else x.shape
+    return _conv_input_grad(m, delta, w, shape)
+
+
+def _conv_backward(delta, shape, w, stride, padding, dilation, groups):
+    dummy = delta.new_empty(1).expand(shape)
+    return torch.ops.aten.convolution_backward(
+        delta, dummy, w, None, list(stride), list(padding), list(dilation),
+        False, [0] * len(stride), groups, (True, False, False),
+    )[0]
+
+
+def _conv_input_grad(m: nn.Module, delta: Tensor, w: Tensor, shape: torch.Size) -> Tensor:
+    nd = w.dim() - 2
+    unbatched = delta.dim() == nd + 1
+    if unbatched:
+        delta, shape = delta.unsqueeze(0), torch.Size((1,) + tuple(shape))
+    spatial = tuple(shape[-nd:])
+    if m.padding_mode != "zeros":
+        # forward was conv(F.pad(x, pad, mode), padding=0): transpose the conv, then the pad.
+        pad = m._reversed_padding_repeated_twice
+        lo = [pad[2 * (nd - 1 - i)] for i in range(nd)]
+        hi = [pad[2 * (nd - 1 - i) + 1] for i in range(nd)]
+        padded = shape[:-nd] + tuple(s + a + b for s, a, b in zip(spatial, lo, hi))
+        g = _conv_backward(delta, padded, w, m.stride, (0,) * nd, m.dilation, m.groups)
+        g = _pad_adjoint(g, shape, tuple(pad), m.padding_mode)
+    elif m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, w.shape[2:])]
+        lo = [t // 2 for t in total]
+        if all(t % 2 == 0 for t in total):
+            g = _conv_backward(delta, shape, w, m.stride, lo, m.dilation, m.groups)
+        else:  # asymmetric: transpose on the explicitly padded input, then crop
+            padded = shape[:-nd] + tuple(s + t for s, t in zip(spatial, total))
+            g = _conv_backward(delta, padded, w, m.stride, (0,) * nd, m.dilation, m.groups)
+            g = g[(Ellipsis,) + tuple(slice(a, a + s) for a, s in zip(lo, spatial))]
+    else:
+        padding = (0,) * nd if m.padding == "valid" else m.padding
+        g = _conv_backward(delta, shape, w, m.stride, padding, m.dilation, m.groups)
+    return g.squeeze(0) if unbatched else g
+
+
+def _pad_adjoint(g: Tensor, shape: torch.Size, pad: tuple, mode: str) -> Tensor:
+    with torch.enable_grad():
+        z = g.new_zeros(shape, requires_grad=True)
+        return torch.autograd.grad(F.pad(z, pad, mode=mode), z, g)[0]
+
+
+def _functional_input_grad(site: Site, delta: Tensor, weight: Tensor, x: Tensor) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise RuntimeError(f"localopt: internal: slow path for '{site.name}' needs the input")
+    with torch.enable_grad(), site.bypassed():
+        xr = x.detach().requires_grad_()
+        out = torch.func.functional_call(site.module, {"weight": weight.detach()}, (xr,), strict=False)
+        return torch.autograd.grad(out, xr, delta.to(out.dtype))[0]
+

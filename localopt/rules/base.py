@@ -1,0 +1,201 @@
+"""Rule base classes and the rule registry.
+
+A rule decides, per hooked module (a :class:`~localopt.mechanism.Site`), what is sent
+backward as the gradient of the module's input.  The module's own parameter gradients are
+always autograd's exact local ones for the error the module received.
+
+Subclass :class:`Rule` (any signal) or :class:`FeedbackRule` (the feedback-alignment family:
+the input gradient is the layer's transposed op with a feedback weight ``B`` in place of
+``W``) and decorate with :func:`register_rule`.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..mechanism import LAYER_TYPES, Site, input_grad
+
+__all__ = ["Rule", "FeedbackRule", "register_rule", "get_rule", "available_rules", "make_rule",
+           "init_feedback", "FEEDBACK_INITS"]
+
+_REGISTRY: dict[str, type["Rule"]] = {}
+
+
+def register_rule(cls: type["Rule"]) -> type["Rule"]:
+    """Class decorator: make ``cls`` available to :func:`localopt.wrap` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"rule class {cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a rule named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_rules() -> list[str]:
+    """Names accepted by :func:`localopt.wrap`."""
+    return sorted(_REGISTRY)
+
+
+def get_rule(name: str) -> type["Rule"]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"localopt: unknown rule {name!r}; available rules: {', '.join(available_rules())}"
+        ) from None
+
+
+def make_rule(rule: "str | Rule", options: dict[str, Any]) -> "Rule":
+    """Instantiate a rule by name, checking ``options`` against its signature first."""
+    if isinstance(rule, Rule):
+        if options:
+            raise TypeError(f"localopt: options {sorted(options)} given with a rule instance; "
+                            "pass them to the rule's constructor instead")
+        return rule
+    if not isinstance(rule, str):
+        raise TypeError(f"localopt: rule must be a name or a Rule, got {type(rule).__name__}")
+    cls = get_rule(rule)
+    params = inspect.signature(cls.__init__).parameters
+    valid = [p for p in params if p != "self" and params[p].kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"localopt: rule {rule!r} got unknown option(s) {unknown}; "
+            f"its options are: {valid if valid else 'none'}"
+        )
+    return cls(**options)
+
+
+class Rule:
+    """What a hooked module sends backward.
+
+    Life cycle: :meth:`setup` once per site at :func:`localopt.wrap` (register state with
+    ``site.register_buffer``); :meth:`attach` once for the whole model (model-level hooks,
+    e.g. capturing the output error); per forward, :meth:`forward` returns a payload kept for
+    the backward; per backward, :meth:`backward` returns the gradient for the module's input.
+    """
+
+    name: ClassVar[str] = ""
+    #: module types hooked by default
+    wraps: ClassVar[tuple[type[nn.Module], ...]] = LAYER_TYPES
+    #: True when the rule learns state that an optimizer step must update
+    #: (then use :class:`localopt.optim.LocalOptimizer` rather than a plain torch optimizer)
+    learns_feedback: ClassVar[bool] = False
+
+    def setup(self, site: Site, generator: torch.Generator | None) -> None:
+        pass
+
+    def attach(self, model: nn.Module, sites: list[Site]) -> None:
+        pass
+
+    def detach(self, model: nn.Module, sites: list[Site]) -> None:
+        pass
+
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        return None
+
+    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor | None:
+        raise NotImplementedError
+
+    def feedback_shape(self, site: Site) -> tuple[int, ...] | None:
+        """Shape of the per-site feedback state, for :func:`localopt.summary`."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        """The rule's options, as passed to its constructor."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {p: getattr(self, p) for p in params if p != "self" and hasattr(self, p)}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"
+
+
+class FeedbackRule(Rule):
+    """Feedback-alignment family: the input gradient uses a feedback weight B instead of W.
+
+    For a layer ``y = W * x + b`` (``*`` a matmul or convolution) receiving the error
+    ``delta = dL/dy``::
+
+        dW = delta^T x          (exact, local -- computed by autograd)
+        db = sum(delta)
+        dx = delta B            (transposed op with B in place of W)
+
+    Subclasses implement :meth:`feedback`, returning ``B`` (the shape of ``W``) for the
+    current forward pass.
+    """
+
+    def feedback(self, site: Site) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        return self.feedback(site), (x.shape if site.fast else x)
+
+    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
+        B, x = payload
+        return input_grad(site, delta, B, x)
+
+    def feedback_shape(self, site: Site) -> tuple[int, ...] | None:
+        return tuple(site.weight.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Feedback initialisation, shared by the rules that draw a random B.
+# ---------------------------------------------------------------------------------------
+def _fans(w: Tensor) -> tuple[int, int]:
+    receptive = math.prod(w.shape[2:]) if w.dim() > 2 else 1
+    return w.shape[1] * receptive, w.shape[0] * receptive
+
+
+def _init_xavier(w, g, device):
+    fan_in, fan_out = _fans(w)
+    a = math.sqrt(6.0 / (fan_in + fan_out))
+    return torch.empty(w.shape, device=device).uniform_(-a, a, generator=g)
+
+
+def _init_kaiming(w, g, device):
+    fan_in, _ = _fans(w)
+    a = math.sqrt(6.0 / fan_in)  # He-uniform, gain sqrt(2)
+    return torch.empty(w.shape, device=device).uniform_(-a, a, generator=g)
+
+
+def _init_uniform(w, g, device):
+    # Lillicrap et al. 2016: B ~ U(-0.5, 0.5); kept unscaled by design.
+    return torch.empty(w.shape, device=device).uniform_(-0.5, 0.5, generator=g)
+
+
+def _init_normal(w, g, device):
+    fan_in, _ = _fans(w)
+    return torch.randn(w.shape, generator=g, device=device) / math.sqrt(fan_in)
+
+
+FEEDBACK_INITS = {"xavier": _init_xavier, "kaiming": _init_kaiming, "uniform": _init_uniform,
+                  "normal": _init_normal}
+
+
+def init_feedback(init: str, weight: Tensor, generator: torch.Generator | None,
+                  match_norm: bool = False, on_device: bool = False) -> Tensor:
+    """Draw a random feedback weight shaped like ``weight`` on its device and dtype.
+
+    ``init``: ``"xavier"`` (Glorot-uniform, BioTorch's default), ``"kaiming"`` (He-uniform),
+    ``"uniform"`` (U(-0.5, 0.5), Lillicrap et al. 2016), ``"normal"`` (N(0, 1/fan_in)).
+    ``match_norm`` rescales B to the Frobenius norm of ``weight``.  Drawn in float32 on the CPU
+    from ``generator`` (or torch's global CPU RNG), so the draw does not depend on the device;
+    ``on_device=True`` draws directly on ``weight.device`` from its global RNG instead (for
+    rules that redraw every step).
+    """
+    device = weight.device if on_device else torch.device("cpu")
+    B = FEEDBACK_INITS[init](weight, None if on_device else generator, device)
+    if match_norm:
+        B = B * (weight.detach().float().norm().to(device) / B.norm().clamp_min(1e-12))
+    return B.to(device=weight.device, dtype=weight.dtype)
+
+
+def check_choice(rule: str, option: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"localopt: rule {rule!r}: option {option}={value!r} is not one of "
+                         f"{sorted(choices)}")

@@ -1,0 +1,94 @@
+"""Sign-symmetric feedback: ``usf``, ``brsf``, ``frsf`` (Liao, Leibo & Poggio 2016)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..mechanism import Site
+from .base import FEEDBACK_INITS, FeedbackRule, _fans, check_choice, init_feedback, register_rule
+
+_SCALES = ("xavier", "kaiming", "norm", "none")
+
+
+def _sign_scale(scale, weight: Tensor):
+    if not isinstance(scale, str):
+        return float(scale)
+    fan_in, fan_out = _fans(weight)
+    if scale == "xavier":
+        return math.sqrt(2.0 / (fan_in + fan_out))
+    if scale == "kaiming":
+        return math.sqrt(2.0 / fan_in)
+    if scale == "norm":  # ||B||_F = ||W||_F
+        return weight.detach().norm() / math.sqrt(weight.numel())
+    return 1.0
+
+
+@register_rule
+class USF(FeedbackRule):
+    """Uniform sign-concordant feedback (uSF), Liao, Leibo & Poggio 2016; at ImageNet scale
+    Xiao et al. 2018::
+
+        B = s * sign(W)   (recomputed from the current W every forward)
+        dx = delta B,     dW = delta^T x
+
+    Options:
+        scale: ``"xavier"`` (default): ``s = sqrt(2 / (fan_in + fan_out))``, the scaling
+            Xiao et al. 2018 and BioTorch use against exploding signals; ``"kaiming"``:
+            ``sqrt(2 / fan_in)``; ``"norm"``: ``||W||_F / sqrt(numel W)`` so that
+            ``||B|| = ||W||``; ``"none"`` (``s = 1``, the paper's plain sign); or a float.
+    """
+
+    name = "usf"
+
+    def __init__(self, *, scale: "str | float" = "xavier") -> None:
+        if isinstance(scale, str):
+            check_choice(self.name, "scale", scale, _SCALES)
+        self.scale = scale
+
+    def feedback(self, site: Site) -> Tensor:
+        W = site.weight.detach()
+        return torch.sign(W) * _sign_scale(self.scale, W)
+
+
+@register_rule
+class BRSF(FeedbackRule):
+    """Batchwise random-magnitude sign-concordant feedback (brSF), Liao et al. 2016::
+
+        B = |M_t| * sign(W),   M_t redrawn every forward pass (each mini-batch)
+
+    ``M_t`` is drawn on the layer's device from torch's global RNG with ``init``
+    (default ``"xavier"``, as BioTorch).
+    """
+
+    name = "brsf"
+
+    def __init__(self, *, init: str = "xavier") -> None:
+        check_choice(self.name, "init", init, FEEDBACK_INITS)
+        self.init = init
+
+    def feedback(self, site: Site) -> Tensor:
+        W = site.weight.detach()
+        M = init_feedback(self.init, W, None, on_device=True)
+        return M.abs_() * torch.sign(W)
+
+
+@register_rule
+class FRSF(FeedbackRule):
+    """Fixed random-magnitude sign-concordant feedback (frSF), Liao et al. 2016::
+
+        B = |M| * sign(W),   M drawn once at wrap time (buffer ``localopt_feedback`` = |M|)
+    """
+
+    name = "frsf"
+
+    def __init__(self, *, init: str = "xavier") -> None:
+        check_choice(self.name, "init", init, FEEDBACK_INITS)
+        self.init = init
+
+    def setup(self, site: Site, generator: torch.Generator | None) -> None:
+        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator).abs_())
+
+    def feedback(self, site: Site) -> Tensor:
+        return site.buffer("feedback") * torch.sign(site.weight.detach())
