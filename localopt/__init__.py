@@ -4,7 +4,7 @@
     localopt.wrap(model, "fa")     # install a rule by hooks; the training loop is unchanged
     localopt.unwrap(model)         # exact backprop again
 """
-from . import optim, rules
+from . import diagnostics, optim, rules
 from .mechanism import Site, input_grad
 from .rules import FeedbackRule, Rule, available_rules, register_rule
 from .wrap import (UNSUPPORTED_TYPES, Summary, is_wrapped, sites, strip_feedback, summary,
@@ -14,4 +14,4 @@ __version__ = "0.1.0"
 
 __all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback",
            "available_rules", "register_rule", "Rule", "FeedbackRule", "Site", "input_grad",
-           "Summary", "UNSUPPORTED_TYPES", "optim", "rules"]
+           "Summary", "UNSUPPORTED_TYPES", "diagnostics", "optim", "rules"]

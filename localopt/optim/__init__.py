@@ -1,4 +1,5 @@
 """torch.optim-style optimizers for local learning rules."""
 from .batch_manhattan import BatchManhattan
+from .local import Bidirectional, KolenPollack, LocalOptimizer, WeightMirror
 
-__all__ = ["BatchManhattan"]
+__all__ = ["BatchManhattan", "LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional"]

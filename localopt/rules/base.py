@@ -85,6 +85,10 @@ class Rule:
     #: True when the rule learns state that an optimizer step must update
     #: (then use :class:`localopt.optim.LocalOptimizer` rather than a plain torch optimizer)
     learns_feedback: ClassVar[bool] = False
+    #: True when the feedback receives exactly the optimizer update of a weight (Kolen-Pollack):
+    #: :class:`localopt.optim.LocalOptimizer` steps the tensors of :meth:`mirrored` with the
+    #: weights' optimizer algorithm and hyperparameters; otherwise it calls :meth:`feedback_step`
+    mirrors_update: ClassVar[bool] = False
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         pass
@@ -104,6 +108,20 @@ class Rule:
     def feedback_shape(self, site: Site) -> tuple[int, ...] | None:
         """Shape of the per-site feedback state, for :func:`localopt.summary`."""
         return None
+
+    # -- feedback learning (rules with ``learns_feedback``), driven by LocalOptimizer.step --------
+    def mirrored(self, site: Site) -> list[tuple[Tensor, Tensor]]:
+        """``mirrors_update`` rules: ``(feedback, weight)`` pairs; before each optimizer step the
+        rule puts the feedback's gradient in ``feedback.grad`` (:meth:`feedback_grads`) and the
+        feedback is stepped like ``weight``, with the hyperparameters of ``weight``'s group."""
+        return []
+
+    def feedback_grads(self, sites: list[Site]) -> None:
+        """``mirrors_update`` rules: set ``feedback.grad`` of each :meth:`mirrored` pair."""
+
+    def feedback_step(self, sites: list[Site], step: int) -> None:
+        """Other feedback-learning rules: update the feedback after the weights' optimizer step
+        (``step``: 1-based count of optimizer steps)."""
 
     def options(self) -> dict[str, Any]:
         """The rule's options, as passed to its constructor."""

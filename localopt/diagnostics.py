@@ -1,0 +1,145 @@
+"""Per-layer diagnostics: how close a rule's backward pass is to backprop.
+
+* :func:`feedback_angles` -- angle between each layer's feedback ``B`` and its weight ``W``
+  (``B`` has W's shape here, so this is the papers' angle between ``B`` and ``W^T``);
+* :func:`sign_concordance` -- fraction of entries where ``sign(B) = sign(W)``;
+* :func:`update_angles` -- angle between the gradient the rule gives each weight and the true
+  backprop gradient on the same batch, from a second pass with the hooks off.  Nothing of the
+  training state changes: ``.grad`` is untouched (``torch.autograd.grad``), BatchNorm running
+  statistics and every other non-feedback buffer are restored, torch's RNG is forked (both
+  passes start from the same RNG state, so dropout draws the same masks), and pending
+  feedback updates (``B.grad`` of the feedback buffers) are stashed and put back.
+
+Angles are in degrees, computed in float64 as ``2 atan2(|u - v|, |u + v|)`` for the unit
+vectors ``u, v`` (exactly 0 for parallel vectors, accurate near 0 and 180 degrees); a zero
+vector gives ``nan``.  All functions return ``{layer name: value}`` for the wrapped layers
+they apply to, with one host synchronisation per call.  :func:`feedback_angles` and
+:func:`sign_concordance` cover the feedback-alignment family (rules with a per-layer
+``B`` of W's shape: ``bp``, ``fa``, ``usf``, ``brsf``, ``frsf``, ``kp``, ``wm``, ``bfa``);
+direct rules (``dfa``, ...) project the output error with a ``B`` that has no weight of the
+same shape to compare with and are skipped there -- :func:`update_angles` covers every rule.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .mechanism import Site
+from .rules.base import FeedbackRule
+from .wrap import sites as _sites
+
+__all__ = ["angle", "feedback_angles", "sign_concordance", "update_angles", "report"]
+
+
+def _angles(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    out = []
+    for a, b in pairs:
+        a, b = a.detach().flatten().double(), b.detach().flatten().double()
+        u, v = a / a.norm(), b / b.norm()
+        out.append(2 * torch.atan2((u - v).norm(), (u + v).norm()))
+    return torch.stack(out) * (180.0 / math.pi) if out else torch.zeros(0, dtype=torch.double)
+
+
+def angle(a: Tensor, b: Tensor) -> float:
+    """Angle in degrees between two tensors seen as vectors (``nan`` if one is zero)."""
+    return _angles([(a, b)]).item()
+
+
+def _name(s: Site) -> str:
+    return s.name or "(root)"
+
+
+def _feedback_pairs(model: nn.Module) -> list[tuple[Site, Tensor, Tensor]]:
+    rows = []
+    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad():
+        for s in _sites(model):
+            if isinstance(s.rule, FeedbackRule):
+                rows.append((s, s.rule.feedback(s), s.module.weight))
+    return rows
+
+
+def feedback_angles(model: nn.Module) -> dict[str, float]:
+    """Angle (degrees) between each layer's feedback ``B`` and its weight ``W``."""
+    rows = _feedback_pairs(model)
+    vals = _angles([(B, W) for _, B, W in rows]).tolist()
+    return {_name(s): v for (s, _, _), v in zip(rows, vals)}
+
+
+def sign_concordance(model: nn.Module) -> dict[str, float]:
+    """Fraction of the entries of each layer's ``B`` whose sign equals that of ``W``."""
+    rows = _feedback_pairs(model)
+    if not rows:
+        return {}
+    vals = torch.stack([(torch.sign(B) == torch.sign(W.detach())).double().mean().cpu()
+                        for _, B, W in rows]).tolist()
+    return {_name(s): v for (s, _, _), v in zip(rows, vals)}
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module, site_list: list[Site]):
+    """Restore non-feedback buffers and stash the feedback buffers' pending ``.grad``."""
+    feedback = {id(site.module._buffers[b]) for site in site_list for b in site.buffer_names}
+    saved = [(buf, buf.clone()) for buf in model.buffers() if id(buf) not in feedback]
+    pending = [(site.module._buffers[b], site.module._buffers[b].grad)
+               for site in site_list for b in site.buffer_names]
+    for buf, _ in pending:
+        buf.grad = None
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            yield
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
+        for buf, g in pending:
+            buf.grad = g
+
+
+def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any
+                  ) -> dict[str, float]:
+    """Angle (degrees) between the rule's gradient of each wrapped layer's weight and the
+    true backprop gradient, on the batch ``(x, y)`` with ``loss = loss_fn(model(x), y)``.
+
+    Two forward/backward passes (the rule's, then exact backprop with every hook disabled),
+    each from the same RNG state; the model's training state is left as it was (see the
+    module docstring).  Runs in the model's current mode (``train()``/``eval()``).
+    """
+    site_list = _sites(model)
+    weights = [s.module.weight for s in site_list]
+
+    def grads() -> list[Tensor | None]:
+        with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
+            loss = loss_fn(model(x), y)
+            return list(torch.autograd.grad(loss, weights, allow_unused=True))
+
+    with _preserved(model, site_list):
+        g_rule = grads()
+        active = [s.active for s in site_list]
+        for s in site_list:
+            s.active = False
+        try:
+            g_bp = grads()
+        finally:
+            for s, a in zip(site_list, active):
+                s.active = a
+    keep = [i for i, (a, b) in enumerate(zip(g_rule, g_bp)) if a is not None and b is not None]
+    vals = _angles([(g_rule[i], g_bp[i]) for i in keep]).tolist()
+    return {_name(site_list[i]): v for i, v in zip(keep, vals)}
+
+
+def report(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor] | None = None, x: Any = None,
+           y: Any = None) -> dict[str, dict[str, float]]:
+    """All diagnostics in one JSON-ready dict: ``{"feedback_angle": {...},
+    "sign_concordance": {...}, "update_angle": {...}}`` (the last only with a batch)."""
+    out = {"feedback_angle": feedback_angles(model), "sign_concordance": sign_concordance(model)}
+    if loss_fn is not None and x is not None:
+        out["update_angle"] = update_angles(model, loss_fn, x, y)
+    return out

@@ -1,0 +1,186 @@
+"""The optimizer for rules that learn their feedback: any torch optimizer, plus the feedback
+update after each step."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional"]
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _raw_step(opt_cls: type):
+    """``opt_cls.step`` without torch's profiling/hook wrapper (our own step carries it)."""
+    fn = opt_cls.step
+    return fn.__wrapped__ if getattr(fn, "hooked", False) else fn
+
+
+class LocalOptimizer(Optimizer):
+    """A torch optimizer that also trains the feedback of a wrapped model.
+
+    ``LocalOptimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)`` is an
+    instance of ``torch.optim.SGD`` built on ``model.parameters()`` (or on ``params``, e.g.
+    param groups) with those arguments -- param groups, LR schedulers, ``zero_grad`` and hooks
+    behave exactly as with the plain optimizer -- whose :meth:`step` runs the optimizer's
+    update on the weights and then the rule's feedback update:
+
+    * rules that mirror the weight update (``kp``): each feedback tensor ``B`` receives its
+      gradient from the rule (``kp``: the gradient of its weight ``W``) and is stepped by an
+      internal optimizer of the same class, whose param groups copy *every* hyperparameter
+      of ``W``'s group before each step (so schedulers, momentum, weight decay apply to B as
+      to W) and which keeps its own state (momentum buffers of B, ...);
+    * other feedback-learning rules (``wm``, ``bfa``): ``rule.feedback_step`` with the rule's
+      own hyperparameters (see the rule);
+    * rules that learn nothing (``fa``, ``bp``, ...): just the optimizer.
+
+    ``state_dict()`` is the optimizer's, plus a ``"localopt"`` entry with the feedback
+    learning's state (internal optimizer state, step count); the feedback weights themselves
+    are buffers in ``model.state_dict()``.  A plain torch ``state_dict`` (e.g. from a BP run)
+    loads too: the feedback learning then starts afresh.
+
+    Args:
+        model: a model wrapped by :func:`localopt.wrap`.
+        optimizer: a ``torch.optim.Optimizer`` subclass (default ``torch.optim.SGD``).
+        params: parameters or param groups for it (default ``model.parameters()``).
+        **kwargs: the optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...).
+
+    The result is an instance of ``LocalOptimizer`` *and* of ``optimizer`` (a subclass
+    ``Local<Name>`` made once per optimizer class).
+    """
+
+    #: rules this class accepts (``None``: any)
+    rule_names: ClassVar[tuple[str, ...] | None] = None
+    _inner: ClassVar[type | None] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        if cls._inner is not None:
+            return super().__new__(cls)
+        optimizer = kwargs.get("optimizer", args[1] if len(args) > 1 else torch.optim.SGD)
+        if not (isinstance(optimizer, type) and issubclass(optimizer, Optimizer)):
+            raise TypeError(f"localopt: {cls.__name__}: optimizer must be a torch.optim.Optimizer "
+                            f"subclass (e.g. torch.optim.SGD), got {optimizer!r}")
+        if issubclass(optimizer, LocalOptimizer):
+            raise TypeError(f"localopt: {cls.__name__}: optimizer {optimizer.__name__} is already "
+                            "a LocalOptimizer; pass the plain torch optimizer class")
+        sub = _CLASSES.get((cls, optimizer))
+        if sub is None:
+            prefix = "Local" if cls is LocalOptimizer else cls.__name__
+            sub = type(prefix + optimizer.__name__, (cls, optimizer),
+                       {"_inner": optimizer, "__module__": __name__})
+            _CLASSES[(cls, optimizer)] = sub
+        return super().__new__(sub)
+
+    def __init__(self, model: nn.Module, optimizer: type = torch.optim.SGD, params=None,
+                 **kwargs: Any) -> None:
+        from ..wrap import is_wrapped, sites
+        if not isinstance(model, nn.Module) or not is_wrapped(model):
+            raise ValueError(f"localopt: {type(self).__name__} needs a model wrapped by "
+                             "localopt.wrap(model, rule); got "
+                             f"{'an unwrapped ' if isinstance(model, nn.Module) else ''}"
+                             f"{type(model).__name__}")
+        self._sites = sites(model)
+        self._rule = self._sites[0].rule
+        if self.rule_names is not None and self._rule.name not in self.rule_names:
+            raise ValueError(f"localopt: {type(self).__name__.removesuffix(optimizer.__name__)} "
+                             f"trains rule(s) {list(self.rule_names)}, but the model is wrapped "
+                             f"with {self._rule.name!r}; use localopt.optim.LocalOptimizer")
+        super().__init__(model.parameters() if params is None else params, **kwargs)
+        self._feedback_steps = 0
+        self._mirror: Optimizer | None = None
+        self._mirror_sites: list[list] = []
+        if self._rule.mirrors_update:
+            self._build_mirror(kwargs)
+
+    # -- the mirrored update (kp) --------------------------------------------------------------
+    def _build_mirror(self, kwargs: dict) -> None:
+        group_of = {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        self._mirror_sites = [[] for _ in self.param_groups]
+        for s in self._sites:
+            for k, (_, w) in enumerate(self._rule.mirrored(s)):
+                if id(w) in group_of:
+                    self._mirror_sites[group_of[id(w)]].append((s, k))
+        if not any(self._mirror_sites):
+            return
+        groups = [{"params": self._mirror_tensors(i)} for i in range(len(self.param_groups))]
+        self._mirror = self._inner([g for g in groups if g["params"]] or groups, **kwargs)
+        self._mirror_groups = [i for i, g in enumerate(groups) if g["params"]]
+
+    def _mirror_tensors(self, group: int) -> list[Tensor]:
+        return [self._rule.mirrored(s)[k][0] for s, k in self._mirror_sites[group]]
+
+    def _mirror_step(self) -> None:
+        mirror = self._mirror
+        self._rule.feedback_grads(self._sites)
+        for mg, i in zip(mirror.param_groups, self._mirror_groups):
+            current = self._mirror_tensors(i)
+            for old, new in zip(mg["params"], current):
+                if old is not new:  # the model was moved (.to()): carry the state over
+                    st = mirror.state.pop(old, None)
+                    if st is not None:
+                        mirror.state[new] = {k: v.to(new.device) if torch.is_tensor(v) and v.dim()
+                                             else v for k, v in st.items()}
+            mg["params"] = current
+            for key, value in self.param_groups[i].items():
+                if key != "params":
+                    mg[key] = value
+        _raw_step(self._inner)(mirror)
+        for mg in mirror.param_groups:
+            for b in mg["params"]:
+                b.grad = None
+
+    # -- torch.optim interface -----------------------------------------------------------------
+    def step(self, closure=None):
+        loss = _raw_step(self._inner)(self, closure)
+        self._feedback_steps += 1
+        rule = self._rule
+        if rule.learns_feedback:
+            if rule.mirrors_update:
+                if self._mirror is not None:
+                    self._mirror_step()
+            else:
+                rule.feedback_step(self._sites, self._feedback_steps)
+            rule.synced(self._sites)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["localopt"] = {"rule": self._rule.name, "feedback_steps": self._feedback_steps,
+                          "mirror": None if self._mirror is None else self._mirror.state_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("localopt", None)
+        if extra is not None and extra["rule"] != self._rule.name:
+            raise ValueError(f"localopt: optimizer state was saved for rule {extra['rule']!r}, "
+                             f"this model uses {self._rule.name!r}")
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._feedback_steps = int(extra["feedback_steps"])
+            if self._mirror is not None and extra["mirror"] is not None:
+                self._mirror.load_state_dict(extra["mirror"])
+        if self._rule.learns_feedback:
+            self._rule.synced(self._sites)
+
+
+class KolenPollack(LocalOptimizer):
+    """:class:`LocalOptimizer` for a model wrapped with ``kp`` (Kolen-Pollack), e.g.
+    ``KolenPollack(model, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)``."""
+
+    rule_names = ("kp",)
+
+
+class WeightMirror(LocalOptimizer):
+    """:class:`LocalOptimizer` for a model wrapped with ``wm`` (weight mirror)."""
+
+    rule_names = ("wm",)
+
+
+class Bidirectional(LocalOptimizer):
+    """:class:`LocalOptimizer` for a model wrapped with ``bfa`` (bidirectional FA)."""
+
+    rule_names = ("bfa",)

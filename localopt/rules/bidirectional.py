@@ -1,0 +1,103 @@
+"""``bfa``: bidirectional feedback alignment -- feedback trained to reconstruct the layer input
+(Luo, Fu & Glass 2017)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..mechanism import CONV_TYPES, Site, input_grad
+from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
+from .learned import LearnsFeedback
+
+
+@register_rule
+class BFA(LearnsFeedback, FeedbackRule):
+    """Bidirectional feedback alignment (after Luo, Fu & Glass, "Bidirectional backpropagation:
+    towards biologically plausible error signal transmission in neural networks", 2017).
+
+    The backward pass is feedback alignment with a learned ``B`` (W's shape)::
+
+        dx = delta B,        dW = delta^T x   (exact local weight gradient)
+
+    and B is trained to map each layer's output back to its input: with ``y = W x`` the
+    layer's linear response on the current batch (its output minus its bias), the
+    reconstruction is the transposed operation with B, ``x_hat = y B`` (a transposed
+    convolution for conv layers -- the same operation that carries the error down), and B
+    descends the local loss ``L_B = 1/2 ||x_hat - x||^2`` by normalised least mean squares::
+
+        B <- B - lr (dL_B/dB / (k ||y||^2) + decay B)
+
+    ``||y||^2`` is summed over the batch (and positions), ``k`` = kernel size / stride for a
+    convolution (1 for Linear), which bounds the step's curvature so that any ``lr`` in
+    ``(0, 2)`` is stable whatever the activity's scale (plain gradient descent on ``L_B``, as
+    in the paper, diverges as soon as the activity grows).  The loss gradient is computed in
+    the forward pass from the tensors the layer already has (``x``, its output) and applied by
+    :class:`localopt.optim.LocalOptimizer` after the weights' step (accumulating over the
+    forward passes since the last step).  The minimiser of ``L_B`` is a least-squares inverse
+    of the layer on the data (``B = (W C W^T)^-1 W C`` for input covariance ``C``), which is
+    aligned with W -- ``B`` equals ``W`` for an orthogonal W and white inputs.
+
+    Options:
+        lr: feedback learning rate (default 0.5; stable below 2).
+        decay: weight decay on B (default 0).
+        init: initial ``B`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`).
+
+    Plain ``nn.Linear``/``nn.ConvNd`` layers only (not subclasses that override ``forward``).
+    State: buffer ``localopt_feedback`` (shape of W); its ``.grad`` holds the pending update.
+    """
+
+    name = "bfa"
+
+    def __init__(self, *, lr: float = 0.5, decay: float = 0.0, init: str = "xavier") -> None:
+        check_choice(self.name, "init", init, FEEDBACK_INITS)
+        if not (isinstance(lr, (int, float)) and 0 < lr < 2):
+            raise ValueError(f"localopt: rule 'bfa': option lr={lr!r} must be in (0, 2)")
+        if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
+            raise ValueError(f"localopt: rule 'bfa': option decay={decay!r} must be in [0, 1)")
+        self.lr, self.decay, self.init = float(lr), float(decay), init
+
+    def setup(self, site: Site, generator: torch.Generator | None) -> None:
+        if not site.fast:
+            raise ValueError(f"localopt: rule 'bfa' supports plain Linear/Conv layers; "
+                             f"'{site.name}' ({type(site.module).__name__}) overrides forward "
+                             "(exclude it)")
+        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator))
+
+    def feedback(self, site: Site) -> Tensor:
+        return site.buffer("feedback")
+
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        self.check_synced(site)
+        self._accumulate(site, x, out)
+        return super().forward(site, x, out)
+
+    def _accumulate(self, site: Site, x: Tensor, out: Tensor) -> None:
+        m, B = site.module, site.buffer("feedback")
+        with torch.no_grad():
+            y = out.detach()
+            if m.bias is not None:
+                y = y - m.bias.detach().view(-1, *([1] * (m.weight.dim() - 2)))
+            k = 1.0
+            if isinstance(m, CONV_TYPES):
+                k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
+            scale = 1.0 / (k * y.float().square().sum().clamp_min(1e-12))
+        with torch.enable_grad():
+            Bv = B.detach().requires_grad_()
+            x_hat = input_grad(site, y, Bv, x.shape)
+            loss = 0.5 * (x_hat - x.detach()).square().sum()
+            g = torch.autograd.grad(loss, Bv)[0].mul_(scale.to(B.dtype))
+        B.grad = g if B.grad is None else B.grad.add_(g)
+
+    @torch.no_grad()
+    def feedback_step(self, sites: list[Site], step: int) -> None:
+        for s in sites:
+            B = s.buffer("feedback")
+            if B.grad is None:
+                continue
+            if self.decay:
+                B.mul_(1.0 - self.lr * self.decay)
+            B.add_(B.grad, alpha=-self.lr)
+            B.grad = None

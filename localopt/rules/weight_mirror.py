@@ -1,0 +1,98 @@
+"""``wm``: weight mirrors (Akrout et al. 2019)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..mechanism import Site
+from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
+from .learned import LearnsFeedback
+
+
+@register_rule
+class WM(LearnsFeedback, FeedbackRule):
+    """Weight mirror (Akrout, Wilson, Humphreys, Lillicrap & Tweed, "Deep learning without
+    weight transport", NeurIPS 2019, section 3, eq. 7).
+
+    The backward pass is feedback alignment with a learned ``B`` (W's shape)::
+
+        dx = delta B,        dW = delta^T x   (exact local weight gradient)
+
+    In the *mirror phase* each layer is driven by its own noise, ``xi ~ N(0, I)`` (``samples``
+    draws), and fires ``y = W xi`` (the layer's linear map: no bias, no input from below).
+    With ``E[xi xi^T] = I`` the correlation of the layer's input and output is an unbiased
+    estimate of W, and B follows it::
+
+        W_hat = (1/n) sum_i y_i xi_i^T,          B <- (1 - decay) B + lr W_hat
+
+    This is the paper's ``Delta B = eta_B y xi^T - lambda_WM B`` with ``eta_B = lr / n`` and
+    ``lambda_WM = decay``; its fixed point is ``B = (lr / decay) W`` -- ``B = W`` with the
+    default ``decay = lr``.  (The paper's noise amplitude only scales ``eta_B`` here, since
+    the mirrored map is linear.)  For a convolution the noise is a batch of input patches of
+    the kernel's receptive field and ``y`` the kernel's response to each, which is the
+    convolution itself on noise images restricted to one output position per image, so the
+    estimate is exact-in-expectation without border effects; ``groups`` are respected.
+
+    The mirror steps run inside :class:`localopt.optim.LocalOptimizer`'s ``step`` after the
+    weights' update, every ``every`` optimizer steps.  Noise is drawn on the layer's device
+    from torch's global RNG.
+
+    Options:
+        lr: mirror learning rate (default 0.01: B tracks W over ~100 mirror steps).
+        decay: ``lambda_WM`` (default ``None``: equal to ``lr``, so B converges to W itself).
+        samples: noise samples per layer per mirror step (default 64).  The estimate's noise
+            shrinks like ``fan_in * lr / samples``; each mirror step costs about
+            ``2 * samples / (3 * batch)`` of a training step per layer.
+        every: mirror every ``every`` optimizer steps (default 1).
+        init: initial ``B`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`).
+
+    State: buffer ``localopt_feedback`` (shape of W) on each wrapped layer.
+    """
+
+    name = "wm"
+
+    def __init__(self, *, lr: float = 0.01, decay: float | None = None, samples: int = 64,
+                 every: int = 1, init: str = "xavier") -> None:
+        check_choice(self.name, "init", init, FEEDBACK_INITS)
+        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"localopt: rule 'wm': option lr={lr!r} must be a positive number")
+        if decay is not None and not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
+            raise ValueError(f"localopt: rule 'wm': option decay={decay!r} must be in [0, 1]")
+        for opt, v in (("samples", samples), ("every", every)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise ValueError(f"localopt: rule 'wm': option {opt}={v!r} must be an int >= 1")
+        self.lr, self.decay, self.samples, self.every = float(lr), decay, samples, every
+        self.init = init
+
+    def setup(self, site: Site, generator: torch.Generator | None) -> None:
+        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator))
+
+    def feedback(self, site: Site) -> Tensor:
+        return site.buffer("feedback")
+
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        self.check_synced(site)
+        return super().forward(site, x, out)
+
+    @torch.no_grad()
+    def feedback_step(self, sites: list[Site], step: int) -> None:
+        if step % self.every:
+            return
+        decay = self.lr if self.decay is None else float(self.decay)
+        for s in sites:
+            B = s.buffer("feedback")
+            B.mul_(1.0 - decay).add_(mirror_estimate(s, self.samples).to(B.dtype), alpha=self.lr)
+
+
+def mirror_estimate(site: Site, samples: int) -> Tensor:
+    """``(1/n) sum_i (W xi_i) xi_i^T`` for ``n`` standard-normal inputs of ``site``'s layer
+    (its receptive field, for a convolution): an unbiased estimate of ``W``."""
+    W = site.module.weight.detach()
+    g = getattr(site.module, "groups", 1)
+    Wg = W.reshape(g, W.shape[0] // g, -1)                      # (groups, out/g, in/g * k)
+    xi = torch.randn(samples, g, Wg.shape[-1], device=W.device, dtype=W.dtype)
+    y = torch.einsum("ngk,gok->ngo", xi, Wg)
+    return torch.einsum("ngo,ngk->gok", y, xi).div_(samples).reshape(W.shape)

@@ -1,0 +1,415 @@
+"""Rules that learn their feedback (kp, wm, bfa), LocalOptimizer, and the diagnostics."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import localopt
+from localopt import diagnostics
+from localopt.optim import KolenPollack, LocalOptimizer, WeightMirror
+from localopt.rules.weight_mirror import mirror_estimate
+
+LEARNED = ["kp", "wm", "bfa"]
+
+
+def mlp(seed=0, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(10, 32)] + ([nn.BatchNorm1d(32)] if bn else []) + [
+        nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4)]
+    return nn.Sequential(*layers)
+
+
+def convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(8),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+
+
+def batch(n=64, seed=1, conv=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, 3, 8, 8) if conv else (n, 10), generator=g)
+    return x, torch.randint(0, 4, (n,), generator=g)
+
+
+def step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def gaps(model):
+    return [(s.module.weight - s.buffer("feedback")).norm().item() for s in localopt.sites(model)]
+
+
+# ------------------------------------------------------------------------------ Kolen-Pollack
+@settings(max_examples=12, deadline=None)
+@given(lr=st.floats(0.01, 0.5), wd=st.floats(0.01, 0.5), conv=st.booleans())
+def test_kp_gap_decays_by_exact_factor(lr, wd, conv):
+    model = localopt.wrap(convnet() if conv else mlp(), "kp", seed=7)
+    opt = KolenPollack(model, torch.optim.SGD, lr=lr, weight_decay=wd)
+    x, y = batch(conv=conv)
+    before = gaps(model)
+    for _ in range(3):
+        step(model, opt, x, y)
+        after = gaps(model)
+        for b, a in zip(before, after):
+            assert a == pytest.approx(b * (1 - lr * wd), rel=1e-4)
+        before = after
+
+
+def test_kp_momentum_gap_follows_momentum_recursion():
+    lr, wd, mu = 0.1, 0.2, 0.9
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    opt = KolenPollack(model, torch.optim.SGD, lr=lr, momentum=mu, weight_decay=wd)
+    x, y = batch()
+    D = [(s.module.weight - s.buffer("feedback")).detach().clone() for s in localopt.sites(model)]
+    V = [None] * len(D)
+    for _ in range(20):
+        step(model, opt, x, y)
+        for i in range(len(D)):
+            d = wd * D[i]
+            V[i] = d if V[i] is None else mu * V[i] + d
+            D[i] = D[i] - lr * V[i]
+    for s, d in zip(localopt.sites(model), D):
+        torch.testing.assert_close(s.module.weight - s.buffer("feedback"), d, atol=1e-5, rtol=1e-4)
+    assert all(g < 0.6 * g0 for g, g0 in zip(gaps(model), gaps(localopt.wrap(mlp(), "kp", seed=7))))
+
+
+def test_kp_adamw_gap_decays_by_exact_factor():
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    opt = KolenPollack(model, torch.optim.AdamW, lr=0.01, weight_decay=0.5)
+    x, y = batch()
+    before = gaps(model)
+    for _ in range(5):
+        step(model, opt, x, y)
+    for b, a in zip(before, gaps(model)):
+        assert a == pytest.approx(b * (1 - 0.01 * 0.5) ** 5, rel=1e-4)
+
+
+@pytest.mark.parametrize("net", [mlp, convnet])
+def test_kp_started_at_w_is_backprop_forever(net):
+    conv = net is convnet
+    kp, bp = localopt.wrap(net(), "kp", seed=7), localopt.wrap(net(), "bp")
+    for s in localopt.sites(kp):
+        s.buffer("feedback").copy_(s.module.weight.detach())
+    o1 = KolenPollack(kp, torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    o2 = torch.optim.SGD(bp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for i in range(8):
+        x, y = batch(seed=i, conv=conv)
+        assert step(kp, o1, x, y) == pytest.approx(step(bp, o2, x, y), rel=1e-6, abs=1e-7)
+        for s in localopt.sites(kp):
+            assert torch.equal(s.buffer("feedback"), s.module.weight.detach())
+    for p, q in zip(kp.parameters(), bp.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_kp_mirror_follows_scheduler_and_param_groups():
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    groups = [{"params": model[0].parameters(), "lr": 0.2},
+              {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    opt = KolenPollack(model, torch.optim.SGD, params=groups, lr=0.1, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = batch()
+    for k in range(3):
+        g0 = gaps(model)
+        lrs = [g["lr"] for g in opt.param_groups]
+        step(model, opt, x, y)
+        sched.step()
+        factors = [lrs[0]] + [lrs[1]] * 2
+        for b, a, lr in zip(g0, gaps(model), factors):
+            assert a == pytest.approx(b * (1 - lr * 0.1), rel=1e-4)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.2 / 8, 0.1 / 8])
+
+
+def test_kp_frozen_layer_keeps_its_feedback():
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    model[2].weight.requires_grad_(False)
+    opt = KolenPollack(model, torch.optim.SGD, lr=0.1, weight_decay=0.1)
+    B = localopt.sites(model)[1].buffer("feedback").clone()
+    step(model, opt, *batch())
+    assert torch.equal(B, localopt.sites(model)[1].buffer("feedback"))
+
+
+# ------------------------------------------------------------------------------ weight mirror
+@pytest.mark.parametrize("layer", [nn.Linear(12, 5), nn.Conv2d(4, 6, 3, groups=2),
+                                   nn.Conv1d(3, 4, 5, dilation=2)])
+def test_mirror_estimate_is_unbiased(layer):
+    torch.manual_seed(0)
+    model = localopt.wrap(nn.Sequential(layer), "wm")
+    s = localopt.sites(model)[0]
+    est = sum(mirror_estimate(s, 4000) for _ in range(10)) / 10
+    assert diagnostics.angle(est, layer.weight) < 4.0
+    assert est.norm().item() == pytest.approx(layer.weight.norm().item(), rel=0.05)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_wm_aligns_feedback_on_fixed_layer(conv):
+    model = localopt.wrap(convnet() if conv else mlp(), "wm", seed=7, lr=0.08, samples=128)
+    opt = WeightMirror(model, torch.optim.SGD, lr=0.0)  # weights frozen: only mirroring
+    x, y = batch(conv=conv)
+    a0 = diagnostics.feedback_angles(model)
+    assert min(a0.values()) > 60
+    for _ in range(60):
+        step(model, opt, x, y)
+    a1 = diagnostics.feedback_angles(model)
+    assert max(a1.values()) < 25, a1
+    s = localopt.sites(model)[-1]  # fixed point B = W (decay = lr)
+    assert s.buffer("feedback").norm().item() == pytest.approx(s.module.weight.norm().item(),
+                                                                rel=0.2)
+
+
+def test_wm_every_n_steps():
+    model = localopt.wrap(mlp(), "wm", seed=7, every=3)
+    opt = WeightMirror(model, torch.optim.SGD, lr=0.0)
+    B0 = localopt.sites(model)[0].buffer("feedback").clone()
+    changed = []
+    for _ in range(6):
+        step(model, opt, *batch())
+        B = localopt.sites(model)[0].buffer("feedback")
+        changed.append(not torch.equal(B, B0))
+        B0 = B.clone()
+    assert changed == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("bad", [{"lr": 0}, {"samples": 0}, {"every": 1.5}, {"decay": 2},
+                                 {"init": "zeros"}])
+def test_wm_bad_options(bad):
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="wm"):
+        localopt.wrap(model, "wm", **bad)
+    assert not localopt.is_wrapped(model) and model.state_dict().keys() == before.keys()
+
+
+# ------------------------------------------------------------------------------ bidirectional
+def recon_loss(model, x):
+    """Mean over layers of the relative reconstruction error of each layer's input."""
+    errs, inputs = [], {}
+    hooks = [s.module.register_forward_hook(lambda m, i, o, s=s: inputs.__setitem__(s, (i[0], o)))
+             for s in localopt.sites(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for s, (xin, out) in inputs.items():
+        if s is localopt.sites(model)[0]:
+            continue  # the first layer's input needs no gradient: its B is not used
+        m = s.module
+        y = out - m.bias.view(-1, *([1] * (out.dim() - 2)))
+        xh = localopt.input_grad(s, y, s.buffer("feedback"), xin.shape)
+        errs.append(((xh - xin).norm() / xin.norm()).item())
+    return sum(errs) / len(errs)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_bfa_lowers_reconstruction_loss(conv):
+    model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)
+    x, y = batch(conv=conv)
+    r0 = recon_loss(model, x)
+    for _ in range(25):
+        step(model, opt, x, y)
+    r1 = recon_loss(model, x)
+    # the strided conv cannot rebuild its input from a quarter of the positions: its least-
+    # squares optimum is ~0.79 of the initial error here
+    assert r1 < (0.85 if conv else 0.6) * r0, (r0, r1)
+
+
+def test_bfa_rejects_forward_override():
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+    model = nn.Sequential(nn.Linear(3, 3), MyLinear(3, 3))
+    with pytest.raises(ValueError, match="overrides forward"):
+        localopt.wrap(model, "bfa")
+    assert not localopt.is_wrapped(model)
+
+
+# ------------------------------------------------------------------------------ LocalOptimizer
+@pytest.mark.parametrize("rule", LEARNED + ["fa"])
+def test_optimizer_state_round_trip(rule, tmp_path):
+    opts = {"wm": {"every": 2}}.get(rule, {})
+
+    def make():
+        m = localopt.wrap(mlp(bn=True), rule, seed=7, **opts)
+        return m, LocalOptimizer(m, torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-2)
+
+    m1, o1 = make()
+    for i in range(3):
+        step(m1, o1, *batch(seed=i))
+    torch.save({"m": m1.state_dict(), "o": o1.state_dict()}, tmp_path / "ck.pt")
+    m2, o2 = make()
+    ck = torch.load(tmp_path / "ck.pt", weights_only=False)
+    m2.load_state_dict(ck["m"])
+    o2.load_state_dict(ck["o"])
+    assert o2.state_dict()["localopt"]["feedback_steps"] == 3
+    rng = torch.get_rng_state()
+    for i in range(3, 6):
+        step(m1, o1, *batch(seed=i))
+    torch.set_rng_state(rng)
+    for i in range(3, 6):
+        step(m2, o2, *batch(seed=i))
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_optimizer_is_the_torch_optimizer():
+    model = localopt.wrap(mlp(), "kp")
+    opt = LocalOptimizer(model, torch.optim.Adam, lr=1e-3)
+    assert isinstance(opt, torch.optim.Adam) and isinstance(opt, LocalOptimizer)
+    assert type(opt).__name__ == "LocalAdam"
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    plain = torch.optim.Adam(mlp().parameters(), lr=1e-3)
+    plain.load_state_dict(plain.state_dict())
+    opt.load_state_dict(torch.optim.Adam(model.parameters(), lr=1e-3).state_dict())  # plain sd
+
+
+def test_optimizer_errors():
+    with pytest.raises(ValueError, match="wrapped"):
+        LocalOptimizer(mlp(), torch.optim.SGD, lr=0.1)
+    model = localopt.wrap(mlp(), "wm")
+    with pytest.raises(ValueError, match="kp"):
+        KolenPollack(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="Optimizer subclass"):
+        LocalOptimizer(model, "sgd", lr=0.1)
+    sd = LocalOptimizer(model, lr=0.1).state_dict()
+    kp = localopt.wrap(mlp(), "kp")
+    with pytest.raises(ValueError, match="saved for rule 'wm'"):
+        LocalOptimizer(kp, lr=0.1).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("rule", LEARNED)
+def test_plain_torch_optimizer_warns_once(rule):
+    model = localopt.wrap(mlp(), rule)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batch()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            step(model, opt, x, y)
+    msgs = [str(m.message) for m in w]
+    assert len(msgs) == 1 and "LocalOptimizer" in msgs[0] and rule in msgs[0]
+
+
+@pytest.mark.parametrize("rule", LEARNED)
+def test_local_optimizer_does_not_warn(rule):
+    model = localopt.wrap(mlp(), rule)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            step(model, opt, x, y)
+        model.load_state_dict(model.state_dict())
+        model.double()
+        model.float()
+        step(model, opt, x, y)
+
+
+@pytest.mark.parametrize("rule", LEARNED)
+def test_end_to_end_learning(rule):
+    model = localopt.wrap(mlp(), rule, seed=7)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x, y = batch(n=128)
+    first = step(model, opt, x, y)
+    for _ in range(60):
+        last = step(model, opt, x, y)
+    assert last < 0.7 * first, (first, last)
+
+
+def test_kp_conv_end_to_end_and_alignment():
+    model = localopt.wrap(convnet(), "kp", seed=7)
+    opt = KolenPollack(model, torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-2)
+    x, y = batch(n=64, conv=True)
+    a0 = diagnostics.feedback_angles(model)
+    first = step(model, opt, x, y)
+    for _ in range(40):
+        last = step(model, opt, x, y)
+    assert last < 0.4 * first
+    a1 = diagnostics.feedback_angles(model)
+    assert all(a1[k] < a0[k] - 20 for k in a0), (a0, a1)
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def test_bp_angles_are_zero():
+    model = localopt.wrap(convnet(), "bp")
+    x, y = batch(conv=True)
+    assert set(diagnostics.feedback_angles(model).values()) == {0.0}
+    assert set(diagnostics.sign_concordance(model).values()) == {1.0}
+    ua = diagnostics.update_angles(model, F.cross_entropy, x, y)
+    assert len(ua) == 3 and max(ua.values()) < 1e-3
+
+
+@settings(max_examples=15, deadline=None)
+@given(theta=st.floats(0.5, 179.5), flips=st.integers(0, 40))
+def test_constructed_feedback_angle_and_concordance(theta, flips):
+    model = localopt.wrap(mlp(), "fa", seed=7)
+    s = localopt.sites(model)[1]
+    W = s.module.weight.detach().double()
+    u = W / W.norm()
+    p = torch.randn(W.shape, generator=torch.Generator().manual_seed(3), dtype=torch.double)
+    p = p - (p * u).sum() * u
+    p = p / p.norm()
+    t = math.radians(theta)
+    s.buffer("feedback").copy_(math.cos(t) * u + math.sin(t) * p)
+    assert diagnostics.feedback_angles(model)[s.name] == pytest.approx(theta, abs=1e-3)
+    B = W.clone().float()
+    B.view(-1)[:flips] *= -1
+    s.buffer("feedback").copy_(B)
+    assert diagnostics.sign_concordance(model)[s.name] == pytest.approx(1 - flips / W.numel())
+
+
+def test_update_angle_of_constructed_last_layer_feedback():
+    """Only the second-to-last layer's input gradient depends on the last layer's B: its update
+    angle is that between delta B and delta W, computed here directly."""
+    model = localopt.wrap(nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 4)), "fa", seed=7)
+    x, y = batch()
+    ua = diagnostics.update_angles(model, F.cross_entropy, x, y)
+    assert ua["1"] < 1e-4  # the last layer always gets its true gradient
+    with torch.no_grad():
+        delta = torch.softmax(model(x), 1) - F.one_hot(y, 4).float()
+        B = model[1]._buffers["localopt_feedback"]
+        expected = diagnostics.angle(delta.mm(B).t().mm(x), delta.mm(model[1].weight).t().mm(x))
+    assert ua["0"] == pytest.approx(expected, abs=1e-3)
+
+
+@pytest.mark.parametrize("rule", ["kp", "bfa", "brsf"])
+def test_update_angles_leave_training_state_alone(rule):
+    model = localopt.wrap(nn.Sequential(mlp(bn=True), nn.Dropout(0.3)), rule, seed=7)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+    x, y = batch()
+    step(model, opt, x, y)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    state = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    fb = lambda: [s.module._buffers.get("localopt_feedback") for s in localopt.sites(model)]  # noqa
+    pending = [b.grad for b in fb() if b is not None]
+    rng = torch.get_rng_state()
+    ua = diagnostics.update_angles(model, F.cross_entropy, x, y)
+    assert len(ua) == 3 and all(0 <= v <= 180 for v in ua.values())
+    assert torch.equal(rng, torch.get_rng_state())
+    for (k, a), b in zip(state.items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert all(a is b.grad for a, b in zip(pending, [b for b in fb() if b is not None]))
+    if rule == "bfa":
+        assert all(g is not None for g in pending[1:])  # the first layer sends nothing
+
+
+def test_report_is_json_ready():
+    import json
+    model = localopt.wrap(mlp(), "wm")
+    rep = diagnostics.report(model, F.cross_entropy, *batch())
+    assert set(rep) == {"feedback_angle", "sign_concordance", "update_angle"}
+    json.dumps(rep)
