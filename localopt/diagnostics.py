@@ -103,12 +103,41 @@ def _preserved(model: nn.Module, site_list: list[Site]):
             buf.grad = g
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _is_localopt(fn: Any) -> bool:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # bound method
+    return getattr(fn, "__module__", "").split(".")[0] == "localopt"
+
+
+@contextlib.contextmanager
+def _hooks_off(model: nn.Module):
+    """Exact backprop: the hooks that localopt (any rule) installed are taken off every
+    module of ``model``; the user's own hooks stay."""
+    saved = []
+    for m in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = m.__dict__.get(name)
+            if hooks and any(_is_localopt(h) for h in hooks.values()):
+                saved.append((m, name, hooks))
+                setattr(m, name, type(hooks)((k, h) for k, h in hooks.items()
+                                             if not _is_localopt(h)))
+    try:
+        yield
+    finally:
+        for m, name, hooks in saved:
+            setattr(m, name, hooks)
+
+
 def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any
                   ) -> dict[str, float]:
     """Angle (degrees) between the rule's gradient of each wrapped layer's weight and the
     true backprop gradient, on the batch ``(x, y)`` with ``loss = loss_fn(model(x), y)``.
 
-    Two forward/backward passes (the rule's, then exact backprop with every hook disabled),
+    Two forward/backward passes (the rule's, then exact backprop with localopt's hooks taken
+    off every module -- the user's own hooks stay),
     each from the same RNG state; the model's training state is left as it was (see the
     module docstring).  Runs in the model's current mode (``train()``/``eval()``).
     """
@@ -122,14 +151,8 @@ def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: An
 
     with _preserved(model, site_list):
         g_rule = grads()
-        active = [s.active for s in site_list]
-        for s in site_list:
-            s.active = False
-        try:
+        with _hooks_off(model):
             g_bp = grads()
-        finally:
-            for s, a in zip(site_list, active):
-                s.active = a
     keep = [i for i, (a, b) in enumerate(zip(g_rule, g_bp)) if a is not None and b is not None]
     vals = _angles([(g_rule[i], g_bp[i]) for i in keep]).tolist()
     return {_name(site_list[i]): v for i, v in zip(keep, vals)}

@@ -413,3 +413,14 @@ def test_report_is_json_ready():
     rep = diagnostics.report(model, F.cross_entropy, *batch())
     assert set(rep) == {"feedback_angle", "sign_concordance", "update_angle"}
     json.dumps(rep)
+
+
+def test_update_angles_keep_user_hooks_and_remove_rule_hooks():
+    """The BP pass drops localopt's hooks only: a user's output hook (part of the model's
+    function) stays, so bp still gives 0 degrees; fa gives a real angle."""
+    for rule, zero in (("bp", True), ("fa", False)):
+        model = localopt.wrap(mlp(), rule, seed=7)
+        model[2].register_forward_hook(lambda m, i, o: o * 3.0)
+        ua = diagnostics.update_angles(model, F.cross_entropy, *batch())
+        assert (max(ua.values()) < 1e-3) == zero, ua
+        assert len(model[2]._forward_hooks) == 2  # the rule's and the user's, both restored
