@@ -7,6 +7,7 @@ keep everything else (blocks, norm layers, head) as timm builds it.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -45,5 +46,5 @@ def timm_cifar_resnet(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Mod
     return model
 
 
-for _name in ("resnet18", "resnet34", "resnet50"):
-    register(_name)(lambda num_classes=10, _n=_name, **kw: timm_cifar_resnet(_n, num_classes, **kw))
+for _name in ("resnet18",):  # any other timm ResNet (resnet34, ...) works by name too
+    register(_name)(partial(timm_cifar_resnet, _name))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..mechanism import CONV_TYPES, Site, input_grad
 from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
-from .learned import LearnsFeedback
+from .learned import LearnsFeedback, apply_feedback_grads
 
 
 @register_rule
@@ -91,13 +91,5 @@ class BFA(LearnsFeedback, FeedbackRule):
             g = torch.autograd.grad(loss, Bv)[0].mul_(scale.to(B.dtype))
         B.grad = g if B.grad is None else B.grad.add_(g)
 
-    @torch.no_grad()
     def feedback_step(self, sites: list[Site], step: int) -> None:
-        for s in sites:
-            B = s.buffer("feedback")
-            if B.grad is None:
-                continue
-            if self.decay:
-                B.mul_(1.0 - self.lr * self.decay)
-            B.add_(B.grad, alpha=-self.lr)
-            B.grad = None
+        apply_feedback_grads(sites, self.lr, self.decay)

@@ -10,11 +10,19 @@ from __future__ import annotations
 
 import warnings
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ..mechanism import Site
 
-__all__ = ["LearnsFeedback"]
+__all__ = ["LearnsFeedback", "anchor", "apply_feedback_grads"]
+
+
+def anchor(site: Site) -> Tensor | None:
+    """The parameter whose updates the site's feedback follows: the layer's weight (the first
+    parameter of a module without one)."""
+    w = getattr(site.module, "weight", None)
+    return w if isinstance(w, Tensor) else next(site.module.parameters(), None)
 
 
 class LearnsFeedback:
@@ -36,11 +44,13 @@ class LearnsFeedback:
     def synced(self, sites: list[Site]) -> None:
         """Record that the feedback of ``sites`` is up to date with their weights."""
         for s in sites:
-            s.weight_version = s.module.weight._version
+            w = anchor(s)
+            s.weight_version = None if w is None else w._version
 
     def check_synced(self, site: Site) -> None:
         """Called in forward: warn once if the weight changed without a feedback update."""
-        if site.module.weight._version != site.weight_version and not self._warned:
+        w = anchor(site)
+        if w is not None and w._version != site.weight_version and not self._warned:
             self._warned = True
             warnings.warn(
                 f"localopt: rule {self.name!r} learns its feedback, but the weight of "
@@ -48,3 +58,17 @@ class LearnsFeedback:
                 "is plain feedback alignment).  Train with localopt.optim.LocalOptimizer(model, "
                 "torch.optim.SGD, lr=...) -- or any torch optimizer class in place of SGD -- "
                 "instead of a plain torch optimizer.", UserWarning, stacklevel=4)
+
+
+@torch.no_grad()
+def apply_feedback_grads(sites: list[Site], lr: float, decay: float) -> None:
+    """``B <- B - lr (B.grad + decay B)`` for each site's ``localopt_feedback`` with a pending
+    ``.grad`` (accumulated by the rule since the last step), then clear the ``.grad``."""
+    for s in sites:
+        B = s.buffer("feedback")
+        if B.grad is None:
+            continue
+        if decay:
+            B.mul_(1.0 - lr * decay)
+        B.add_(B.grad, alpha=-lr)
+        B.grad = None

@@ -1,0 +1,304 @@
+"""Train one model with one learning rule on CIFAR-10.
+
+    python -m recipes.train --config mlp_bartunov2018 --rule fa --epochs 20
+    python -m recipes.train --model resnet20 --rule fa --epochs 40 --optimizer sgd --lr 0.1
+    python -m recipes.train --config mlp_bartunov2018 --rule fa --epochs 30 --resume
+
+Writes ``<out_dir>/<name>/``: ``log.jsonl`` (one JSON record per epoch, plus ``start`` and
+``final`` records), ``checkpoint.pt`` (after every epoch; ``--resume`` continues from it
+exactly), ``curves.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .common import (Config, ConfigError, add_config_args, append_jsonl, apply_rule,
+                     build_model, config_from_args, device_name, git_commit, loss_fn,
+                     make_optimizer, make_scheduler, pick_device, read_jsonl,
+                     step_diagnostics)
+from .data import CifarArrays, DataNotFoundError, Normalizer, Split, load_cifar10, make_splits
+from .data import random_crop_flip
+from .alignment import plot_alignment
+from .plots import plot_curves
+
+#: settings a resumed run may change; everything else comes from the checkpoint
+RESUME_MAY_CHANGE = ("epochs", "device", "threads", "data", "download", "out_dir", "log_every",
+                     "eval_batch_size")
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _prepare(x: torch.Tensor, norm: Normalizer, channels_last: bool) -> torch.Tensor:
+    x = norm(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, cfg: Config, norm: Normalizer,
+             channels_last: bool, device: torch.device) -> dict[str, float]:
+    """Loss and accuracy on a whole split; one host sync at the end."""
+    model.eval()
+    criterion = loss_fn(cfg.loss)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, len(split), cfg.eval_batch_size):
+        x = _prepare(split.x[i:i + cfg.eval_batch_size], norm, channels_last)
+        y = split.y[i:i + cfg.eval_batch_size]
+        with _autocast(cfg, device):
+            out = model(x)
+        loss_sum += criterion(out.float(), y) * len(y)
+        correct += (out.argmax(1) == y).sum()
+    n = len(split)
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n}
+
+
+def _epoch_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Generator:
+    """Shuffling and augmentation draws of one epoch: a function of (seed, epoch) only, so a
+    resumed run sees exactly the batches the uninterrupted one would have."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
+
+
+def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: Normalizer,
+                channels_last: bool, device: torch.device, log_path: Path, global_step: int,
+                progress: bool | None) -> tuple[dict[str, float], int]:
+    model.train()
+    criterion = loss_fn(cfg.loss)
+    gen = _epoch_generator(cfg, epoch, device)
+    n, bs = len(split), cfg.batch_size
+    steps = n // bs if cfg.drop_last else math.ceil(n / bs)
+    if steps == 0:
+        raise ConfigError(f"--batch-size {bs} is larger than the training set ({n} images) "
+                          "with --drop-last true")
+    perm = torch.randperm(n, generator=gen, device=device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
+               disable=None if progress is None else not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = perm[step * bs:(step + 1) * bs]
+        x, y = split.x[idx], split.y[idx]
+        if cfg.augment:
+            x = random_crop_flip(x, gen)
+        x = _prepare(x, norm, channels_last)
+        with _autocast(cfg, device):
+            out = model(x)
+        loss = criterion(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        global_step += 1
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if cfg.diagnostics_every and global_step % cfg.diagnostics_every == 0:
+            extra = step_diagnostics(model, cfg, global_step, x, y)
+            if extra:
+                append_jsonl(log_path, {"event": "step", "epoch": epoch, "step": global_step,
+                                        **extra})
+        bar.update()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            if not bar.disable:  # the only host syncs of the loop
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                acc=f"{correct.item() / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    if not math.isfinite(loss_sum.item()):
+        print(f"warning: epoch {epoch}: training loss is not finite", file=sys.stderr)
+    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen,
+            "time_s": elapsed, "images_per_s": seen / elapsed}, global_step
+
+
+def _save_checkpoint(path: Path, **state: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          arrays: CifarArrays | None = None, progress: bool | None = None,
+          stop_after: int | None = None) -> dict[str, Any] | None:
+    """Run (or continue) one training run; returns the ``final`` log record, or None when
+    ``stop_after`` (an epoch number) ended this invocation before ``cfg.epochs``."""
+    run_dir = Path(cfg.out_dir) / cfg.run_name()
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    ckpt = None
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path} (check --name/--out-dir)")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = dict(ckpt["config"])
+        if saved["schedule"] in ("cosine", "onecycle") and cfg.epochs != saved["epochs"]:
+            raise ConfigError(f"--resume with --epochs {cfg.epochs}: the {saved['schedule']} "
+                              f"schedule of this run spans --epochs {saved['epochs']}; resume "
+                              "with that value")
+        saved.update({k: getattr(cfg, k) for k in RESUME_MAY_CHANGE})
+        cfg = Config(**saved).validate()
+    elif ckpt_path.exists() or log_path.exists():
+        if not overwrite:
+            raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                              "--overwrite to start again, or another --name")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    if arrays is None:
+        arrays = load_cifar10(cfg.data or None, cfg.download)
+    splits = make_splits(arrays, cfg.protocol, device, cfg.val_size, cfg.split_seed)
+    norm = Normalizer(device)
+
+    torch.manual_seed(cfg.seed)
+    model = apply_rule(build_model(cfg, len(arrays.classes), device), cfg)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    opt = make_optimizer(model, cfg)
+    steps_per_epoch = (len(splits["train"]) // cfg.batch_size if cfg.drop_last
+                       else math.ceil(len(splits["train"]) / cfg.batch_size))
+    sched = make_scheduler(opt, cfg, max(steps_per_epoch, 1))
+    common = {"run": cfg.run_name(), "model": cfg.model, "rule": cfg.rule, "seed": cfg.seed,
+              "data": arrays.description, "device": device_name(device), "git": git_commit()}
+
+    start_epoch, global_step = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        start_epoch, global_step = ckpt["epoch"], ckpt["global_step"]
+        # drop what an interrupted epoch may have logged after the checkpoint
+        kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch
+                and r.get("event") != "final"]
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        append_jsonl(log_path, {"event": "resume", "epoch": start_epoch, **common,
+                                "config": cfg.to_dict()})
+    else:
+        n_params = sum(p.numel() for p in model.parameters())
+        append_jsonl(log_path, {"event": "start", "epoch": 0, **common, "parameters": n_params,
+                                "protocol": cfg.protocol, "config": cfg.to_dict()})
+    print(f"[{cfg.run_name()}] {cfg.model} + {cfg.rule} on {arrays.description} "
+          f"({len(splits['train'])} train, {cfg.protocol} protocol), {device_name(device)}",
+          file=sys.stderr)
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        lr = opt.param_groups[0]["lr"]
+        tr, global_step = train_epoch(model, opt, sched, splits["train"], cfg, epoch, norm,
+                                      channels_last, device, log_path, global_step, progress)
+        rec: dict[str, Any] = {"event": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
+                               "train_loss": tr["loss"], "train_acc": tr["acc"],
+                               "val_loss": None, "val_acc": None,
+                               "test_loss": None, "test_acc": None,
+                               "epoch_time_s": tr["time_s"],
+                               "images_per_s": tr["images_per_s"]}
+        t_eval = time.perf_counter()
+        evals = ["val"] if "val" in splits else []
+        if cfg.test_every_epoch or epoch == cfg.epochs:
+            evals.append("test")
+        for name in evals:
+            m = evaluate(model, splits[name], cfg, norm, channels_last, device)
+            rec[f"{name}_loss"], rec[f"{name}_acc"] = m["loss"], m["acc"]
+        rec["eval_time_s"] = time.perf_counter() - t_eval
+        rec.update(common)
+        rec["config"] = cfg.to_dict()
+        append_jsonl(log_path, rec)
+        _save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
+                         scheduler=sched.state_dict(), rng=_rng_state(), epoch=epoch,
+                         global_step=global_step, config=cfg.to_dict())
+        shown = " ".join(f"{k}={rec[k]:.4f}" for k in ("train_loss", "train_acc", "val_acc",
+                                                         "test_acc") if rec[k] is not None)
+        print(f"[{cfg.run_name()}] epoch {epoch}/{cfg.epochs} {shown} lr={lr:.3g} "
+              f"{tr['images_per_s']:.0f} img/s {tr['time_s']:.1f}s", file=sys.stderr)
+        if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+            print(f"[{cfg.run_name()}] stopped after epoch {epoch} (--stop-after); continue "
+                  "with --resume", file=sys.stderr)
+            return None
+
+    epochs = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
+    last = epochs[-1]
+    final = {"event": "final", **{k: last[k] for k in ("epoch", "train_loss", "train_acc",
+                                                       "val_loss", "val_acc", "test_loss",
+                                                       "test_acc")},
+             "train_time_s": sum(r["epoch_time_s"] for r in epochs),
+             "images_per_s": sum(r["images_per_s"] * r["epoch_time_s"] for r in epochs)
+             / max(sum(r["epoch_time_s"] for r in epochs), 1e-9),
+             "best_val_acc": max((r["val_acc"] for r in epochs if r["val_acc"] is not None),
+                                 default=None),
+             **common, "config": cfg.to_dict(), "run_dir": str(run_dir)}
+    append_jsonl(log_path, final)
+    plot_curves({cfg.rule: epochs}, run_dir / "curves.png", title=plot_title(final))
+    plot_alignment(read_jsonl(log_path), run_dir / "alignment.png", title=plot_title(final))
+    return final
+
+
+def plot_title(final: dict[str, Any]) -> str:
+    return (f"{final['model']} - {final['data']}\n{final['device']}, {final['epoch']} epochs, "
+            f"seed {final['seed']}")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in <out-dir>/<name> from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing run folder of the same name and start again")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="stop after this epoch (e.g. to fit a time slot); --resume continues")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        final = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                      progress=False if args.no_progress else None, stop_after=args.stop_after)
+    except (ConfigError, DataNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    if final is None:
+        return 0
+    shown = ", ".join(f"{k} {final[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc")
+                      if final[k] is not None)
+    print(f"{final['run']}: {shown} after {final['epoch']} epochs "
+          f"({final['images_per_s']:.0f} img/s on {final['device']}); log in {final['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Shared fixtures (opt-in: ``pytestmark = pytest.mark.usefixtures(...)``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread is faster, and robust to a CPU shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def isolated_data_env(tmp_path, monkeypatch):
+    """recipes.data caches under tmp_path and ignores the user's LOCALOPT_DATA."""
+    monkeypatch.setenv("LOCALOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOCALOPT_DATA", raising=False)

@@ -1,0 +1,218 @@
+"""The training CLI and the benchmark runner end to end on tiny synthetic data: log,
+checkpoint, exact resume, plots, table; configs, optimizers and schedules."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recipes import benchmark, common, train
+from recipes.common import ConfigError, load_config
+from recipes.synthetic import synthetic_arrays, write_imagefolder
+
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_data_env")
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    return write_imagefolder(root / "tiny.tar.gz", synthetic_arrays(n_train=48, n_test=16))
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(data), "--out-dir", str(out), "--val-size", "16", "--batch-size", "8",
+            "--eval-batch-size", "16", "--threads", "1", "--no-progress", *extra]
+
+
+def _records(run_dir: Path, event: str) -> list[dict]:
+    with open(run_dir / "log.jsonl") as fh:
+        return [r for r in map(json.loads, fh) if r["event"] == event]
+
+
+def test_one_epoch_through_the_cli(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "recipes.train", *_args(tiny_data, tmp_path, "--model",
+           "mlp3x1024", "--rule", "fa", "--epochs", "1", "--optimizer", "adam", "--lr", "1e-3",
+           "--name", "cli")]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "cli: train_acc" in done.stdout
+    run = tmp_path / "cli"
+    (epoch,), (final,) = _records(run, "epoch"), _records(run, "final")
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+                "epoch_time_s", "images_per_s", "device", "git", "config"):
+        assert epoch[key] is not None, key
+    assert epoch["epoch"] == 1 and epoch["step"] == 32 // 8 and epoch["lr"] == 1e-3
+    assert epoch["config"]["rule"] == "fa" and epoch["data"].startswith("CIFAR-10, ImageFolder")
+    assert 0.0 <= final["test_acc"] <= 1.0 and final["test_acc"] == epoch["test_acc"]
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and any(k.startswith("0.") or "localopt" in k
+                                      for k in ckpt["model"])
+    assert (run / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+
+
+METRICS = ("epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
+           "test_acc")
+
+
+@pytest.mark.parametrize("rule", ["brsf"])  # redraws its feedback every step: RNG must resume
+def test_resume_equals_uninterrupted_run(tiny_data, tmp_path, rule):
+    # BN, augmentation, momentum, weight decay, a cosine schedule, a rule that draws every step
+    common_args = _args(tiny_data, tmp_path, "--model", "resnet20", "--rule", rule,
+                        "--optimizer", "sgd", "--lr", "0.05", "--schedule", "cosine",
+                        "--weight-decay", "5e-4", "--epochs", "3",
+                        "--model-options", '{init = "xavier", widths = [4, 8, 8]}')
+    assert train.main([*common_args, "--name", "straight"]) == 0
+    assert train.main([*common_args, "--name", "split", "--stop-after", "1"]) == 0
+    assert len(_records(tmp_path / "split", "epoch")) == 1
+    # an interrupted epoch may have logged a partial line: resume drops it
+    with open(tmp_path / "split" / "log.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": "step", "epoch": 2, "step": 5}) + "\n")
+    assert train.main([*common_args, "--name", "split", "--resume"]) == 0
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["epoch"] == b["epoch"] == 3
+    ra, rb = _records(tmp_path / "straight", "epoch"), _records(tmp_path / "split", "epoch")
+    assert [[r[k] for k in METRICS] for r in ra] == [[r[k] for k in METRICS] for r in rb]
+    assert len(_records(tmp_path / "split", "step")) == 0
+    assert len(_records(tmp_path / "split", "resume")) == 1
+    # the cosine schedule ran over all 3 epochs in both
+    assert ra[-1]["lr"] < ra[1]["lr"] < ra[0]["lr"]
+    with pytest.raises(SystemExit):  # resuming cannot silently stretch a cosine schedule
+        train.main([*common_args, "--name", "split", "--resume", "--epochs", "5"])
+
+
+def test_existing_run_needs_resume_or_overwrite(tiny_data, tmp_path, capsys):
+    args = _args(tiny_data, tmp_path, "--model", "mlp3x1024", "--rule", "none", "--epochs", "1",
+                 "--optimizer", "adam", "--lr", "1e-3", "--name", "again")
+    assert train.main(args) == 0
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert train.main([*args, "--overwrite"]) == 0
+    with pytest.raises(SystemExit):
+        train.main([*args[:-2], "--name", "never-ran", "--resume"])
+
+
+def test_missing_data_exits_with_the_options(tmp_path, monkeypatch, capsys):
+    from recipes import data
+    monkeypatch.setattr(data, "default_search_paths", lambda: [tmp_path / "none"])
+    with pytest.raises(SystemExit) as e:
+        train.main(["--out-dir", str(tmp_path), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--data PATH" in err and "--download" in err
+
+
+def test_benchmark_prints_table_and_one_figure(tiny_data, tmp_path, capsys):
+    results = tmp_path / "results"
+    args = _args(tiny_data, tmp_path, "--rules", "bp,fa", "--epochs", "2", "--name", "bench",
+                 "--results", str(results))
+    assert benchmark.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["rule", "bp", "fa"]
+    assert "CIFAR-10, ImageFolder copy (tiny.tar.gz)" in out and "2 epochs" in out
+    for name in ("table.md", "summary.json", "curves.png", "bp.log.jsonl", "fa.log.jsonl"):
+        assert (results / name).is_file(), name
+    assert (results / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads((results / "summary.json").read_text())
+    assert [s["rule"] for s in summary] == ["bp", "fa"] and summary[0]["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_shipped_configs_load_and_name_known_models_and_rules():
+    import localopt
+    import models
+    names = sorted(p.stem for p in common.CONFIG_DIR.glob("*.toml"))
+    assert {"main", "mlp_bartunov2018", "mlp_nokland2016", "resnet20_biotorch_sgd",
+            "resnet20_biotorch_adam"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.reference, f"{name}: say which published setup it follows"
+        models.create_model(cfg.model, **cfg.model_options)
+        for rule in [cfg.rule, *cfg.rules]:
+            assert rule in localopt.available_rules(), (name, rule)
+    biotorch = load_config("resnet20_biotorch_sgd")
+    assert (biotorch.lr, biotorch.weight_decay, biotorch.milestones, biotorch.epochs) == \
+        (0.1, 1e-4, [100, 150, 200], 250)
+
+
+def test_config_errors_name_the_setting(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('modle = "resnet20"\n')
+    with pytest.raises(ConfigError, match="'modle'"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="--optimizer 'lbfgs'"):
+        load_config(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="epochs = 'x' should be a int"):
+        load_config(epochs="x")
+    with pytest.raises(ConfigError, match="--config 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="--milestones"):
+        load_config(schedule="step")
+
+
+def test_cli_overrides_config_file():
+    parser = train.build_parser("")
+    args = parser.parse_args(["--config", "resnet20_biotorch_sgd", "--epochs", "5", "--rules",
+                              "bp,fa", "--milestones", "2,4", "--augment", "false",
+                              "--rule-options", '{exclude = "fc"}', "--lr", "1"])
+    cfg = common.config_from_args(args)
+    assert (cfg.epochs, cfg.rules, cfg.milestones, cfg.augment) == (5, ["bp", "fa"], [2, 4], False)
+    assert cfg.rule_options == {"exclude": "fc"} and cfg.lr == 1.0 and cfg.momentum == 0.9
+    assert cfg.run_name() == "resnet20_biotorch_sgd-resnet20-bp-s2021"
+
+
+@pytest.mark.parametrize("optimizer", common.OPTIMIZERS)
+def test_every_optimizer_builds_and_steps(optimizer):
+    import models
+    model = models.create_model("mlp3x1024", hidden=[8])
+    opt = common.make_optimizer(model, load_config(optimizer=optimizer, lr=0.01))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_schedules_per_step():
+    def lrs(**kw):
+        cfg = load_config(epochs=4, lr=1.0, **kw)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+        sched = common.make_scheduler(opt, cfg, steps_per_epoch=10)
+        out = []
+        for _ in range(40):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+    step = lrs(schedule="step", milestones=[1, 3], gamma=0.1)
+    assert step[9] == 1.0 and step[10] == pytest.approx(0.1) and step[30] == pytest.approx(0.01)
+    cos = lrs(schedule="cosine")
+    assert cos[0] == 1.0 and cos[20] == pytest.approx(0.5) and cos[-1] < 0.01
+    one = lrs(schedule="onecycle", pct_start=0.25)
+    assert max(one) == pytest.approx(1.0) and one.index(max(one)) in (9, 10)
+    assert one[0] < 0.1 and one[-1] < 1e-3
+    assert set(lrs(schedule="constant")) == {1.0}
+
+
+def test_bce_loss_matches_definition():
+    logits, y = torch.randn(5, 10), torch.tensor([0, 3, 9, 1, 1])
+    t = torch.nn.functional.one_hot(y, 10).float()
+    want = -(t * logits.sigmoid().log() + (1 - t) * (1 - logits.sigmoid()).log()).sum(1).mean()
+    torch.testing.assert_close(common.loss_fn("bce")(logits, y), want)
