@@ -424,3 +424,27 @@ def test_update_angles_keep_user_hooks_and_remove_rule_hooks():
         ua = diagnostics.update_angles(model, F.cross_entropy, *batch())
         assert (max(ua.values()) < 1e-3) == zero, ua
         assert len(model[2]._forward_hooks) == 2  # the rule's and the user's, both restored
+
+
+# ------------------------------------------------------------------------------ recipes
+def test_recipes_log_and_plot_alignment(tmp_path):
+    from recipes.alignment import plot_alignment
+    from recipes.common import Config, apply_rule, make_optimizer, step_diagnostics
+    cfg = Config(model="mlp3x1024", rule="kp", optimizer="sgd", lr=0.05, weight_decay=1e-3)
+    model = apply_rule(mlp(), cfg)
+    opt = make_optimizer(model, cfg)
+    assert isinstance(opt, LocalOptimizer) and isinstance(opt, torch.optim.SGD)
+    x, y = batch()
+    recs = []
+    for i in range(3):
+        step(model, opt, x, y)
+        recs.append({"event": "step", "step": i + 1, **step_diagnostics(model, cfg, i + 1, x, y)})
+    assert set(recs[0]["alignment"]) == {"feedback_angle", "sign_concordance", "update_angle"}
+    assert list(recs[0]["alignment"]["update_angle"]) == ["0", "2", "4"]
+    png = plot_alignment(recs + [{"event": "epoch", "step": 3}], tmp_path / "a.png", "t")
+    assert png is not None and png.stat().st_size > 10_000
+    plain = Config(model="mlp3x1024", rule="none")
+    assert step_diagnostics(mlp(), plain, 1, x, y) == {}
+    assert plot_alignment([{"event": "epoch", "step": 1}], tmp_path / "b.png", "t") is None
+    assert not (tmp_path / "b.png").exists()
+    assert type(make_optimizer(apply_rule(mlp(), Config(rule="fa")), plain)) is torch.optim.SGD
