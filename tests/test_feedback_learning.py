@@ -17,6 +17,8 @@ from localopt.rules.weight_mirror import mirror_estimate
 
 LEARNED = ["kp", "wm", "bfa"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def mlp(seed=0, bn=False):
     torch.manual_seed(seed)
