@@ -1,0 +1,133 @@
+"""Direct feedback rules that learn their feedback: ``dkp`` (direct Kolen-Pollack, Webster, Choi
+& Ahn 2020) and ``bidfa`` (bidirectional DFA, after Luo, Fu & Glass 2017)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..mechanism import Site
+from .base import register_rule
+from .direct import DFA
+from .learned import LearnsFeedback, anchor, apply_feedback_grads
+
+
+@register_rule
+class DKP(LearnsFeedback, DFA):
+    """Direct Kolen-Pollack (Webster, Choi & Ahn, "Learning the connections in direct feedback
+    alignment", 2020).
+
+    The backward pass is DFA's (see :mod:`localopt.rules.direct`): a hooked layer reading
+    ``x`` sends ``dx = e B`` (``e`` the output error, ``B`` of shape ``(E, D)`` dense or
+    ``(K, C)`` channel-shared).  ``B`` is learned by the Kolen-Pollack principle: it receives
+    the gradient that a direct forward connection from ``x`` to the output would receive,
+    which each synapse computes from its own pre- and post-synaptic signals::
+
+        grad B = d<e B, x>/dB = e^T x          (dense; summed over positions for "channel")
+
+    and is stepped with its layer's optimizer settings (same algorithm, lr, momentum, weight
+    decay, its own optimizer state) by :class:`localopt.optim.LocalOptimizer` -- as the
+    authors' code steps ``B`` in the same optimizer as the weights.  Weight decay is what makes
+    ``B`` forget its random start.  Options as :class:`~localopt.rules.direct.DFA`.
+    """
+
+    name = "dkp"
+    mirrors_update = True
+
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        self.check_synced(site)
+        return super().forward(site, x, out) + (x.detach(),)
+
+    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
+        *base, x = payload
+        dx = super().backward(site, delta, tuple(base))
+        B = site.buffer("feedback")
+        with torch.enable_grad():
+            Bv = B.detach().requires_grad_()
+            proj = self._project(site, base[0].src.detach(), Bv, x.shape)
+            g = torch.autograd.grad(proj, Bv, x.to(proj.dtype))[0].to(B.dtype)
+        B.grad = g if B.grad is None else B.grad.add_(g)
+        return dx
+
+    def mirrored(self, site: Site) -> list[tuple[Tensor, Tensor]]:
+        w = anchor(site)
+        return [] if w is None else [(site.buffer("feedback"), w)]
+
+
+@register_rule
+class BiDFA(LearnsFeedback, DFA):
+    """Bidirectional direct feedback alignment (after Luo, Fu & Glass, "Bidirectional
+    backpropagation: towards biologically plausible error signal transmission in neural
+    networks", 2017): DFA whose feedback is trained to reconstruct each hooked layer's input
+    from the network output.
+
+    The backward pass is DFA's, ``dx = e B``.  In the forward pass, once the output ``z`` is
+    known, the same projection applied to ``z`` reconstructs the input ``x`` of every hooked
+    layer, ``x_hat = z B``, and B descends ``L_B = 1/2 ||x_hat - x||^2`` by normalised least
+    mean squares (as :class:`~localopt.rules.bidirectional.BFA`)::
+
+        B <- B - lr (dL_B/dB / (P ||z||^2) + decay B)
+
+    with ``||z||^2`` summed over the batch and ``P`` the number of input positions that share
+    one projection (``feedback="channel"``; 1 for ``"dense"``), so any ``lr`` in ``(0, 2)`` is
+    stable.  The update accumulates over the forward passes since the last step and is applied
+    by :class:`localopt.optim.LocalOptimizer`.  ``B`` thus learns the linear read-out of each
+    layer's activity from the output, which correlates with how the output depends on it.
+
+    Options: ``lr`` (default 0.5), ``decay`` (default 0), and those of
+    :class:`~localopt.rules.direct.DFA`.
+    """
+
+    name = "bidfa"
+
+    def __init__(self, *, lr: float = 0.5, decay: float = 0.0, feedback: str = "dense",
+                 init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
+                 modules: Any = None, channel_dim: "int | None" = None,
+                 max_feedback_mb: float = 1024.0) -> None:
+        if not (isinstance(lr, (int, float)) and 0 < lr < 2):
+            raise ValueError(f"localopt: rule 'bidfa': option lr={lr!r} must be in (0, 2)")
+        if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
+            raise ValueError(f"localopt: rule 'bidfa': option decay={decay!r} must be in [0, 1)")
+        super().__init__(feedback=feedback, init=init, scale=scale, output=output,
+                         modules=modules, channel_dim=channel_dim,
+                         max_feedback_mb=max_feedback_mb)
+        self.lr, self.decay = float(lr), float(decay)
+
+    def attach(self, model: nn.Module, sites: list[Site]) -> None:
+        super().attach(model, sites)
+        self._seen: dict[Site, Tensor] = {}
+        self._root = model.register_forward_hook(self._reconstruct)  # after DFA's root hook
+
+    def detach(self, model: nn.Module, sites: list[Site]) -> None:
+        self._root.remove()
+        super().detach(model, sites)
+
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        self.check_synced(site)
+        self._seen[site] = x.detach()
+        return super().forward(site, x, out)
+
+    def _reconstruct(self, model: nn.Module, args: tuple, out: Any) -> None:
+        seen, self._seen = self._seen, {}
+        if not seen:
+            return
+        z = self._select_output(model, out).detach()
+        zz = z.float().square().sum().clamp_min(1e-12)
+        for site, x in seen.items():
+            B = site.buffer("feedback")
+            if B.numel() == 0:
+                continue
+            positions = 1
+            if self.feedback == "channel" and z.dim() == 2:
+                positions = x[0].numel() // x.shape[self._feature_dim(site, x.dim())]
+            with torch.enable_grad():
+                Bv = B.detach().requires_grad_()
+                x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
+                loss = 0.5 * (x_hat - x.to(x_hat.dtype)).square().sum()
+                g = torch.autograd.grad(loss, Bv)[0]
+            g = g.mul_((1.0 / (positions * zz)).to(g.dtype))
+            B.grad = g if B.grad is None else B.grad.add_(g)
+
+    def feedback_step(self, sites: list[Site], step: int) -> None:
+        apply_feedback_grads(sites, self.lr, self.decay)
