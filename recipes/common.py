@@ -48,7 +48,7 @@ class Config:
     config_name: str = ""               # set from --config: the config file's stem
     reference: str = ""                 # the published setup this config follows
     # model and rule
-    model: str = "mlp3x1024"
+    model: str = "resnet20"
     model_options: dict = field(default_factory=dict)   # to models.create_model (init, shortcut..)
     rule: str = "bp"                    # a localopt rule; "none" = plain autograd, no hooks
     rule_options: dict = field(default_factory=dict)    # to localopt.wrap (exclude, options...)
@@ -78,7 +78,7 @@ class Config:
     betas: list = field(default_factory=lambda: [0.9, 0.999])   # adam, adamw
     eps: float = 1e-8                   # adam, adamw, rmsprop
     alpha: float = 0.99                 # rmsprop smoothing
-    schedule: str = "constant"
+    schedule: str = "cosine"
     milestones: list = field(default_factory=list)   # step: epochs where lr *= gamma
     gamma: float = 0.1
     min_lr: float = 0.0                 # cosine floor
