@@ -28,13 +28,14 @@ class LocalOptimizer(Optimizer):
     behave exactly as with the plain optimizer -- whose :meth:`step` runs the optimizer's
     update on the weights and then the rule's feedback update:
 
-    * rules that mirror the weight update (``kp``): each feedback tensor ``B`` receives its
-      gradient from the rule (``kp``: the gradient of its weight ``W``) and is stepped by an
-      internal optimizer of the same class, whose param groups copy *every* hyperparameter
-      of ``W``'s group before each step (so schedulers, momentum, weight decay apply to B as
-      to W) and which keeps its own state (momentum buffers of B, ...);
-    * other feedback-learning rules (``wm``, ``bfa``): ``rule.feedback_step`` with the rule's
-      own hyperparameters (see the rule);
+    * rules that mirror the weight update (``kp``, ``dkp``): each feedback tensor ``B``
+      receives its gradient from the rule (``kp``: the gradient of its weight ``W``; ``dkp``:
+      ``e^T x``) and is stepped by an internal optimizer of the same class, whose param groups
+      copy *every* hyperparameter of its layer's group before each step (so schedulers,
+      momentum, weight decay apply to B as to W) and which keeps its own state (momentum
+      buffers of B, ...);
+    * other feedback-learning rules (``wm``, ``bfa``, ``bidfa``): ``rule.feedback_step`` with
+      the rule's own hyperparameters (see the rule);
     * rules that learn nothing (``fa``, ``bp``, ...): just the optimizer.
 
     ``state_dict()`` is the optimizer's, plus a ``"localopt"`` entry with the feedback
