@@ -37,7 +37,8 @@ class WM(LearnsFeedback, FeedbackRule):
     estimate is exact-in-expectation without border effects; ``groups`` are respected.
 
     The mirror steps run inside :class:`localopt.optim.LocalOptimizer`'s ``step`` after the
-    weights' update, every ``every`` optimizer steps.  Noise is drawn on the layer's device
+    weights' update, every ``every`` optimizer steps, for the layers whose B is used (those
+    whose input needed a gradient in a forward pass so far -- not the first layer).  Noise is drawn on the layer's device
     from torch's global RNG.
 
     Options:
@@ -75,6 +76,7 @@ class WM(LearnsFeedback, FeedbackRule):
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
+        site.sends_feedback = True  # its input needs a gradient: B is used
         return super().forward(site, x, out)
 
     @torch.no_grad()
@@ -83,6 +85,8 @@ class WM(LearnsFeedback, FeedbackRule):
             return
         decay = self.lr if self.decay is None else float(self.decay)
         for s in sites:
+            if not getattr(s, "sends_feedback", False):
+                continue  # e.g. the first layer: nothing below needs its B, so no mirroring
             B = s.buffer("feedback")
             B.mul_(1.0 - decay).add_(mirror_estimate(s, self.samples).to(B.dtype), alpha=self.lr)
 
