@@ -10,9 +10,9 @@
   passes start from the same RNG state, so dropout draws the same masks), and pending
   feedback updates (``B.grad`` of the feedback buffers) are stashed and put back.
 
-Angles are in degrees, computed in float64 as ``2 atan2(|u - v|, |u + v|)`` for the unit
-vectors ``u, v`` (exactly 0 for parallel vectors, accurate near 0 and 180 degrees); a zero
-vector gives ``nan``.  All functions return ``{layer name: value}`` for the wrapped layers
+Angles are in degrees, computed as ``2 atan2(|u - v|, |u + v|)`` for the unit vectors
+``u, v`` (float32 vectors; exactly 0 for equal directions and accurate near 0 and 180
+degrees, unlike ``acos`` of the cosine); a zero vector gives ``nan``.  All functions return ``{layer name: value}`` for the wrapped layers
 they apply to, with one host synchronisation per call.  :func:`feedback_angles` and
 :func:`sign_concordance` cover the feedback-alignment family (rules with a per-layer
 ``B`` of W's shape: ``bp``, ``fa``, ``usf``, ``brsf``, ``frsf``, ``kp``, ``wm``, ``bfa``);
@@ -38,9 +38,10 @@ __all__ = ["angle", "feedback_angles", "sign_concordance", "update_angles", "rep
 def _angles(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
     out = []
     for a, b in pairs:
-        a, b = a.detach().flatten().double(), b.detach().flatten().double()
+        a = a.detach().flatten().float()
+        b = b.detach().flatten().to(a.device, torch.float32)
         u, v = a / a.norm(), b / b.norm()
-        out.append(2 * torch.atan2((u - v).norm(), (u + v).norm()))
+        out.append(2 * torch.atan2((u - v).norm().double(), (u + v).norm().double()).cpu())
     return torch.stack(out) * (180.0 / math.pi) if out else torch.zeros(0, dtype=torch.double)
 
 
