@@ -44,9 +44,11 @@ class WM(LearnsFeedback, FeedbackRule):
     Options:
         lr: mirror learning rate (default 0.01: B tracks W over ~100 mirror steps).
         decay: ``lambda_WM`` (default ``None``: equal to ``lr``, so B converges to W itself).
-        samples: noise samples per layer per mirror step (default 64).  The estimate's noise
-            shrinks like ``fan_in * lr / samples``; each mirror step costs about
-            ``2 * samples / (3 * batch)`` of a training step per layer.
+        samples: noise samples per layer per mirror step (default 64).  For a still W, B
+            settles at an angle of about ``atan(sqrt(fan_in * lr / (2 * samples)))`` from W
+            (the estimate's noise averaged by the moving average): 16 degrees for
+            ``fan_in = 1024`` with the defaults, as measured on the 3x1024 MLP.  Each mirror
+            step costs about ``2 * samples / (3 * batch)`` of a training step per layer.
         every: mirror every ``every`` optimizer steps (default 1).
         init: initial ``B`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`).
 
