@@ -7,6 +7,7 @@
 from . import diagnostics, optim, rules
 from .mechanism import Site, input_grad
 from .rules import FeedbackRule, Rule, available_rules, register_rule
+from .rules.direct import set_targets
 from .wrap import (UNSUPPORTED_TYPES, Summary, is_wrapped, sites, strip_feedback, summary,
                    unwrap, wrap)
 
@@ -14,4 +15,5 @@ __version__ = "0.1.0"
 
 __all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback",
            "available_rules", "register_rule", "Rule", "FeedbackRule", "Site", "input_grad",
+           "set_targets",
            "Summary", "UNSUPPORTED_TYPES", "diagnostics", "optim", "rules"]

@@ -16,7 +16,9 @@ family, any ``nn.Module`` for block-level rules).  Two hooks are installed on it
 The forward computation is untouched -- the module runs its own ``forward`` on the same
 values -- so outputs are bitwise what they were before wrapping, for subclasses too.
 ``_Inject`` returns its input marked dirty instead of a view, so in-place operations that
-follow (``ReLU(inplace=True)``, ``x += shortcut``) keep working as with plain autograd.
+follow (``ReLU(inplace=True)``, ``x += shortcut``) keep working as with plain autograd; for a
+hooked *block* (not a Linear/Conv), or a subclass that overrides ``forward``, it returns a
+copy, since the module's last operation may have saved its output for its own backward.
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ class _Inject(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, x: Tensor, site: "Site", payload: Any) -> Tensor:
         ctx.site, ctx.payload = site, payload
+        if not site.fast:
+            # A block's (or a forward-overriding subclass's) last op may have saved its own
+            # output for backward (ReLU, softmax): marking it dirty bumps its version and
+            # would invalidate that, so these pay one copy of the output.
+            return out.clone()
         ctx.mark_dirty(out)
         return out
 

@@ -90,7 +90,8 @@ def _select(model: nn.Module, rule: Rule, include, exclude, unsupported: str):
         )
     inside_blocked = lambda n: any(n.startswith(b + ".") for b, _ in blocked if b)  # noqa: E731
     picked = [(n, m) for n, m in named
-              if isinstance(m, rule.wraps) and chosen(n, m) and not inside_blocked(n)
+              if isinstance(m, rule.wraps) and rule.select(n, m) and chosen(n, m)
+              and not inside_blocked(n)
               and not isinstance(m, UNSUPPORTED_TYPES)]
     return picked, [(n, type(m).__name__) for n, m in blocked]
 
@@ -187,19 +188,24 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
 
     * a checkpoint without feedback keys (plain BP) loads: the current feedback is kept;
     * a feedback tensor of the wrong shape, or (strict) a feedback key this model does not
-      have, raises before any tensor of the model is touched.
+      have, raises before any tensor of the model is touched;
+    * an *empty* feedback buffer means "not drawn yet" (rules that size their feedback at the
+      first forward, e.g. ``dfa``): a checkpoint's drawn tensor is loaded into it, and an
+      empty one in the checkpoint keeps the model's current feedback.
     """
     rec = _record(module)
     if rec is None:
         return
-    ours = set()
-    for s in rec.sites:
+    ours, materialise = set(), []
+    for s in rec.sites:  # validate everything first: an error leaves the model untouched
         for b in s.buffer_names:
             key = _state_key(prefix, s, b)
             ours.add(key)
             cur = s.module._buffers[b]
-            if key not in state_dict:
+            if key not in state_dict or (state_dict[key].numel() == 0 and cur.numel() > 0):
                 state_dict[key] = cur
+            elif cur.numel() == 0 and state_dict[key].numel() > 0:
+                materialise.append((s.module, b, state_dict[key].shape))
             elif tuple(state_dict[key].shape) != tuple(cur.shape):
                 raise RuntimeError(
                     f"localopt: feedback shape mismatch for layer '{s.name}' ({key}): checkpoint "
@@ -215,6 +221,9 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
                 f"{rec.rule.name!r} on this model does not use; load with "
                 "localopt.strip_feedback(state_dict) or strict=False. The model was not modified"
             )
+    for m, b, shape in materialise:  # lazily-sized feedback: allocate, load_state_dict fills it
+        cur = m._buffers[b]
+        m._buffers[b] = torch.empty(shape, dtype=cur.dtype, device=cur.device)
 
 
 def strip_feedback(state_dict: dict) -> dict:

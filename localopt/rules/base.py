@@ -90,6 +90,11 @@ class Rule:
     #: weights' optimizer algorithm and hyperparameters; otherwise it calls :meth:`feedback_step`
     mirrors_update: ClassVar[bool] = False
 
+    def select(self, name: str, module: nn.Module) -> bool:
+        """Extra per-module selection on top of ``wraps`` and include/exclude (default: all);
+        e.g. module-wise DFA hooks only the modules named by its ``modules`` option."""
+        return True
+
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         pass
 

@@ -1,0 +1,490 @@
+"""Direct feedback rules: ``dfa``, ``bdfa``, ``drtp`` -- and module-wise (hybrid) DFA.
+
+Every hidden unit receives the *output* error (or the target) through its own fixed random
+matrix, instead of the error backpropagated through the layers above it.
+
+Where the signal enters
+-----------------------
+``localopt.wrap(model, "dfa")`` hooks each selected layer (``nn.Linear``/``nn.ConvNd``) -- or,
+with ``modules=[...]``, each named module -- and the model itself:
+
+* a hook on the **model output** ``z`` stores ``e = dL/dz`` (shape ``(N, K)``, or ``(N, *P, K)`` for per-position outputs such as tokens
+  ``(N, T, K)``) before any hooked layer runs its backward.  ``loss.backward()`` is unchanged;
+* a hooked layer ``y = f_W(x)`` receiving the error ``delta = dL/dy`` computes its exact
+  *local* parameter gradients from ``delta`` (autograd, as for every rule), and sends
+  backward, as the gradient of its input ``x``, the direct projection (dense mode)::
+
+      dx = e_flat @ B        B: (E, D) fixed, E = numel(e) / N, D = numel(x) / N
+
+  instead of ``delta @ W``.  Everything between that input and the hooked layer below it
+  (activations, norms, pooling, residual additions) keeps its exact derivative.
+
+For an MLP ``h_l = f(a_l), a_l = W_l h_{l-1}`` this is Nøkland's (2016) DFA exactly: layer
+``l+1`` sends ``B_{l+1}^T e`` to ``h_l``, the activation's backward multiplies by ``f'(a_l)``,
+so ``delta a_l = (B e) * f'(a_l)`` (the feedback matrix of hidden layer ``l`` is stored on the
+layer that *reads* ``h_l``); the layer that produces the output receives ``delta = e`` and
+trains on its true gradient.  With ``B = W_2`` on a one-hidden-layer net, or ``B_l`` the
+product of the downstream weights in a deep linear net, DFA equals backprop (tested).
+In a residual network the gradient at a block's input is the sum of the direct signals of
+the hooked layers that read it, through the exact shortcut paths.  A layer whose input needs
+no gradient (the first layer) gets no feedback matrix.
+
+Module-wise / hybrid DFA (Han et al. 2020): ``modules=["layers.0", "layers.1", ...]`` (names,
+``fnmatch`` patterns or module types) hooks those modules instead of layers: inside a module
+the error flows by exact backprop, and each module's *input* gradient is ``e_flat @ B``.  A
+module's update therefore needs only ``e`` -- not the modules above it -- which is what makes
+the scheme model-parallel.  Layers outside the named modules keep exact backprop (so the
+classifier after the last module trains on ``e`` and sends ``W^T e`` to the last module).
+
+Feedback shapes and memory (float32, 4 bytes per entry)
+-------------------------------------------------------
+* ``feedback="dense"`` (default): ``B`` of shape ``(E, D)``, one random weight per (error
+  component, input unit) -- Nøkland's DFA for any layer.  ``E*D`` entries per layer: 10 x
+  16*32*32 = 164k for a CIFAR ResNet-20 block input, but 1000 x 64*56*56 = 2e8 (800 MB) for
+  an ImageNet ResNet-50 layer -- use ``"channel"`` there.
+* ``feedback="channel"`` (memory-bounded): ``B`` of shape ``(K, C)``, ``C`` the input's
+  channel/feature size; the signal ``e @ B`` is shared by every spatial position (conv
+  inputs ``(N, C, *S)``) or token (``(N, T, C)``) of the input.  When the output itself has
+  per-position errors ``e: (N, *P, K)`` with ``P`` equal to the input's positions (token
+  models), each position gets its own ``e_p @ B``.  ``K*C`` entries per layer (1000 x 64 for
+  that ResNet-50 layer); a 224x224 timm ``resnet50`` with 1000 classes needs ~110 MB in all.
+
+``B`` is drawn lazily at the first forward pass with gradients (its shape depends on the
+input and output shapes), all pending layers at once in ``named_modules()`` order, from a
+generator seeded at wrap time (``seed=`` of :func:`localopt.wrap`, else one draw from torch's
+global RNG), so the draw is reproducible and independent of the device.  Before that the
+buffers ``localopt_feedback`` are empty placeholders; ``state_dict()`` works at any time and
+loading a checkpoint fills them (see :func:`localopt.wrap`).  ``max_feedback_mb`` (default
+1024) bounds the total; exceeding it is an error naming the largest layers.
+
+Scaling
+-------
+``B`` entries have standard deviation ``scale / sqrt(F)``, ``F`` the number of input units
+that receive the projection of one error vector (``D`` in dense mode; ``C`` times the number
+of broadcast positions in channel mode), so that ``E||e B||^2 = ||e||^2``: every layer gets a
+signal of the norm of the output error, the order of magnitude of BP's signal below the last
+layer.  ``init="uniform"`` (default) draws ``U(-sqrt(3) s, sqrt(3) s)``, ``"normal"`` draws
+``N(0, s^2)``, ``s = scale / sqrt(F)``.
+
+The rules
+---------
+* ``dfa`` -- Nøkland, *Direct Feedback Alignment Provides Learning in Deep Neural Networks*,
+  NeurIPS 2016; projected signal ``e``.
+* ``bdfa`` -- binary DFA (Han & Yoo, *Efficient Convolutional Neural Network Training with
+  Direct Feedback Alignment*, ICLR 2019 submission, arXiv:1901.01986): sign-valued feedback
+  ``B = s * sign(R)``, entries ``+-s`` with ``s = scale / sqrt(F)``.  (The paper also proposes
+  a feedback initialisation derived from the patterns of the random matrices; its exact recipe
+  is not reproduced here.)
+* ``drtp`` -- direct random target projection (Frenkel, Lefebvre & Bol, *Learning without
+  feedback*, Frontiers in Neuroscience 2021): the projected signal is the target, not the
+  error: ``dx = (-y* / R) @ B`` with ``y*`` the one-hot target and ``R`` the number of error
+  rows (``N``, or ``N*T``), i.e. the target part of the cross-entropy error
+  ``e = (softmax(z) - y*) / R``.  (Frenkel writes ``B^T y*``; ``B`` is symmetric random, so the
+  sign convention only fixes which of ``B``, ``-B`` is used.)  The output layer still trains on
+  its true gradient.  ``target="ce"`` (default) recovers ``y* = softmax(z) - R e`` from the
+  captured error, which holds when the loss is ``F.cross_entropy(z, y)`` on the named output
+  with mean reduction (soft labels / label smoothing give soft ``y*``); a ``y*`` outside
+  ``[0, 1]`` (another loss, sum reduction) raises.  ``target="given"``: call
+  ``localopt.set_targets(model, y)`` (class indices or ``(N, K)`` targets) before each backward.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..mechanism import CONV_TYPES, LAYER_TYPES, Site
+from .base import Rule, check_choice, register_rule
+
+__all__ = ["DirectRule", "DFA", "BDFA", "DRTP", "set_targets"]
+
+_INITS = ("uniform", "normal")
+_MODES = ("dense", "channel")
+
+
+class _Slot:
+    """What one forward pass shares with its backward: the captured signal source."""
+
+    __slots__ = ("src", "out", "targets")
+
+    def __init__(self) -> None:
+        self.src: Tensor | None = None
+        self.out: Tensor | None = None
+        self.targets: Tensor | None = None
+
+    def clear(self) -> None:
+        self.src = self.out = self.targets = None
+
+
+class _State:
+    """Per-wrapping state: the current forward's slot, lazily drawn feedback, targets."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], generator: torch.Generator) -> None:
+        self.model = model
+        self.sites = sites
+        self.generator = generator
+        self.slot: _Slot | None = None
+        self.pending: dict[Site, tuple[torch.Size, torch.device]] = {}
+        self.targets: Tensor | None = None
+        self.hook_ids: list[tuple[str, int]] = []
+
+
+def _selector_matches(name: str, module: nn.Module, spec) -> bool:
+    if isinstance(spec, str):
+        return fnmatch.fnmatchcase(name, spec)
+    return isinstance(spec, type) and isinstance(module, spec)
+
+
+class DirectRule(Rule):
+    """Shared machinery of the direct feedback rules (see the module docstring)."""
+
+    #: per-rule: fixed sign-valued feedback (bdfa)
+    binary = False
+    #: per-rule: the source needs the model output (drtp with target="ce")
+    needs_output = False
+
+    def __init__(self, *, feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
+                 output: "int | str | None" = None, modules: Any = None,
+                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0) -> None:
+        check_choice(self.name, "feedback", feedback, _MODES)
+        check_choice(self.name, "init", init, _INITS)
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"localopt: rule {self.name!r}: option scale={scale!r} must be a "
+                             "positive number")
+        if output is not None and not isinstance(output, (int, str)):
+            raise TypeError(f"localopt: rule {self.name!r}: option output={output!r} must be "
+                            "an int (tuple/list index) or a str (dict key)")
+        if channel_dim is not None and channel_dim not in (1, -1):
+            raise ValueError(f"localopt: rule {self.name!r}: option channel_dim={channel_dim!r} "
+                             "must be 1 (channels first) or -1 (features last)")
+        if modules is not None:
+            specs = [modules] if isinstance(modules, (str, type)) else list(modules)
+            if not specs:
+                raise ValueError(f"localopt: rule {self.name!r}: option modules is empty")
+            for s in specs:
+                if not (isinstance(s, str) or (isinstance(s, type) and issubclass(s, nn.Module))):
+                    raise TypeError(f"localopt: rule {self.name!r}: modules entry {s!r} must be "
+                                    "a module name pattern (str) or an nn.Module subclass")
+            self.wraps = (nn.Module,)
+            self._module_specs = specs
+        else:
+            self._module_specs = None
+        self.feedback, self.init, self.scale = feedback, init, float(scale)
+        self.output, self.modules, self.channel_dim = output, modules, channel_dim
+        self.max_feedback_mb = float(max_feedback_mb)
+        self._generator: torch.Generator | None = None
+        self._state: _State | None = None
+
+    # -- selection (module-wise DFA) -------------------------------------------------------
+    def select(self, name: str, module: nn.Module) -> bool:
+        if self._module_specs is None:
+            return True
+        return bool(name) and any(_selector_matches(name, module, s) for s in self._module_specs)
+
+    # -- life cycle -------------------------------------------------------------------------
+    def setup(self, site: Site, generator: torch.Generator | None) -> None:
+        # Empty placeholder: the shape of B is known at the first forward (see docstring).
+        site.register_buffer("feedback", torch.empty(0))
+        self._generator = generator
+
+    def attach(self, model: nn.Module, sites: list[Site]) -> None:
+        if self._state is not None:
+            raise RuntimeError(f"localopt: this {type(self).__name__} rule object is already "
+                               "installed on another model; create one rule per model")
+        if self._module_specs is not None:
+            for spec in self._module_specs:
+                if not any(_selector_matches(s.name, s.module, spec) for s in sites):
+                    raise ValueError(f"localopt: rule {self.name!r}: modules entry {spec!r} "
+                                     f"matches no module of this {type(model).__name__}")
+            names = [s.name for s in sites]
+            for a in names:
+                inner = [b for b in names if b.startswith(a + ".")]
+                if inner:
+                    raise ValueError(
+                        f"localopt: rule {self.name!r}: modules selects '{a}' and modules inside "
+                        f"it ({', '.join(repr(b) for b in inner[:3])}); name patterns match "
+                        "sub-modules too ('layers.*' matches 'layers.0.conv1'): name the "
+                        "modules exactly (e.g. 'layers.?') or by type")
+        gen = self._generator
+        if gen is None:
+            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        state = _State(model, sites, gen)
+        h1 = model.register_forward_pre_hook(self._root_pre_hook)
+        h2 = model.register_forward_hook(self._root_hook)
+        state.hook_ids = [("_forward_pre_hooks", h1.id), ("_forward_hooks", h2.id)]
+        self._state = state
+
+    def detach(self, model: nn.Module, sites: list[Site]) -> None:
+        st = self._state
+        if st is not None:
+            for dict_name, hid in st.hook_ids:
+                getattr(model, dict_name).pop(hid, None)
+        self._state = None
+
+    # -- root hooks: open a slot per forward, capture the output error ----------------------
+    def _root_pre_hook(self, model: nn.Module, args: tuple) -> None:
+        st = self._state
+        st.slot = _Slot() if torch.is_grad_enabled() else None
+
+    def _root_hook(self, model: nn.Module, args: tuple, out: Any) -> None:
+        st = self._state
+        slot, st.slot = st.slot, None
+        if slot is None:
+            return
+        z = self._select_output(model, out)
+        if st.pending:
+            self._materialize(z)
+        if z.requires_grad:
+            if self.needs_output:
+                slot.out = z.detach()
+            # A tensor hook (not an extra autograd node: no copy, no in-place conflict) runs
+            # as soon as dL/dz is known, before the backward of any layer upstream of z.
+            z.register_hook(lambda e: self._capture(slot, e))
+
+    def _capture(self, slot: _Slot, e: Tensor) -> None:
+        slot.src = self.source(slot, e)
+        slot.out = None
+        # Drop the signal when this backward pass ends: nothing outlives the step.
+        torch.autograd.Variable._execution_engine.queue_callback(slot.clear)
+
+    def _select_output(self, model: nn.Module, out: Any) -> Tensor:
+        key, where = self.output, f"{type(model).__name__} output"
+        if key is None:
+            if isinstance(out, Tensor):
+                return out
+            raise TypeError(
+                f"localopt: rule {self.name!r} needs the model output error, but this "
+                f"{where} is a {type(out).__name__}; pass output=<index or key> to wrap to name "
+                "the tensor the loss is computed from")
+        try:
+            z = None if isinstance(out, Tensor) else out[key]
+        except (KeyError, IndexError, TypeError):
+            z = None
+        if not isinstance(z, Tensor):
+            raise TypeError(f"localopt: rule {self.name!r}: option output={key!r} does not name "
+                            f"a tensor of this {where} ({type(out).__name__})")
+        return z
+
+    # -- per site -----------------------------------------------------------------------------
+    def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
+        st = self._state
+        if site.buffer("feedback").numel() == 0:
+            prev = st.pending.get(site)
+            if prev is not None and prev[0][1:] != x.shape[1:]:
+                raise RuntimeError(f"localopt: layer '{site.name}' is called on inputs of "
+                                   f"shapes {tuple(prev[0])} and {tuple(x.shape)} in one pass; "
+                                   f"rule {self.name!r} needs one input shape per layer")
+            st.pending[site] = (x.shape, x.device)
+        return st.slot, x.shape, x.dtype
+
+    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
+        slot, shape, dtype = payload
+        src = None if slot is None else slot.src
+        if src is None:
+            raise RuntimeError(
+                f"localopt: rule {self.name!r}: layer '{site.name}' ran its backward before the "
+                "model output error was captured. The loss must be computed from the output of "
+                "the wrapped model's forward (named by output=...), and the layer must be run "
+                "inside that forward")
+        return self._project(site, src, site.buffer("feedback"), shape).to(dtype)
+
+    # -- the projection ----------------------------------------------------------------------
+    def _feature_dim(self, site: Site, ndim: int) -> int:
+        if self.channel_dim is not None:
+            return self.channel_dim % ndim
+        if isinstance(site.module, nn.Linear):
+            return ndim - 1
+        if isinstance(site.module, CONV_TYPES):
+            return 1
+        return 1 if ndim >= 4 else ndim - 1
+
+    def _project(self, site: Site, src: Tensor, B: Tensor, shape: torch.Size) -> Tensor:
+        N = shape[0]
+        if src.shape[0] != N:
+            raise RuntimeError(f"localopt: rule {self.name!r}: layer '{site.name}' has batch "
+                               f"size {N} but the output error has {src.shape[0]} rows; the "
+                               "direct signal needs the batch dimension first in both")
+        B = B.to(src.dtype)
+        if self.feedback == "dense":
+            E = src[0].numel()
+            if B.shape[0] != E:
+                raise RuntimeError(self._shape_msg(site, f"an output of {B.shape[0]} values "
+                                                         f"per sample", f"{E}"))
+            return src.reshape(N, E).matmul(B).view(shape)
+        fdim = self._feature_dim(site, len(shape))
+        pos_x = tuple(shape[1:fdim]) + tuple(shape[fdim + 1:])
+        pos_e = tuple(src.shape[1:-1])
+        if B.shape[0] != src.shape[-1]:
+            raise RuntimeError(self._shape_msg(site, f"{B.shape[0]} outputs", f"{src.shape[-1]}"))
+        s = src.matmul(B)                                   # (N, *P, C)
+        if not pos_e:
+            view = [N] + [1] * len(pos_x)
+            view.insert(fdim, shape[fdim])
+            return s.view(view).expand(shape)
+        if pos_e != pos_x:
+            raise RuntimeError(
+                f"localopt: rule {self.name!r}, feedback='channel': layer '{site.name}' has "
+                f"input positions {pos_x} but the output error has positions {pos_e}; per-"
+                "position signals need equal positions (use feedback='dense' otherwise)")
+        return s.movedim(-1, fdim) if fdim != len(shape) - 1 else s
+
+    def _shape_msg(self, site: Site, had: str, now: str) -> str:
+        return (f"localopt: rule {self.name!r}: the feedback of layer '{site.name}' was drawn "
+                f"for {had}, but this output has {now}; the output shape must stay fixed "
+                "(or unwrap and wrap again)")
+
+    # -- lazy feedback ---------------------------------------------------------------------
+    def _feedback_shape(self, site: Site, xshape: torch.Size, zshape: torch.Size):
+        """(shape of B, fan F) for input ``xshape`` and output ``zshape``."""
+        if self.feedback == "dense":
+            D = math.prod(xshape[1:])
+            return (math.prod(zshape[1:]), D), D
+        fdim = self._feature_dim(site, len(xshape))
+        C = xshape[fdim]
+        pos = math.prod(xshape[1:]) // C if len(zshape) == 2 else 1
+        return (zshape[-1], C), C * pos
+
+    def _materialize(self, z: Tensor) -> None:
+        st = self._state
+        todo = [s for s in st.sites if s in st.pending]
+        if len(z.shape) < 2:
+            raise RuntimeError(f"localopt: rule {self.name!r} needs a batched model output "
+                               f"(N, ..., K); got shape {tuple(z.shape)}")
+        plans = []
+        for s in todo:
+            xshape, dev = st.pending[s]
+            if len(xshape) < 2:
+                raise RuntimeError(f"localopt: rule {self.name!r}: layer '{s.name}' got an "
+                                   f"unbatched input of shape {tuple(xshape)}")
+            plans.append((s, *self._feedback_shape(s, xshape, z.shape)))
+        total = sum(math.prod(shp) for _, shp, _ in plans) * 4 / 2**20
+        have = sum(s.buffer("feedback").numel() for s in st.sites) * 4 / 2**20
+        if total + have > self.max_feedback_mb:
+            big = sorted(plans, key=lambda p: -math.prod(p[1]))[:3]
+            listing = ", ".join(f"'{s.name}' {shp} ({math.prod(shp) * 4 / 2**20:.0f} MB)"
+                                for s, shp, _ in big)
+            raise RuntimeError(
+                f"localopt: rule {self.name!r}, feedback={self.feedback!r}: the feedback "
+                f"matrices would take {total + have:.0f} MB > max_feedback_mb="
+                f"{self.max_feedback_mb:g} (largest: {listing}). Use feedback='channel' "
+                "(K x C per layer) or raise max_feedback_mb")
+        for s, shp, fan in plans:
+            cur = s.buffer("feedback")
+            B = self.draw(shp, self.scale / math.sqrt(fan), st.generator)
+            s.module._buffers[Site.BUFFER_PREFIX + "feedback"] = B.to(cur.device, cur.dtype)
+        st.pending.clear()
+
+    def draw(self, shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
+        """A feedback matrix of ``shape`` with entries of standard deviation ``std``."""
+        if self.binary:
+            B = torch.empty(shape).uniform_(-1.0, 1.0, generator=generator)
+            return torch.where(B >= 0, std, -std)
+        if self.init == "normal":
+            return torch.randn(shape, generator=generator).mul_(std)
+        a = math.sqrt(3.0) * std
+        return torch.empty(shape).uniform_(-a, a, generator=generator)
+
+    def feedback_shape(self, site: Site) -> tuple[int, ...] | None:
+        B = site.buffer("feedback")
+        return tuple(B.shape) if B.numel() else None
+
+    # -- the signal ---------------------------------------------------------------------------
+    def source(self, slot: _Slot, e: Tensor) -> Tensor:
+        """The vector projected to every layer, from the captured output error ``e``."""
+        return e
+
+
+@register_rule
+class DFA(DirectRule):
+    """Direct feedback alignment (Nøkland 2016); module-wise DFA with ``modules=[...]``
+    (Han et al. 2020).  See :mod:`localopt.rules.direct` for the exact math.
+
+    Options:
+        feedback: ``"dense"`` (default; B: (E, D)) or ``"channel"`` (B: (K, C), shared over
+            positions; memory-bounded).
+        init: ``"uniform"`` (default) or ``"normal"``; entries have std ``scale / sqrt(F)``.
+        scale: multiplier of the feedback (default 1.0).
+        output: index or key of the output tensor the loss uses, for models returning a
+            tuple/list/dict.
+        modules: names (``fnmatch`` patterns) or types of the modules that receive the direct
+            signal at their input (module-wise DFA; exact BP inside each module).
+        channel_dim: feature axis of the inputs for ``feedback="channel"`` (default: 1 for
+            convs and 4-D/5-D inputs of modules, -1 for Linear and 2-D/3-D inputs).
+        max_feedback_mb: bound on the total feedback memory (default 1024).
+
+    State: buffer ``localopt_feedback`` on each hooked module (empty until the first forward).
+    """
+
+    name = "dfa"
+
+
+@register_rule
+class BDFA(DirectRule):
+    """Binary DFA (Han & Yoo 2019): DFA with sign-valued feedback ``B = s * sign(R)``,
+    ``s = scale / sqrt(F)``.  Options as :class:`DFA` (``init`` is ignored)."""
+
+    name = "bdfa"
+    binary = True
+
+
+@register_rule
+class DRTP(DirectRule):
+    """Direct random target projection (Frenkel et al. 2021): the projected signal is the
+    target, ``dx = (-y*/R) @ B``.  Options as :class:`DFA`, plus ``target``: ``"ce"``
+    (default; ``y* = softmax(z) - R e``, valid for mean-reduced cross-entropy on the output)
+    or ``"given"`` (``localopt.set_targets(model, y)`` before each backward)."""
+
+    name = "drtp"
+
+    def __init__(self, *, target: str = "ce", feedback: str = "dense", init: str = "uniform",
+                 scale: float = 1.0, output: "int | str | None" = None, modules: Any = None,
+                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0) -> None:
+        check_choice(self.name, "target", target, ("ce", "given"))
+        super().__init__(feedback=feedback, init=init, scale=scale, output=output,
+                         modules=modules, channel_dim=channel_dim,
+                         max_feedback_mb=max_feedback_mb)
+        self.target = target
+        self.needs_output = target == "ce"
+
+    def source(self, slot: _Slot, e: Tensor) -> Tensor:
+        K = e.shape[-1]
+        R = e.numel() // K
+        st = self._state
+        if self.target == "given":
+            y, st.targets = (st.targets if st is not None else None), None
+            if y is None:
+                raise RuntimeError("localopt: rule 'drtp' with target='given': call "
+                                   "localopt.set_targets(model, y) before each backward")
+            if not torch.is_floating_point(y):
+                y = F.one_hot(y.long(), K)
+            if y.shape != e.shape:
+                raise RuntimeError(f"localopt: rule 'drtp': targets of shape {tuple(y.shape)} "
+                                   f"do not match the output {tuple(e.shape)} (give class "
+                                   "indices or one-hot/soft targets shaped like the output)")
+            y = y.to(device=e.device, dtype=e.dtype)
+        else:
+            z = slot.out
+            y = torch.softmax(z.float(), -1) - R * e.float()
+            torch._assert_async(((y > -1e-3) & (y < 1 + 1e-3)).all(),
+                                "localopt: rule 'drtp' (target='ce') recovered targets outside "
+                                "[0, 1] from the output error: the loss is not mean-reduced "
+                                "cross-entropy on the output. Use target='given' with "
+                                "localopt.set_targets(model, y)")
+            y = y.to(e.dtype)
+        return y.mul(-1.0 / R)
+
+
+def set_targets(model: nn.Module, targets: Tensor) -> None:
+    """Give ``drtp`` (``target="given"``) the targets of the next backward pass: class indices
+    ``(N,)``/``(N, T)`` or one-hot/soft targets shaped like the output."""
+    rec = model.__dict__.get("_localopt")
+    if rec is None or not isinstance(rec.rule, DRTP) or rec.rule._state is None:
+        raise ValueError("localopt.set_targets: this model is not wrapped with rule 'drtp'")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"localopt.set_targets: targets must be a Tensor, got "
+                        f"{type(targets).__name__}")
+    rec.rule._state.targets = targets.detach()
