@@ -70,8 +70,8 @@ def _select(model: nn.Module, rule: Rule, include, exclude, unsupported: str):
     include, exclude = _as_list(include), _as_list(exclude)
     named = list(model.named_modules())
     for option, specs in (("include", include), ("exclude", exclude)):
-        for spec in specs:
-            if not any(_matches(n, m, spec) for n, m in named):
+        for spec in specs:  # a name pattern that matches nothing is most likely a typo
+            if not any(_matches(n, m, spec) for n, m in named) and isinstance(spec, str):
                 raise ValueError(f"localopt: {option} selector {spec!r} matches no module of "
                                  f"this {type(model).__name__}")
 
@@ -88,11 +88,13 @@ def _select(model: nn.Module, rule: Rule, include, exclude, unsupported: str):
             "weights but have no feedback path here.  Pass exclude=[...] to leave them out, "
             "or unsupported='bp' to keep them (and what they contain) on exact backprop."
         )
-    inside_blocked = lambda n: any(n.startswith(b + ".") for b, _ in blocked if b)  # noqa: E731
+    # Layers inside an uncovered one (MultiheadAttention.out_proj) are not run through their
+    # own forward by it, so hooks on them would never fire: never pick them.
+    uncovered = [n + "." for n, m in named if isinstance(m, UNSUPPORTED_TYPES)]
     picked = [(n, m) for n, m in named
               if isinstance(m, rule.wraps) and rule.select(n, m) and chosen(n, m)
-              and not inside_blocked(n)
-              and not isinstance(m, UNSUPPORTED_TYPES)]
+              and not isinstance(m, UNSUPPORTED_TYPES)
+              and not any(n.startswith(u) for u in uncovered)]
     return picked, [(n, type(m).__name__) for n, m in blocked]
 
 
@@ -107,8 +109,8 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
         include / exclude: name patterns (``fnmatch``, e.g. ``"fc"``, ``"layer4.*"``) or module
             types selecting which layers the rule covers (default: every layer type the rule
             wraps).  Excluded layers keep exact backprop -- e.g. ``exclude="fc"`` keeps the
-            classifier on BP as the sign-symmetry papers do.  A selector that matches nothing
-            is an error.
+            classifier on BP as the sign-symmetry papers do.  A name pattern that matches no
+            module is an error.
         unsupported: ``"error"`` (default) or ``"bp"``: what to do with weight-transporting
             layers no rule covers (:data:`UNSUPPORTED_TYPES`).
         seed: seed for the random feedback drawn at wrap time (default: torch's global RNG).
@@ -130,6 +132,7 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
                                "of another model; unwrap that one first")
     rule_obj = make_rule(rule, options)
     picked, kept_bp = _select(model, rule_obj, include, exclude, unsupported)
+    picked = rule_obj.choose_sites(model, picked)
     if not picked:
         kinds = ", ".join(t.__name__ for t in rule_obj.wraps)
         raise ValueError(f"localopt: rule {rule_obj.name!r} found no layer to wrap in this "

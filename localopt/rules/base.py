@@ -95,6 +95,13 @@ class Rule:
         e.g. module-wise DFA hooks only the modules named by its ``modules`` option."""
         return True
 
+    def choose_sites(self, model: nn.Module, picked: list[tuple[str, nn.Module]]
+                     ) -> list[tuple[str, nn.Module]]:
+        """The ``(name, module)`` pairs to hook, given the default selection ``picked`` (by
+        :attr:`wraps` and include/exclude).  Block-level rules that choose their own sites
+        (target propagation) override it; raising here leaves the model untouched."""
+        return picked
+
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         pass
 
