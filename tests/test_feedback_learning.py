@@ -452,3 +452,26 @@ def test_recipes_log_and_plot_alignment(tmp_path):
     assert plot_alignment([{"event": "epoch", "step": 1}], tmp_path / "b.png", "t") is None
     assert not (tmp_path / "b.png").exists()
     assert type(make_optimizer(apply_rule(mlp(), Config(rule="fa")), plain)) is torch.optim.SGD
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Linear(5, 7), (4, 3, 5)),
+    (nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 9, 9)),
+    (nn.Conv1d(3, 4, 3, dilation=2, padding=2), (2, 3, 11)),
+    (nn.Conv2d(3, 4, 3, padding="same", dilation=2), (2, 3, 8, 8)),
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), (2, 3, 8, 8)),
+    (nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), (3, 8, 8)),
+])
+def test_bfa_reconstruction_gradient_matches_directional_derivative(layer, shape):
+    from localopt.rules.bidirectional import _recon_grad
+    torch.manual_seed(0)
+    layer = layer.double()
+    site = localopt.Site(layer, "m", None)
+    x = torch.randn(shape, dtype=torch.double)
+    y = layer(x).detach()
+    B, D = torch.randn_like(layer.weight), torch.randn_like(layer.weight)
+    loss = lambda b: 0.5 * (localopt.input_grad(site, y, b, x.shape) - x).square().sum()  # noqa
+    eps = 1e-4
+    fd = (loss(B + eps * D) - loss(B - eps * D)) / (2 * eps)
+    g = _recon_grad(site, y, x, B)
+    assert (g * D).sum().item() == pytest.approx(fd.item(), rel=1e-6)

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..mechanism import CONV_TYPES, Site, input_grad
@@ -84,12 +85,36 @@ class BFA(LearnsFeedback, FeedbackRule):
             if isinstance(m, CONV_TYPES):
                 k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
             scale = 1.0 / (k * y.float().square().sum().clamp_min(1e-12))
-        with torch.enable_grad():
-            Bv = B.detach().requires_grad_()
-            x_hat = input_grad(site, y, Bv, x.shape)
-            loss = 0.5 * (x_hat - x.detach()).square().sum()
-            g = torch.autograd.grad(loss, Bv)[0].mul_(scale.to(B.dtype))
+        g = _recon_grad(site, y, x.detach(), B).mul_(scale.to(B.dtype))
         B.grad = g if B.grad is None else B.grad.add_(g)
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         apply_feedback_grads(sites, self.lr, self.decay)
+
+
+def _recon_grad(site: Site, y: Tensor, x: Tensor, B: Tensor) -> Tensor:
+    """``d/dB 1/2 ||x_hat - x||^2`` for ``x_hat = input_grad(site, y, B)``: with the residual
+    ``r = x_hat - x`` this is the weight gradient of the layer for input ``r`` and output error
+    ``y`` (``y^T r`` for Linear), since ``<r, x_hat> = <layer_B(r), y>``."""
+    m = site.module
+    with torch.no_grad():
+        r = input_grad(site, y, B, x.shape) - x
+        if isinstance(m, torch.nn.Linear):
+            return y.reshape(-1, y.shape[-1]).t().matmul(r.reshape(-1, r.shape[-1]))
+        if isinstance(m, CONV_TYPES):
+            if y.dim() == B.dim() - 1:  # unbatched
+                y, r = y.unsqueeze(0), r.unsqueeze(0)
+            nd, padding = B.dim() - 2, None
+            if m.padding_mode != "zeros":  # forward: conv(pad(x, mode), padding=0)
+                r = F.pad(r, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                padding = [0] * nd
+            elif not isinstance(m.padding, str) or m.padding == "valid":
+                padding = [0] * nd if m.padding == "valid" else list(m.padding)
+            if padding is not None:
+                return torch.ops.aten.convolution_backward(
+                    y, r, B, None, list(m.stride), padding, list(m.dilation), False, [0] * nd,
+                    m.groups, (False, True, False))[1]
+    with torch.enable_grad():  # padding="same": differentiate the transposed op
+        Bv = B.detach().requires_grad_()
+        loss = 0.5 * (input_grad(site, y, Bv, x.shape) - x).square().sum()
+        return torch.autograd.grad(loss, Bv)[0]
