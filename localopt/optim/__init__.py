@@ -1,5 +1,7 @@
 """torch.optim-style optimizers for local learning rules."""
 from .batch_manhattan import BatchManhattan
 from .local import Bidirectional, KolenPollack, LocalOptimizer, WeightMirror
+from .target_prop import TargetProp
 
-__all__ = ["BatchManhattan", "LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional"]
+__all__ = ["BatchManhattan", "LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional",
+           "TargetProp"]
