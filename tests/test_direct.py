@@ -311,6 +311,9 @@ def test_checkpoint_round_trip_of_lazy_feedback():
         d.load_state_dict(a.state_dict())
     plain = CONVNET(1)
     plain.load_state_dict(localopt.strip_feedback(a.state_dict()))
+    e = localopt.wrap(CONVNET(1).double(), "dfa", seed=5)   # B takes the layers' dtype
+    grads(e, x.double(), y)
+    assert feedback(e[2]).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- real models

@@ -188,7 +188,10 @@ class DirectRule(Rule):
     # -- life cycle -------------------------------------------------------------------------
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         # Empty placeholder: the shape of B is known at the first forward (see docstring).
-        site.register_buffer("feedback", torch.empty(0))
+        # It takes the module's device and floating dtype, and follows later .to() calls.
+        ref = next((t for t in site.module.parameters() if t.is_floating_point()), None)
+        site.register_buffer("feedback", torch.empty(0) if ref is None else
+                             ref.new_empty(0, requires_grad=False).detach())
         self._generator = generator
 
     def attach(self, model: nn.Module, sites: list[Site]) -> None:

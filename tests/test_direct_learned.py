@@ -1,0 +1,164 @@
+"""Direct Kolen-Pollack (dkp): DFA whose feedback learns by the Kolen-Pollack principle."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import localopt
+from localopt.optim import LocalOptimizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 4))
+
+
+def data(n=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def step(model, opt, x, y):
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def test_dkp_feedback_gradient_is_e_transpose_x():
+    model = localopt.wrap(net(), "dkp", seed=5)
+    x, y = data()
+    h = torch.tanh(model[2](torch.tanh(model[0](x))))
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    e = (torch.softmax(out, 1) - F.one_hot(y, 4)) / len(y)
+    h1 = torch.tanh(model[0](x))
+    for layer, inp in ((model[2], h1), (model[4], h)):
+        torch.testing.assert_close(layer._buffers["localopt_feedback"].grad,
+                                   e.t().detach() @ inp.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lr,wd", [(0.1, 0.1), (0.05, 0.3)])
+def test_dkp_one_hidden_layer_feedback_decays_to_the_output_weight(lr, wd):
+    """With one hidden layer the direct connection *is* the output layer: B gets W's gradient,
+    so B - W shrinks by (1 - lr wd) per SGD step, and DKP becomes backprop."""
+    torch.manual_seed(0)
+    model = localopt.wrap(nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4)), "dkp",
+                          seed=5)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=lr, weight_decay=wd)
+    x, y = data()
+    step(model, opt, x, y)  # draws B lazily at the first forward
+    gap = lambda: (model[2]._buffers["localopt_feedback"] - model[2].weight).norm().item()  # noqa
+    for _ in range(4):
+        g0 = gap()
+        step(model, opt, x, y)
+        assert gap() == pytest.approx(g0 * (1 - lr * wd), rel=1e-4)
+
+
+def test_dkp_learns_faster_than_dfa_and_state_round_trips():
+    losses = {}
+    for rule in ("dfa", "dkp"):
+        model = localopt.wrap(net(), rule, seed=5)
+        opt = LocalOptimizer(model, torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=1e-3)
+        x, y = data(n=128)
+        first = step(model, opt, x, y)
+        for _ in range(40):
+            losses[rule] = step(model, opt, x, y)
+    assert losses["dkp"] < 0.3 * first and losses["dkp"] < 0.5 * losses["dfa"], (first, losses)
+    sd = opt.state_dict()
+    assert sd["localopt"]["mirror"]["state"]  # momentum buffers of the feedback
+    opt2 = LocalOptimizer(model, torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=1e-3)
+    opt2.load_state_dict(sd)
+    for a, b in zip(opt2._mirror.state.values(), opt._mirror.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_dkp_channel_mode_conv_gradient():
+    """feedback="channel": B (K, C) is shared by all positions, so its gradient is
+    e^T (x summed over positions)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+    localopt.wrap(model, "dkp", feedback="channel", seed=5)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    out = model(x)
+    F.cross_entropy(out, y).backward()
+    e = ((torch.softmax(out, 1) - F.one_hot(y, 4)) / len(y)).detach()
+    h = torch.relu(model[0](x)).detach()
+    B = model[2]._buffers["localopt_feedback"]
+    assert B.shape == (4, 6)
+    torch.testing.assert_close(B.grad, e.t() @ h.sum((2, 3)), rtol=1e-4, atol=1e-6)
+    opt.step()
+    assert B.grad is None and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_dkp_with_plain_optimizer_warns():
+    model = localopt.wrap(net(), "dkp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            step(model, opt, *data())
+    assert len(w) == 1 and "LocalOptimizer" in str(w[0].message)
+
+
+def _recon_error(model, x):
+    """Relative error of x_hat = z B against each hooked layer's input (all but the first)."""
+    seen = {}
+    hooks = [s.module.register_forward_hook(lambda m, i, o, s=s: seen.__setitem__(s, i[0]))
+             for s in localopt.sites(model)]
+    with torch.no_grad():
+        z = model(x)
+    for h in hooks:
+        h.remove()
+    errs = []
+    for s, inp in list(seen.items())[1:]:
+        x_hat = s.rule._project(s, z, s.buffer("feedback"), inp.shape)
+        errs.append(((x_hat - inp).norm() / inp.norm()).item())
+    return sum(errs) / len(errs)
+
+
+@pytest.mark.parametrize("feedback", ["dense", "channel"])
+def test_bidfa_lowers_reconstruction_error(feedback):
+    if feedback == "dense":
+        model = net()
+        x, y = data()
+    else:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(6, 4))
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
+    localopt.wrap(model, "bidfa", feedback=feedback, seed=5)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)  # weights fixed: only B learns
+    step(model, opt, x, y)
+    r0 = _recon_error(model, x)
+    for _ in range(30):
+        step(model, opt, x, y)
+    r1 = _recon_error(model, x)
+    assert r1 < 0.9 * r0, (r0, r1)
+
+
+def test_bidfa_learns():
+    model = localopt.wrap(net(), "bidfa", seed=5)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=1e-3)
+    x, y = data(n=128)
+    first = step(model, opt, x, y)
+    for _ in range(40):
+        last = step(model, opt, x, y)
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("bad", [{"lr": 2.5}, {"decay": -1}, {"feedback": "sparse"}])
+def test_bidfa_bad_options(bad):
+    with pytest.raises(ValueError, match="bidfa"):
+        localopt.wrap(net(), "bidfa", **bad)
