@@ -64,6 +64,7 @@ class Config:
     split_seed: int = 0
     test_every_epoch: bool = False      # also evaluate the test set after every epoch
     augment: bool = True                # random crop (pad 4) + horizontal flip
+    crop_padding: int = 4               # augment: random crop with this zero padding; 0 = flip only
     # training
     epochs: int = 3
     batch_size: int = 128

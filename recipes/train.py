@@ -97,7 +97,7 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
         idx = perm[step * bs:(step + 1) * bs]
         x, y = split.x[idx], split.y[idx]
         if cfg.augment:
-            x = random_crop_flip(x, gen)
+            x = random_crop_flip(x, gen, padding=cfg.crop_padding)
         x = _prepare(x, norm, channels_last)
         with _autocast(cfg, device):
             out = model(x)
