@@ -99,6 +99,34 @@ def test_hybrid_module_boundary_with_b_equal_jacobian_is_bp():
     assert not torch.allclose(g["0.0.weight"], ref["0.0.weight"], atol=1e-4)
 
 
+def test_hybrid_inside_fa():
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Sequential(nn.Linear(6, 7), nn.Tanh()),  # noqa: E731
+                                 nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 5),
+                                               nn.Tanh(), nn.Linear(5, 3)))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    a, b = make(), make()
+    b.load_state_dict(a.state_dict())
+    localopt.wrap(a, "dfa", modules=["0", "1"], seed=0)                  # BP inside
+    localopt.wrap(b, "dfa", modules=["0", "1"], inside="fa", seed=0)     # FA inside
+    keys = sorted(k for k in b.state_dict() if "inside" in k)
+    assert keys == ["0.localopt_inside_0", "1.localopt_inside_0", "1.localopt_inside_2",
+                    "1.localopt_inside_4"]
+    ga, gb = grads(a, x, y), grads(b, x, y)
+    torch.testing.assert_close(gb["1.4.weight"], ga["1.4.weight"])     # top layer: delta = e
+    assert not torch.allclose(gb["1.0.weight"], ga["1.0.weight"])      # below it: delta B_in
+    for i in (0, 2, 4):                                                 # B_in = W: BP inside
+        b[1]._buffers[f"localopt_inside_{i}"] = b[1][i].weight.detach().clone()
+    set_feedback(b[1], feedback(a[1]))                                  # same direct B
+    assert_grads_close(grads(b, x, y), ga)
+    c = localopt.wrap(make(), "dfa", modules=["0", "1"], inside="fa", seed=1)
+    c.load_state_dict(b.state_dict())                                   # strict round trip
+    assert torch.equal(c[1]._buffers["localopt_inside_2"], b[1][2].weight)
+    localopt.unwrap(b)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in b.modules()) == 0
+    assert not [k for k in b.state_dict() if "localopt" in k]
+
+
 # ----------------------------------------------------------------------------- signal and shapes
 class Probe:
     """Records the gradient arriving at a module's input (registered before wrapping)."""
@@ -397,6 +425,8 @@ def snapshot(model):
     ({"modules": ["*"]}, ValueError, "modules inside it"),
     ({"modules": [3]}, TypeError, "modules entry 3"),
     ({"target": "ce"}, TypeError, "unknown option"),
+    ({"inside": "fa"}, ValueError, "needs modules"),
+    ({"inside": "kp", "modules": ["1"]}, ValueError, "inside='kp'"),
 ])
 def test_bad_options_leave_model_unchanged(opts, err, match):
     net = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Tanh(), nn.Linear(4, 2)))

@@ -31,7 +31,10 @@ no gradient (the first layer) gets no feedback matrix.
 
 Module-wise / hybrid DFA (Han et al. 2020): ``modules=["layers.0", "layers.1", ...]`` (names,
 ``fnmatch`` patterns or module types) hooks those modules instead of layers: inside a module
-the error flows by exact backprop, and each module's *input* gradient is ``e_flat @ B``.  A
+the error flows by exact backprop (``inside="bp"``, default) or by feedback alignment
+(``inside="fa"``: every Linear/Conv inside sends ``delta B_in`` with a fixed Glorot-uniform
+``B_in`` shaped like its W, stored on the module as ``localopt_inside_<path>``), and each
+module's *input* gradient is ``e_flat @ B``.  A
 module's update therefore needs only ``e`` -- not the modules above it -- which is what makes
 the scheme model-parallel.  Layers outside the named modules keep exact backprop (so the
 classifier after the last module trains on ``e`` and sends ``W^T e`` to the last module).
@@ -98,7 +101,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site
-from .base import Rule, check_choice, register_rule
+from .base import FeedbackRule, Rule, check_choice, init_feedback, register_rule
 
 __all__ = ["DirectRule", "DFA", "BDFA", "DRTP", "set_targets"]
 
@@ -139,6 +142,18 @@ def _selector_matches(name: str, module: nn.Module, spec) -> bool:
     return isinstance(spec, type) and isinstance(module, spec)
 
 
+class _InsideFA(FeedbackRule):
+    """Feedback alignment for a layer inside a module of module-wise DFA (``inside="fa"``):
+    ``dx = delta B`` with ``B`` (Glorot-uniform, shape of W) stored on the enclosing module as
+    ``localopt_inside_<path>``, so it is saved and checked with the module's state."""
+
+    name = "fa"
+
+    def feedback(self, site: Site) -> Tensor:
+        module, buf = site.feedback_of
+        return module._buffers[buf]
+
+
 class DirectRule(Rule):
     """Shared machinery of the direct feedback rules (see the module docstring)."""
 
@@ -149,8 +164,13 @@ class DirectRule(Rule):
 
     def __init__(self, *, feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
                  output: "int | str | None" = None, modules: Any = None,
-                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0) -> None:
+                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0,
+                 inside: str = "bp") -> None:
         check_choice(self.name, "feedback", feedback, _MODES)
+        check_choice(self.name, "inside", inside, ("bp", "fa"))
+        if inside != "bp" and modules is None:
+            raise ValueError(f"localopt: rule {self.name!r}: option inside={inside!r} needs "
+                             "modules=[...] (it sets the rule inside each named module)")
         check_choice(self.name, "init", init, _INITS)
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"localopt: rule {self.name!r}: option scale={scale!r} must be a "
@@ -176,6 +196,9 @@ class DirectRule(Rule):
         self.feedback, self.init, self.scale = feedback, init, float(scale)
         self.output, self.modules, self.channel_dim = output, modules, channel_dim
         self.max_feedback_mb = float(max_feedback_mb)
+        self.inside = inside
+        self._inner: list[tuple[Site, nn.Module, str, str]] = []   # (outer, layer, name, buffer)
+        self._inner_sites: list[Site] = []
         self._generator: torch.Generator | None = None
         self._state: _State | None = None
 
@@ -193,6 +216,13 @@ class DirectRule(Rule):
         site.register_buffer("feedback", torch.empty(0) if ref is None else
                              ref.new_empty(0, requires_grad=False).detach())
         self._generator = generator
+        if self.inside == "fa":  # FA inside the module: B per inner layer, kept on the module
+            for rel, layer in site.module.named_modules():
+                if rel and isinstance(layer, LAYER_TYPES):
+                    buf = "inside_" + rel.replace(".", "__")
+                    site.register_buffer(buf, init_feedback("xavier", layer.weight, generator))
+                    self._inner.append((site, layer, f"{site.name}.{rel}",
+                                        Site.BUFFER_PREFIX + buf))
 
     def attach(self, model: nn.Module, sites: list[Site]) -> None:
         if self._state is not None:
@@ -220,8 +250,17 @@ class DirectRule(Rule):
         h2 = model.register_forward_hook(self._root_hook)
         state.hook_ids = [("_forward_pre_hooks", h1.id), ("_forward_hooks", h2.id)]
         self._state = state
+        inner_rule = _InsideFA()
+        for outer, layer, name, buf in self._inner:
+            sub = Site(layer, name, inner_rule)
+            sub.feedback_of = (outer.module, buf)
+            sub.install()
+            self._inner_sites.append(sub)
 
     def detach(self, model: nn.Module, sites: list[Site]) -> None:
+        for sub in self._inner_sites:
+            sub.remove()
+        self._inner_sites, self._inner = [], []
         st = self._state
         if st is not None:
             for dict_name, hid in st.hook_ids:
@@ -414,7 +453,9 @@ class DFA(DirectRule):
         output: index or key of the output tensor the loss uses, for models returning a
             tuple/list/dict.
         modules: names (``fnmatch`` patterns) or types of the modules that receive the direct
-            signal at their input (module-wise DFA; exact BP inside each module).
+            signal at their input (module-wise DFA).
+        inside: with ``modules``: ``"bp"`` (default; exact backprop inside each module) or
+            ``"fa"`` (feedback alignment inside each module).
         channel_dim: feature axis of the inputs for ``feedback="channel"`` (default: 1 for
             convs and 4-D/5-D inputs of modules, -1 for Linear and 2-D/3-D inputs).
         max_feedback_mb: bound on the total feedback memory (default 1024).
@@ -445,11 +486,12 @@ class DRTP(DirectRule):
 
     def __init__(self, *, target: str = "ce", feedback: str = "dense", init: str = "uniform",
                  scale: float = 1.0, output: "int | str | None" = None, modules: Any = None,
-                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0) -> None:
+                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0,
+                 inside: str = "bp") -> None:
         check_choice(self.name, "target", target, ("ce", "given"))
         super().__init__(feedback=feedback, init=init, scale=scale, output=output,
                          modules=modules, channel_dim=channel_dim,
-                         max_feedback_mb=max_feedback_mb)
+                         max_feedback_mb=max_feedback_mb, inside=inside)
         self.target = target
         self.needs_output = target == "ce"
 
