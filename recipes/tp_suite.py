@@ -82,7 +82,7 @@ def part_mlp(s: Suite, device: torch.device) -> None:
 
 def part_vgg(s: Suite, device: torch.device, epochs: int) -> None:
     s.run("simple_vgg-bp", 20, lambda: s.train("simple_vgg-bp", "tp_vgg_ldrl", rule="bp",
-                                               epochs=epochs))
+                                               rule_options={}, epochs=epochs))
     s.run("simple_vgg-l-drl", 60, lambda: s.train("simple_vgg-l-drl", "tp_vgg_ldrl",
                                                   epochs=epochs))
     base = load_config("tp_vgg_ldrl").feedback_options
@@ -91,7 +91,7 @@ def part_vgg(s: Suite, device: torch.device, epochs: int) -> None:
         s.run(f"simple_vgg-l-drl-iters{k}", 20, lambda fb=fb, k=k: s.train(
             f"simple_vgg-l-drl-iters{k}", "tp_vgg_ldrl", epochs=1, feedback_options=fb))
     s.run("simple_vgg-bp-1ep", 10, lambda: s.train("simple_vgg-bp-1ep", "tp_vgg_ldrl",
-                                                   rule="bp", epochs=1))
+                                                   rule="bp", rule_options={}, epochs=1))
 
 
 def main(argv: list[str] | None = None) -> int:
