@@ -475,3 +475,14 @@ def test_bfa_reconstruction_gradient_matches_directional_derivative(layer, shape
     fd = (loss(B + eps * D) - loss(B - eps * D)) / (2 * eps)
     g = _recon_grad(site, y, x, B)
     assert (g * D).sum().item() == pytest.approx(fd.item(), rel=1e-6)
+
+
+def test_wm_warmup_mirrors_before_training():
+    model = localopt.wrap(mlp(), "wm", seed=7, warmup=60, lr=0.08, samples=128)
+    a0 = diagnostics.feedback_angles(model)
+    WeightMirror(model, torch.optim.SGD, lr=0.1)
+    a1 = diagnostics.feedback_angles(model)
+    assert min(a0.values()) > 60 and max(a1.values()) < 25, (a0, a1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(batch()[0])

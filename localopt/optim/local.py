@@ -95,6 +95,9 @@ class LocalOptimizer(Optimizer):
         self._mirror_sites: list[list] = []
         if self._rule.mirrors_update:
             self._build_mirror(kwargs)
+        if self._rule.learns_feedback:
+            self._rule.feedback_start(self._sites)
+            self._rule.synced(self._sites)
 
     # -- the mirrored update (kp) --------------------------------------------------------------
     def _build_mirror(self, kwargs: dict) -> None:

@@ -135,6 +135,10 @@ class Rule:
         """Other feedback-learning rules: update the feedback after the weights' optimizer step
         (``step``: 1-based count of optimizer steps)."""
 
+    def feedback_start(self, sites: list[Site]) -> None:
+        """Feedback-learning rules: called once when a LocalOptimizer is built, before any
+        training step (e.g. ``wm``'s initial mirror phase)."""
+
     def options(self) -> dict[str, Any]:
         """The rule's options, as passed to its constructor."""
         params = inspect.signature(type(self).__init__).parameters
