@@ -201,8 +201,12 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         if key == "config_name":
             continue
         kind = TYPES[key].__name__
+        f = FIELDS[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
         group.add_argument(flag(key), dest=key, default=None, metavar=kind.upper(),
-                           type=lambda text, key=key: _parse_value(key, text))
+                           type=lambda text, key=key: _parse_value(key, text),
+                           help=f"default {default!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path | str, title: str) -> Path:
@@ -30,6 +31,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path | str, title: 
             ax.plot(*tests[-1], "*", color=color, markersize=12,
                     label=f"{label} test {tests[-1][1]:.1f}%")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
