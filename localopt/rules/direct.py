@@ -60,6 +60,17 @@ buffers ``localopt_feedback`` are empty placeholders; ``state_dict()`` works at 
 loading a checkpoint fills them (see :func:`localopt.wrap`).  ``max_feedback_mb`` (default
 1024) bounds the total; exceeding it is an error naming the largest layers.
 
+Cost
+----
+Per hooked layer the backward still computes the exact weight gradient, but the transposed
+op ``delta W`` (a matmul / transposed convolution as large as the forward) becomes the
+projection ``e B``: ``N*E*D`` multiply-adds in dense mode (``E`` = 10 for CIFAR), ``N*K*C``
+in channel mode (then a broadcast) -- a 3x3 convolution with 64 output channels costs ~60x
+fewer.  What remains is the weight gradient, the exact backward of activations/norms, and the
+hooks' per-layer Python overhead; so DFA beats BP where compute dominates (CPU) and is on par
+with BP-through-hooks where kernel launches dominate (small models on a GPU).  Measured
+ratios: ``results/direct/README.md``.
+
 Scaling
 -------
 ``B`` entries have standard deviation ``scale / sqrt(F)``, ``F`` the number of input units
