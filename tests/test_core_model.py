@@ -395,6 +395,7 @@ def _fit(model, steps=20, lr=0.05, opt_cls=torch.optim.SGD, **opt_kw):
     return losses
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("arch", ["timm", "torchvision"])
 def test_resnet18_trains_with_every_rule(rule, arch):
@@ -408,6 +409,7 @@ def test_resnet18_trains_with_every_rule(rule, arch):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_batch_manhattan_trains_with_sign_symmetry():
     torch.manual_seed(0)
     model = localopt.wrap(timm.create_model("resnet18", num_classes=10), "usf", exclude="fc")
