@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rules", default="bp,l-drl")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     iters = [max(1, k // a.iters_div) for k in PAPER_ITERS]
     result = {"data": arr.description, "device": f"cpu ({a.threads} threads)", "steps": a.steps,
               "batch_size": a.batch_size, "channels": channels, "seed": a.seed, "runs": {}}
-    for rule in ("bp", "l-drl"):
+    for rule in a.rules.split(","):
         torch.manual_seed(a.seed)
         model = models.create_model("simple_vgg", channels=channels)
         sgd = dict(lr=a.lr, momentum=0.9, weight_decay=1e-4)
