@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", default="bp,l-drl")
+    p.add_argument("--retarget", action="store_true",
+                   help="TargetProp(retarget=True): targets from feedback trained on the batch")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     channels = tuple(int(c) for c in a.channels.split(","))
     iters = [max(1, k // a.iters_div) for k in PAPER_ITERS]
     result = {"data": arr.description, "device": f"cpu ({a.threads} threads)", "steps": a.steps,
+              "lr": a.lr, "retarget": a.retarget,
               "batch_size": a.batch_size, "channels": channels, "seed": a.seed, "runs": {}}
     for rule in a.rules.split(","):
         torch.manual_seed(a.seed)
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             opt = localopt.optim.TargetProp(
                 model, torch.optim.SGD, **sgd, feedback_optimizer=torch.optim.SGD,
                 feedback_lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18], feedback_iters=iters,
-                noise=[0.4, 0.4, 0.2, 0.2, 0.08], feedback_options={"momentum": 0.9})
+                noise=[0.4, 0.4, 0.2, 0.2, 0.08], feedback_options={"momentum": 0.9},
+                retarget=a.retarget)
         curve, t0 = [], time.perf_counter()
         model.train()
         for s in range(a.steps):

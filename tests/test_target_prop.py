@@ -440,3 +440,24 @@ def test_feedback_optimizer_follows_buffers_replaced_by_to():
     assert m[2].localopt_feedback.dtype == torch.float64
     assert not torch.equal(m[2].localopt_feedback, before)
     assert opt.feedback.param_groups[0]["params"][0] is m[2].localopt_feedback
+
+
+def test_retarget_recomputes_targets_and_gradients_after_the_feedback_step():
+    beta = 0.3
+    m = mlp(seed=8)
+    plain = copy.deepcopy(m)
+    localopt.wrap(m, "l-drl", beta=beta, seed=0)
+    opt = TargetProp(m, torch.optim.SGD, lr=0.0, feedback_optimizer=torch.optim.SGD,
+                     feedback_lr=0.05, feedback_iters=3, noise=0.1, retarget=True)
+    x, y = data()
+    F.cross_entropy(m(x), y).backward()
+    rule = target_prop_rule(m)
+    tr = rule._last_trace
+    old = [t.clone() for t in tr.t[1:-1]]
+    opt.step()  # trains the feedback, then recomputes tr.t and the blocks' .grad
+    assert all(not torch.equal(a, b) for a, b in zip(old, tr.t[1:-1]))
+    blocks = [nn.Sequential(plain[0], plain[1]), nn.Sequential(plain[2], plain[3])]
+    for j, (blk, layer) in enumerate(zip(blocks, [m[0], m[2]])):
+        loss = (blk(x if j == 0 else tr.x[j]) - tr.t[j + 1]).pow(2).sum() / (2 * beta)
+        g = torch.autograd.grad(loss, blk[0].weight)[0]
+        torch.testing.assert_close(layer.weight.grad, g, rtol=1e-4, atol=1e-6)

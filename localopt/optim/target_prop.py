@@ -55,6 +55,10 @@ class TargetProp(Optimizer):
             :attr:`feedback_param_groups` (keys ``lr``, ``iters``, ``noise``, ``block``), which
             can be changed during training.
         feedback_options: further arguments of ``feedback_optimizer`` (``momentum``, ...).
+        retarget: after the feedback step, recompute the batch's targets with the trained
+            feedback and the blocks' gradients from them (ScalingDTP's order: a batch's
+            targets use feedback trained on that batch; costs one more forward/backward of
+            each block).  Default False: targets from the feedback of the previous step.
 
     The feedback weights are buffers of the model (``model.state_dict()``); :meth:`state_dict`
     holds the task optimizer's state plus ``"target_prop"``: the feedback optimizer's state.
@@ -67,7 +71,8 @@ class TargetProp(Optimizer):
                  feedback_lr: float | Sequence[float] = 1e-3,
                  feedback_iters: int | Sequence[int] = 1,
                  noise: float | Sequence[float] = 0.1,
-                 feedback_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 feedback_options: dict[str, Any] | None = None, retarget: bool = False,
+                 **kwargs: Any) -> None:
         self.rule = target_prop_rule(model)
         if isinstance(optimizer, Optimizer):
             if params is not None or kwargs:
@@ -97,6 +102,7 @@ class TargetProp(Optimizer):
         self.feedback = feedback_optimizer(groups, **(feedback_options or {})) if groups else None
         self.feedback_param_groups = self.feedback.param_groups if groups else []
         self.last_feedback_loss: dict[str, Tensor] = {}
+        self.retarget = bool(retarget)
 
     # -- feedback training ---------------------------------------------------------------
     def _sync(self) -> None:
@@ -115,10 +121,16 @@ class TargetProp(Optimizer):
 
     def train_feedback(self) -> None:
         """Train the feedback mappings on the last backward's recorded forward (``step()``
-        calls this; a no-op when there was no backward since the last step)."""
+        calls this; a no-op when there was no backward since the last step); with
+        ``retarget``, then recompute that batch's targets and block gradients."""
         tr = self.rule.pop_trace()
         if tr is None or self.feedback is None:
             return
+        self._train_feedback(tr)
+        if self.retarget:
+            self.rule.retarget(tr)
+
+    def _train_feedback(self, tr) -> None:
         self._sync()
         groups = [(g, b) for g, b in zip(self.feedback.param_groups, self.blocks)
                   if tr.x[b.index] is not None]

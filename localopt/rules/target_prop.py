@@ -435,6 +435,7 @@ class TargetPropRule(Rule):
         self._outputs: dict[int, Tensor] = {}
         self._check_hooks = [b.module.register_forward_hook(self._record_output(b))
                              for b in self._chain]
+        self._root_hooks.append(self._chain[0].module.register_forward_pre_hook(self._record_x0))
         if self.transpose_feedback:  # record the max-pool indices of each forward
             for b in self._chain:
                 for j, m in enumerate(b.chain()):
@@ -448,6 +449,11 @@ class TargetPropRule(Rule):
                 with torch.no_grad():
                     tr.idx[b.index][j] = _maxpool_with_indices(module, args[0])[1]
         return hook
+
+    def _record_x0(self, module, args):
+        tr = self._current
+        if tr is not None and args and isinstance(args[0], Tensor) and tr.x[0] is None:
+            tr.x[0] = args[0].detach()
 
     def _record_output(self, b: _Block):
         def hook(module, args, out):
@@ -576,16 +582,45 @@ class TargetPropRule(Rule):
             raise RuntimeError(f"localopt: rule {self.name!r}: no target reached block "
                                f"'{b.name}' from above; the loss must be computed from the "
                                "wrapped model's output")
-        P = self.feedback_params(b)
+        d = self._difference(b, tr, i)
+        tr.t[i] = x + d
+        return (-d / self.beta).to(delta.dtype)
+
+    def _difference(self, b: _Block, tr: _Trace, i: int) -> Tensor:
+        """``g_i(x̂_{i+1}) - g_i(x_{i+1})`` with the current feedback."""
+        x, t_next, x_next = tr.x[i], tr.t[i + 1], tr.x[i + 1]
         n = x_next.shape[0]
         z = None
         if self._is_aux(b):
             z = self._aux_out(b, x)
             z = torch.cat([z, z])
-        r = self.g(b, torch.cat([t_next, x_next]), P, b.shapes(x), z, tr.idx[i])
-        gt, gx = r[:n], r[n:]
-        tr.t[i] = x + (gt - gx)
-        return ((gx - gt) / self.beta).to(delta.dtype)
+        r = self.g(b, torch.cat([t_next, x_next]), self.feedback_params(b), b.shapes(x), z,
+                   tr.idx[i])
+        return r[:n] - r[n:]
+
+    @torch.no_grad()
+    def retarget(self, tr: _Trace) -> None:
+        """Recompute the targets of ``tr`` with the current feedback and put each non-top
+        block's gradient of ``‖F_j(x_j) - x̂_{j+1}‖²/(2β)`` in ``.grad`` (replacing the one from
+        the backward; one extra forward/backward per block).  Used by ``TargetProp(...,
+        retarget=True)`` after the feedback step: the targets of a batch then use feedback
+        already trained on it, as in ScalingDTP."""
+        n = len(self._chain)
+        for i in range(n - 1, 0, -1):
+            if tr.x[i] is None or tr.t[i + 1] is None:
+                return
+            if not (self.gradient_top and i == n - 1):
+                tr.t[i] = tr.x[i] + self._difference(self._chain[i], tr, i)
+        for j in range(n - 1):
+            b, x, t = self._chain[j], tr.x[j], tr.t[j + 1]
+            params = [p for p in b.module.parameters() if p.requires_grad]
+            if x is None or t is None or not params:
+                continue
+            with torch.enable_grad():
+                loss = (b.replay(x) - t).pow(2).sum() / (2 * self.beta)
+                grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads):
+                p.grad = g
 
     def _exact_input_grad(self, b: _Block, delta: Tensor, x: Tensor) -> Tensor:
         if b.site.module is b.layer and b.site.fast:
