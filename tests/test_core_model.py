@@ -12,6 +12,7 @@ from torch import nn
 
 import localopt
 from localopt.optim import BatchManhattan
+from trainloop import train_steps
 
 RULES = ["bp", "fa", "usf", "brsf", "frsf"]
 
@@ -384,15 +385,7 @@ def test_batch_manhattan_update():
 def _fit(model, steps=20, lr=0.05, opt_cls=torch.optim.SGD, **opt_kw):
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    opt = opt_cls(model.parameters(), lr=lr, **opt_kw)
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, x, y, opt_cls(model.parameters(), lr=lr, **opt_kw), steps)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import localopt
+from trainloop import train_steps
 from localopt.rules.direct import _Slot
 
 DIRECT = ["dfa", "bdfa", "drtp"]
@@ -347,14 +348,7 @@ def test_checkpoint_round_trip_of_lazy_feedback():
 
 # ----------------------------------------------------------------------------- real models
 def _train(model, x, y, steps, opt):
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, x, y, opt, steps)
 
 
 TRAIN_CASES = [("dfa", {}), ("bdfa", {}), ("drtp", {}), ("dfa", {"hybrid": True})]
