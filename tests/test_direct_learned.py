@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import localopt
+from trainloop import train_steps
 from localopt.optim import LocalOptimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,11 +25,7 @@ def data(n=64, seed=1):
 
 
 def step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.item()
+    return train_steps(model, x, y, opt, 1)[0]
 
 
 def test_dkp_feedback_gradient_is_e_transpose_x():

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import localopt
+from trainloop import train_steps
 from localopt import diagnostics
 from localopt.optim import KolenPollack, LocalOptimizer, WeightMirror
 from localopt.rules.weight_mirror import mirror_estimate
@@ -41,11 +42,7 @@ def batch(n=64, seed=1, conv=False):
 
 
 def step(model, opt, x, y):
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.item()
+    return train_steps(model, x, y, opt, 1)[0]
 
 
 def gaps(model):
