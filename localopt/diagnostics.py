@@ -4,7 +4,8 @@
   (``B`` has W's shape here, so this is the papers' angle between ``B`` and ``W^T``);
 * :func:`sign_concordance` -- fraction of entries where ``sign(B) = sign(W)``;
 * :func:`update_angles` -- angle between the gradient the rule gives each weight and the true
-  backprop gradient on the same batch, from a second pass with the hooks off.  Nothing of the
+  backprop gradient on the same batch, from a second pass with the hooks off
+  (:func:`compare_to_backprop` adds the ratio of their norms).  Nothing of the
   training state changes: ``.grad`` is untouched (``torch.autograd.grad``), BatchNorm running
   statistics and every other non-feedback buffer are restored, torch's RNG is forked (both
   passes start from the same RNG state, so dropout draws the same masks), and pending
@@ -32,7 +33,8 @@ from .mechanism import Site
 from .rules.base import FeedbackRule
 from .wrap import sites as _sites
 
-__all__ = ["angle", "feedback_angles", "sign_concordance", "update_angles", "report"]
+__all__ = ["angle", "feedback_angles", "sign_concordance", "update_angles",
+           "compare_to_backprop", "report"]
 
 
 def _angles(pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -132,16 +134,7 @@ def _hooks_off(model: nn.Module):
             setattr(m, name, hooks)
 
 
-def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any
-                  ) -> dict[str, float]:
-    """Angle (degrees) between the rule's gradient of each wrapped layer's weight and the
-    true backprop gradient, on the batch ``(x, y)`` with ``loss = loss_fn(model(x), y)``.
-
-    Two forward/backward passes (the rule's, then exact backprop with localopt's hooks taken
-    off every module -- the user's own hooks stay),
-    each from the same RNG state; the model's training state is left as it was (see the
-    module docstring).  Runs in the model's current mode (``train()``/``eval()``).
-    """
+def _rule_and_bp_grads(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any):
     site_list = _sites(model)
     weights = [s.module.weight for s in site_list]
 
@@ -155,8 +148,38 @@ def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: An
         with _hooks_off(model):
             g_bp = grads()
     keep = [i for i, (a, b) in enumerate(zip(g_rule, g_bp)) if a is not None and b is not None]
-    vals = _angles([(g_rule[i], g_bp[i]) for i in keep]).tolist()
-    return {_name(site_list[i]): v for i, v in zip(keep, vals)}
+    return [_name(site_list[i]) for i in keep], [g_rule[i] for i in keep], [g_bp[i] for i in keep]
+
+
+def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any
+                  ) -> dict[str, float]:
+    """Angle (degrees) between the rule's gradient of each wrapped layer's weight and the
+    true backprop gradient, on the batch ``(x, y)`` with ``loss = loss_fn(model(x), y)``.
+
+    Two forward/backward passes (the rule's, then exact backprop with localopt's hooks taken
+    off every module -- the user's own hooks stay),
+    each from the same RNG state; the model's training state is left as it was (see the
+    module docstring).  Runs in the model's current mode (``train()``/``eval()``).
+    """
+    return compare_to_backprop(model, loss_fn, x, y)["update_angle"]
+
+
+def compare_to_backprop(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any
+                        ) -> dict[str, dict[str, float]]:
+    """:func:`update_angles` and, from the same two passes, ``norm_ratio``: ``‖g_rule‖ /
+    ‖g_BP‖`` of each wrapped layer's weight gradient (the rule's effective step size relative
+    to backprop's).  ``{"update_angle": {layer: deg}, "norm_ratio": {layer: ratio}}``."""
+    names, g_rule, g_bp = _rule_and_bp_grads(model, loss_fn, x, y)
+    angles = _angles(list(zip(g_rule, g_bp))).tolist()
+    if names:
+        dev = g_rule[0].device
+        norms = torch.stack([torch.stack([a.detach().float().norm().to(dev),
+                                          b.detach().float().norm().to(dev)])
+                             for a, b in zip(g_rule, g_bp)]).cpu()
+        ratios = (norms[:, 0] / norms[:, 1]).tolist()
+    else:
+        ratios = []
+    return {"update_angle": dict(zip(names, angles)), "norm_ratio": dict(zip(names, ratios))}
 
 
 def report(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor] | None = None, x: Any = None,

@@ -98,6 +98,13 @@ def _select(model: nn.Module, rule: Rule, include, exclude, unsupported: str):
     return picked, [(n, type(m).__name__) for n, m in blocked]
 
 
+def feedback_seed(seed: int) -> int:
+    """The seed of the feedback generator for ``wrap(..., seed=seed)``: ``seed`` mixed with a
+    fixed odd constant, so that feedback drawn after ``torch.manual_seed(seed)`` does not
+    repeat the weights the model drew from the same seed (B would then be proportional to W)."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + 0x10CA1) % 2**63
+
+
 def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = None,
          exclude: Selector = None, unsupported: str = "error", seed: int | None = None,
          **options: Any) -> nn.Module:
@@ -113,7 +120,9 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
             module is an error.
         unsupported: ``"error"`` (default) or ``"bp"``: what to do with weight-transporting
             layers no rule covers (:data:`UNSUPPORTED_TYPES`).
-        seed: seed for the random feedback drawn at wrap time (default: torch's global RNG).
+        seed: seed for the random feedback drawn at wrap time (default: torch's global RNG);
+            mixed by :func:`feedback_seed`, so it never repeats the weights drawn from the
+            same seed.
         **options: the rule's options (see its docstring).
 
     On any error the model is left exactly as it was.
@@ -144,7 +153,7 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
             raise RuntimeError(f"localopt: module '{n}' already has attribute(s) {clash}, which "
                                "localopt reserves for its state")
 
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch.Generator().manual_seed(feedback_seed(seed)) if seed is not None else None
     site_list = [Site(m, n, rule_obj) for n, m in picked]
     record = _Wrapping(rule_obj, site_list, kept_bp)
     try:

@@ -10,11 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-import matplotlib
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from .plots import plt, save_figure
 
 PANELS = (("feedback_angle", "angle(B, W) (deg)"), ("update_angle", "angle(rule grad, BP grad) (deg)"),
           ("sign_concordance", "sign concordance of B and W"))
@@ -53,9 +51,4 @@ def plot_alignment(records: list[dict[str, Any]], path: Path | str, title: str) 
     axes[0][0].legend(fontsize=6, ncol=1 + len(axes[0][0].get_lines()) // 12, title="layer",
                       title_fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

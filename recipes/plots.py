@@ -36,9 +36,14 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path | str, title: 
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: Path | str, dpi: int) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parents created) and close it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -3,7 +3,7 @@
     python -m recipes.tp_suite --part mlp --out results/tp --budget 400
     python -m recipes.tp_suite --part vgg --out results/tp --budget 280
 
-``mlp``: cost ratios on mlp3x1024 and simple_vgg (``recipes.bench_tp``), then the 3x1024 MLP for
+``mlp``: cost ratios on mlp3x1024 and simple_vgg (``recipes.step_time``), then the 3x1024 MLP for
 20 epochs with dtp, sdtp, drl (configs ``tp_mlp_dtp``/``tp_mlp_drl``) and bp
 (``mlp_bartunov2018`` at 20 epochs).  ``vgg``: SimpleVGG bp vs l-drl for the same short budget
 (config ``tp_vgg_ldrl``), then the L-DRL accuracy/cost trade-off over the number of feedback
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_tp
+from . import step_time
 from .common import load_config, read_jsonl
 from .train import train
 
@@ -64,9 +64,10 @@ def part_mlp(s: Suite, device: torch.device) -> None:
     ratios = {}
 
     def bench(model, rules, iters, rounds):
-        res = bench_tp.bench(model, 128, device, [("bp", "bp", 0)] + [
-            (f"l-drl@{k}" if r == "l-drl" else r, r, k if r == "l-drl" else 1)
-            for r in rules for k in (iters if r == "l-drl" else [1])], rounds, 5)
+        variants = [f"{r}@{k}" if r == "l-drl" else r
+                    for r in rules for k in (iters if r == "l-drl" else [1])]
+        res = step_time.measure(model, variants, 128, 5 * rounds, rounds, str(device), "adam",
+                                1e-4, 1e-4, 0.05, feedback_optimizer="adam")
         ratios[model] = res
         s.record(f"bench-{model}", **res)
 

@@ -5,13 +5,17 @@
 Both rules see the same batches (a fixed random stream over the 50k training images, no
 augmentation) and the same forward optimizer (SGD 0.05, momentum 0.9, weight decay 1e-4, as
 ScalingDTP).  L-DRL uses ScalingDTP's per-layer feedback lr/noise, beta 0.7, and its per-layer
-feedback iterations [20, 30, 35, 55, 20] divided by ``--iters-div``.  Reports the training-loss
-curve, the accuracy on a fixed random 2,000-image subset of the test set, and the step time.
+feedback iterations [20, 30, 35, 55, 20] divided by ``--iters-div``; ``--warmup N`` first
+trains its feedback alone on N further batches (``TargetProp(feedback_warmup=N)``), and
+``--ldrl-lr`` gives it its own forward learning rate.  Reports the training-loss curve (stops
+at a non-finite loss), the accuracy on a fixed random 2,000-image subset of the test set, and
+the step time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,14 +38,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--channels", default="128,128,256,256,512")
     p.add_argument("--iters-div", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.05, help="forward learning rate (both rules)")
+    p.add_argument("--ldrl-lr", type=float, default=None, help="forward lr of l-drl (default --lr)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="l-drl: feedback-only steps (TargetProp feedback_warmup) before the "
+                        "--steps training steps, on extra batches")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", default="bp,l-drl")
     p.add_argument("--retarget", action="store_true",
                    help="TargetProp(retarget=True): targets from feedback trained on the batch")
+    p.add_argument("--diagnostics-every", type=int, default=0, metavar="N",
+                   help="every N steps record, per layer, the angle of the rule's weight "
+                        "gradient to backprop's and the ratio of their norms")
+    p.add_argument("--switches", choices=["perturbed", "clean"], default="perturbed",
+                   help="l-drl option: max-pool switches of the feedback loss's eta term")
+    p.add_argument("--transposed-feedback", action="store_true",
+                   help="control: before every step set each l-drl feedback weight to its "
+                        "block's forward weight (V = W, bias 0) and do not train it")
     p.add_argument("--out", default="")
+    p.add_argument("--table", metavar="DIR", help="print the markdown table of the JSON results "
+                   "in DIR (written by --out) and exit")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(sorted(Path(a.table).glob("*.json"))))
+        return 0
     torch.set_num_threads(a.threads)
     arr = load_cifar10()
     g = torch.Generator().manual_seed(a.seed)
@@ -50,52 +71,103 @@ def main(argv: list[str] | None = None) -> int:
     std = xtr[:5000].float().div(255).std((0, 2, 3), keepdim=True)
     prep = lambda u8: (u8.float().div(255) - mean) / std  # noqa: E731
     batches = torch.randint(0, len(xtr), (a.steps, a.batch_size), generator=g)
+    warm_batches = torch.randint(0, len(xtr), (a.warmup, a.batch_size), generator=g)
     test_idx = torch.randperm(len(arr.test_y), generator=g)[:2000]
     xte = prep(torch.tensor(arr.test_x).permute(0, 3, 1, 2)[test_idx])
     yte = torch.tensor(arr.test_y)[test_idx]
     ytr = torch.tensor(arr.train_y)
     channels = tuple(int(c) for c in a.channels.split(","))
-    iters = [max(1, k // a.iters_div) for k in PAPER_ITERS]
+    iters = [0 if a.transposed_feedback else max(1, k // a.iters_div) for k in PAPER_ITERS]
     result = {"data": arr.description, "device": f"cpu ({a.threads} threads)", "steps": a.steps,
-              "lr": a.lr, "retarget": a.retarget,
+              "lr": a.lr, "ldrl_lr": a.ldrl_lr or a.lr, "warmup": a.warmup,
+              "retarget": a.retarget, "transposed_feedback": a.transposed_feedback,
+              "switches": a.switches,
               "batch_size": a.batch_size, "channels": channels, "seed": a.seed, "runs": {}}
     for rule in a.rules.split(","):
         torch.manual_seed(a.seed)
         model = models.create_model("simple_vgg", channels=channels)
-        sgd = dict(lr=a.lr, momentum=0.9, weight_decay=1e-4)
+        sgd = dict(lr=a.lr if rule == "bp" else (a.ldrl_lr or a.lr), momentum=0.9,
+                   weight_decay=1e-4)
+        warm = 0 if rule == "bp" else a.warmup
         if rule == "bp":
             opt = torch.optim.SGD(model.parameters(), **sgd)
         else:
-            localopt.wrap(model, "l-drl", beta=0.7, seed=a.seed)
+            localopt.wrap(model, "l-drl", beta=0.7, seed=a.seed, switches=a.switches)
             opt = localopt.optim.TargetProp(
                 model, torch.optim.SGD, **sgd, feedback_optimizer=torch.optim.SGD,
                 feedback_lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18], feedback_iters=iters,
                 noise=[0.4, 0.4, 0.2, 0.2, 0.08], feedback_options={"momentum": 0.9},
-                retarget=a.retarget)
-        curve, t0 = [], time.perf_counter()
+                retarget=a.retarget, feedback_warmup=warm)
+        curve, diag, t0 = [], [], time.perf_counter()
         model.train()
-        for s in range(a.steps):
-            idx = batches[s]
-            loss = F.cross_entropy(model(prep(xtr[idx])), ytr[idx])
+        for s in range(-warm, a.steps):
+            idx = batches[s] if s >= 0 else warm_batches[s + warm]
+            xb, yb = prep(xtr[idx]), ytr[idx]
+            if rule != "bp" and a.transposed_feedback:
+                with torch.no_grad():
+                    for b in opt.blocks:
+                        b.site.buffer("feedback").copy_(b.layer.weight)
+                        b.site.buffer("feedback_bias").zero_()
+            if rule != "bp" and a.diagnostics_every and s >= 0 and s % a.diagnostics_every == 0:
+                cmp = localopt.diagnostics.compare_to_backprop(model, F.cross_entropy, xb, yb)
+                diag.append({"step": s, **{k: {n: round(v, 3) for n, v in d.items()}
+                                           for k, d in cmp.items()}})
+            loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if s % 10 == 0 or s == a.steps - 1:
-                curve.append((s, round(loss.item(), 4)))
-        elapsed = time.perf_counter() - t0
+                curve.append((s, round(loss.item(), 4)))  # s < 0: feedback warm-up
+            if not torch.isfinite(loss):  # diverged: no point in going on
+                curve.append((s, float("nan")))
+                break
+        elapsed = time.perf_counter() - t0  # warm-up steps included
         model.eval()
         with torch.no_grad():
             acc = sum((model(xte[i:i + 500]).argmax(1) == yte[i:i + 500]).sum().item()
                       for i in range(0, len(yte), 500)) / len(yte)
         result["runs"][rule] = {"test_acc_2000": acc, "loss_curve": curve,
-                                "step_s": elapsed / a.steps,
+                                "step_s": elapsed / (a.steps + warm), "warmup": warm,
+                                "lr": sgd["lr"], "diagnostics": diag,
                                 "feedback_iters": iters if rule != "bp" else None}
         print(f"{rule}: test acc (2000 imgs) {acc:.4f}, final loss {curve[-1][1]}, "
-              f"{elapsed / a.steps:.2f} s/step", flush=True)
+              f"{elapsed / (a.steps + warm):.2f} s/step", flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def table(paths: list[Path]) -> str:
+    """One markdown row per run of the given result files."""
+    rows = ["| file | rule | lr | warm-up | feedback iters | loss at step 0 / 100 / 200 / 300 / last "
+            "| test acc (2,000) | s/step | update angle to BP, layers 1-5 (last record) |",
+            "|---|---|---:|---:|---|---|---:|---:|---|"]
+    for path in paths:
+        res = json.loads(path.read_text())
+        for rule, run in res["runs"].items():
+            curve = dict((s, l) for s, l in run["loss_curve"])
+            last_step = max(curve)
+            diverged = not math.isfinite(curve[last_step]) or curve[last_step] > 1e3
+            pts = [f"{curve[s]:.2f}" if s in curve else "-" for s in (0, 100, 200, 300)]
+            pts.append(f"diverged at {last_step}" if diverged else f"{curve[last_step]:.2f}")
+            iters = run.get("feedback_iters")
+            what = rule
+            if rule != "bp" and res.get("transposed_feedback"):
+                what, iters = "l-drl, V = W (control)", None
+            elif rule != "bp" and res.get("switches", "clean") != "perturbed":
+                what = f"l-drl, switches={res.get('switches', 'clean')}"
+            diag = run.get("diagnostics") or []
+            ang = (" / ".join(f"{v:.0f}" for v in list(diag[-1]["update_angle"].values())[:5])
+                   if diag else "-")
+            rows.append(f"| {path.name} | {what} | {run['lr']} | {run.get('warmup', 0)} | "
+                        f"{iters or '-'} | {' / '.join(pts)} | {100 * run['test_acc_2000']:.1f} | "
+                        f"{run['step_s']:.2f} | {ang} (step {diag[-1]['step']}) |"
+                        if diag else
+                        f"| {path.name} | {what} | {run['lr']} | {run.get('warmup', 0)} | "
+                        f"{iters or '-'} | {' / '.join(pts)} | {100 * run['test_acc_2000']:.1f} | "
+                        f"{run['step_s']:.2f} | - |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

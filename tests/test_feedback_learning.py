@@ -381,6 +381,13 @@ def test_update_angle_of_constructed_last_layer_feedback():
         B = model[1]._buffers["localopt_feedback"]
         expected = diagnostics.angle(delta.mm(B).t().mm(x), delta.mm(model[1].weight).t().mm(x))
     assert ua["0"] == pytest.approx(expected, abs=1e-3)
+    with torch.no_grad():
+        B.mul_(3.0)  # 3x the feedback: 3x the first layer's step, same direction
+    cmp = diagnostics.compare_to_backprop(model, F.cross_entropy, x, y)
+    ratio_fa = (delta.mm(B).t().mm(x).norm() / delta.mm(model[1].weight).t().mm(x).norm()).item()
+    assert cmp["update_angle"]["0"] == pytest.approx(expected, abs=1e-3)
+    assert cmp["norm_ratio"]["0"] == pytest.approx(ratio_fa, rel=1e-4)
+    assert cmp["norm_ratio"]["1"] == pytest.approx(1.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["kp", "bfa", "brsf"])

@@ -216,3 +216,30 @@ def test_bce_loss_matches_definition():
     t = torch.nn.functional.one_hot(y, 10).float()
     want = -(t * logits.sigmoid().log() + (1 - t) * (1 - logits.sigmoid()).log()).sum(1).mean()
     torch.testing.assert_close(common.loss_fn("bce")(logits, y), want)
+
+
+def test_step_time_runner_builds_each_rule_with_its_optimizer(tmp_path, capsys):
+    """One runner for every rule family: plain optimizer, LocalOptimizer, TargetProp (K
+    feedback iterations); ratios are to the unwrapped model."""
+    from recipes import step_time
+    import localopt
+    models_built = {v: step_time.build(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+                                                           torch.nn.Linear(3, 2)), v)
+                    for v in ["plain", "fa", "kp", "l-drl@3"]}
+    assert not localopt.is_wrapped(models_built["plain"][0])
+    assert type(models_built["fa"][1]) is torch.optim.SGD
+    assert isinstance(models_built["kp"][1], localopt.optim.LocalOptimizer)
+    tp = models_built["l-drl@3"][1]
+    assert isinstance(tp, localopt.optim.TargetProp)
+    assert [g["iters"] for g in tp.feedback_param_groups] == [3]
+    out = tmp_path / "t.json"
+    assert step_time.main(["--model", "lenet", "--rules", "bp,kp,dtp@2", "--batch", "4",
+                           "--steps", "1", "--rounds", "1", "--diagnostics", "kp",
+                           "--json", str(out), "--device", "cpu"]) == 0
+    res = json.loads(out.read_text())
+    assert res["ratio_to_plain"]["plain"] == 1.0
+    assert set(res["median_s"]) == {"plain", "bp", "kp", "dtp@2",
+                                    "diagnostics.report (kp), per call"}
+    assert all(t > 0 for t in res["median_s"].values())
+    with pytest.raises(ValueError, match="rule@K"):
+        step_time.parse_variant("l-drl@x")

@@ -166,16 +166,18 @@ def test_forward_is_unchanged_and_no_grad_records_nothing():
 # ---------------------------------------------------------------------------------------
 # Feedback training and end-to-end learning
 # ---------------------------------------------------------------------------------------
-def _fb_loss(m, x, variant_noise):
+def _fb_loss(m, x, variant_noise, draws=16):
+    """The feedback loss summed over blocks, averaged over ``draws`` noise samples."""
     rule = target_prop_rule(m)
     tr = rule._last_trace
     torch.manual_seed(123)
     total = 0.0
-    for b in rule.feedback_blocks():
-        P = rule.feedback_params(b)
-        with torch.no_grad():
-            total += rule.feedback_loss(b, tr, P, variant_noise).item()
-    return total
+    for _ in range(draws):
+        for b in rule.feedback_blocks():
+            P = rule.feedback_params(b)
+            with torch.no_grad():
+                total += rule.feedback_loss(b, tr, P, variant_noise).item()
+    return total / draws
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -197,7 +199,10 @@ def test_feedback_training_lowers_the_feedback_loss(variant):
         opt.step()
     forward_backward()
     after = _fb_loss(m, x, 0.1)
-    assert after < before - 0.2 * abs(before), (before, after)
+    # relative drops over feedback seeds 0-4: dtp/sdtp ~0.7, ao-sdtp ~0.83, l-drl ~1.15; the DRL
+    # loss keeps the reconstruction error of the layers above (drops 0.21-0.25)
+    drop = 0.1 if variant == "drl" else 0.2
+    assert after < before - drop * abs(before), (before, after)
 
 
 def test_ldrl_feedback_learns_the_transposed_jacobian():
@@ -263,7 +268,7 @@ def test_convnet_blocks_train(variant, fb_lr, iters):
                      feedback_lr=fb_lr, feedback_iters=iters, noise=0.05)
     x, y = _images(16, 12)
     losses = []
-    for _ in range(25):
+    for _ in range(40):  # loss ratio at step 40 over feedback seeds 0-4: <= 0.07
         loss = F.cross_entropy(m(x), y)
         opt.zero_grad()
         loss.backward()
@@ -461,3 +466,64 @@ def test_retarget_recomputes_targets_and_gradients_after_the_feedback_step():
         loss = (blk(x if j == 0 else tr.x[j]) - tr.t[j + 1]).pow(2).sum() / (2 * beta)
         g = torch.autograd.grad(loss, blk[0].weight)[0]
         torch.testing.assert_close(layer.weight.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_feedback_warmup_trains_only_the_feedback_then_the_weights():
+    m = mlp(seed=3)
+    localopt.wrap(m, "drl", seed=0)
+    opt = TargetProp(m, torch.optim.SGD, lr=0.1, momentum=0.9, feedback_lr=0.05,
+                     noise=0.1, feedback_warmup=2)
+    x, y = data()
+    weights = {n: p.detach().clone() for n, p in m.named_parameters()}
+    feedback = {n: b.clone() for n, b in fb(m, None).items()}
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    for _ in range(2):
+        assert opt.in_warmup
+        step()
+    assert not opt.in_warmup and opt.state_dict()["target_prop"]["steps"] == 2
+    for n, p in m.named_parameters():  # weights and the task optimizer untouched
+        assert torch.equal(p, weights[n]), n
+    assert not opt.inner.state
+    assert all(not torch.equal(b, feedback[n]) for n, b in fb(m, None).items())
+    step()
+    assert all(not torch.equal(p, weights[n]) for n, p in m.named_parameters())
+    opt2 = TargetProp(m, torch.optim.SGD, lr=0.1, momentum=0.9, feedback_warmup=5)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.steps_done == 3 and opt2.in_warmup
+    with pytest.raises(ValueError, match="feedback_warmup"):
+        TargetProp(m, torch.optim.SGD, lr=0.1, feedback_warmup=-1)
+
+
+def test_ldrl_switches_only_matter_for_max_pooling():
+    """``switches`` picks the max-pool switches of the eta term: without max-pooling both
+    settings give the same feedback loss; with it they differ."""
+    import models
+    x, y = _images(8, 16)
+
+    def losses(make):
+        out = []
+        for sw in ("perturbed", "clean"):
+            torch.manual_seed(0)
+            m = make()
+            localopt.wrap(m, "l-drl", seed=0, switches=sw)
+            F.cross_entropy(m(x if isinstance(m[0], nn.Conv2d) else x.flatten(1)[:, :6]),
+                            y).backward()
+            rule = target_prop_rule(m)
+            torch.manual_seed(3)
+            out.append([rule.feedback_loss(b, rule._last_trace, rule.feedback_params(b), 0.1)
+                        .item() for b in rule.feedback_blocks()])
+        return out
+
+    a, b = losses(lambda: mlp(d_in=6, d_out=4))
+    assert a == b
+    a, b = losses(lambda: models.create_model("simple_vgg", num_classes=4, channels=(4, 6),
+                                              image_size=16))
+    assert a[0] != b[0]  # block 1: conv -> ELU -> max-pool, unpooled by g_1
+    assert a[1] == b[1]  # the Linear top block has no pooling
+    with pytest.raises(ValueError, match="switches"):
+        localopt.wrap(mlp(), "l-drl", switches="noisy")

@@ -59,6 +59,12 @@ class TargetProp(Optimizer):
             feedback and the blocks' gradients from them (ScalingDTP's order: a batch's
             targets use feedback trained on that batch; costs one more forward/backward of
             each block).  Default False: targets from the feedback of the previous step.
+        feedback_warmup: the first ``feedback_warmup`` calls of :meth:`step` train only the
+            feedback mappings and leave the weights (and the task optimizer's state) as they
+            are -- the feedback pre-training of Meulemans et al. (2020), which starts the
+            forward training from feedback already close to its optimum instead of from the
+            random initial ``g`` (whose targets are large and unrelated to the gradient).
+            Counted in :meth:`state_dict`; :attr:`in_warmup` tells whether the next step is one.
 
     The feedback weights are buffers of the model (``model.state_dict()``); :meth:`state_dict`
     holds the task optimizer's state plus ``"target_prop"``: the feedback optimizer's state.
@@ -72,7 +78,7 @@ class TargetProp(Optimizer):
                  feedback_iters: int | Sequence[int] = 1,
                  noise: float | Sequence[float] = 0.1,
                  feedback_options: dict[str, Any] | None = None, retarget: bool = False,
-                 **kwargs: Any) -> None:
+                 feedback_warmup: int = 0, **kwargs: Any) -> None:
         self.rule = target_prop_rule(model)
         if isinstance(optimizer, Optimizer):
             if params is not None or kwargs:
@@ -103,6 +109,17 @@ class TargetProp(Optimizer):
         self.feedback_param_groups = self.feedback.param_groups if groups else []
         self.last_feedback_loss: dict[str, Tensor] = {}
         self.retarget = bool(retarget)
+        if isinstance(feedback_warmup, bool) or not isinstance(feedback_warmup, int) \
+                or feedback_warmup < 0:
+            raise ValueError(f"localopt: TargetProp: feedback_warmup={feedback_warmup!r} must be "
+                             "a non-negative integer (a number of steps)")
+        self.feedback_warmup = feedback_warmup
+        self.steps_done = 0
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while :meth:`step` trains only the feedback (``feedback_warmup``)."""
+        return self.steps_done < self.feedback_warmup
 
     # -- feedback training ---------------------------------------------------------------
     def _sync(self) -> None:
@@ -160,8 +177,11 @@ class TargetProp(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        warm = self.in_warmup
         self.train_feedback()
-        self.inner.step()
+        if not warm:
+            self.inner.step()
+        self.steps_done += 1
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -169,7 +189,7 @@ class TargetProp(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = self.inner.state_dict()
-        sd["target_prop"] = {"rule": self.rule.name,
+        sd["target_prop"] = {"rule": self.rule.name, "steps": self.steps_done,
                              "feedback": None if self.feedback is None
                              else self.feedback.state_dict()}
         return sd
@@ -181,6 +201,8 @@ class TargetProp(Optimizer):
             raise ValueError(f"localopt: TargetProp state was saved for rule {extra['rule']!r}, "
                              f"this model uses {self.rule.name!r}")
         self.inner.load_state_dict(state_dict)
+        if extra is not None:
+            self.steps_done = int(extra.get("steps", 0))
         self.param_groups, self.state = self.inner.param_groups, self.inner.state
         if extra is not None and extra["feedback"] is not None and self.feedback is not None:
             self._sync()

@@ -62,7 +62,15 @@ scale independent of ``β`` (``x̂`` carries the task loss's batch reduction thr
 * L-DRL (``l-drl``): with ``y = x_{i+1} = F_i(x_i)``,
   ``-2 ε·(g_i(F_i(x_i + ε)) - g_i(y)) + ‖g_i(y + η) - g_i(y)‖²``, whose expectation
   ``σ²(‖J_g - J_F^T‖² - ‖J_F‖²)`` is minimal at ``J_{g_i} = J_{F_i}^T``: targets then
-  approximate BP's (``(x_i - x̂_i)/β ≈ ∂L/∂x_i`` for small β).
+  approximate BP's (``(x_i - x̂_i)/β ≈ ∂L/∂x_i`` for small β).  Blocks with max-pooling:
+  ``g`` max-unpools with pooling switches; ``g_i(y)`` uses the recorded forward's, and both
+  perturbed terms ``g_i(F_i(x_i + ε))`` and ``g_i(y + η)`` use those of the perturbed forward
+  ``F_i(x_i + ε)`` (option ``switches="perturbed"``, the default, as ScalingDTP's reference
+  code does).  The mismatch of switches in ``‖g_i(y + η) - g_i(y)‖²`` then also penalises
+  ``V`` on the activity that moves between pooling positions, which keeps ``‖V‖`` in check;
+  ``switches="clean"`` gives the ``η`` term the recorded switches (the purely linear
+  penalty ``‖J_g η‖²``), under which ``‖V‖`` grows and SimpleVGG training diverged in our runs
+  (``results/tp/README.md``).
 
 State: buffers ``localopt_feedback`` (``V_i``, shaped like the block layer's weight),
 ``localopt_feedback_bias`` (``c_i``) and for ``ao-sdtp`` ``localopt_aux``/``localopt_feedback_aux``
@@ -685,7 +693,8 @@ class TargetPropRule(Rule):
         idx_n: dict = {} if rec else None
         with torch.no_grad():
             yn = b.replay(x + dx, idx_n)
-        idx = {j: torch.cat([rec[j], idx_n[j], rec[j]]) for j in rec if j in idx_n} if rec else None
+        last = idx_n if self.switches == "perturbed" else rec
+        idx = {j: torch.cat([rec[j], idx_n[j], last[j]]) for j in rec if j in idx_n} if rec else None
         n = y.shape[0]
         r = self.g(b, torch.cat([y, yn, y + dy]), P, b.shapes(x), None, idx)
         r0, r_x, r_y = r[:n], r[n:2 * n], r[2 * n:]
@@ -747,11 +756,23 @@ class DRL(TargetPropRule):
 
 @register_rule
 class LDRL(TargetPropRule):
-    """``l-drl``: layer-wise difference reconstruction loss (Ernoult et al. 2022)."""
+    """``l-drl``: layer-wise difference reconstruction loss (Ernoult et al. 2022).
+
+    Extra option ``switches`` (``"perturbed"`` default, or ``"clean"``): which max-pooling
+    switches the ``η`` term of the feedback loss unpools with (module docstring)."""
 
     name = "l-drl"
     feedback_loss_kind = "ldrl"
     transpose_feedback = True
+
+    def __init__(self, *, beta: float = 0.1, blocks: list[str] | None = None,
+                 init: str = "xavier", switches: str = "perturbed") -> None:
+        super().__init__(beta=beta, blocks=blocks, init=init)
+        check_choice(self.name, "switches", switches, ("perturbed", "clean"))
+        self.switches = switches
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "switches": self.switches}
 
 
 # ---------------------------------------------------------------------------------------
