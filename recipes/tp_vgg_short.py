@@ -148,9 +148,11 @@ def table(paths: list[Path]) -> str:
         for rule, run in res["runs"].items():
             curve = dict((s, l) for s, l in run["loss_curve"])
             last_step = max(curve)
-            diverged = not math.isfinite(curve[last_step]) or curve[last_step] > 1e3
-            pts = [f"{curve[s]:.2f}" if s in curve else "-" for s in (0, 100, 200, 300)]
-            pts.append(f"diverged at {last_step}" if diverged else f"{curve[last_step]:.2f}")
+            # diverged: the first recorded step whose loss is not finite or > 3x the first loss
+            bad = [s for s, v in sorted(curve.items()) if s >= 0 and not (v < 3 * curve[0])]
+            fmt = lambda v: f"{v:.2f}" if abs(v) < 100 else f"{v:.1e}"  # noqa: E731
+            pts = [fmt(curve[s]) if s in curve else "-" for s in (0, 100, 200, 300)]
+            pts.append(f"diverged at {bad[0]}" if bad else fmt(curve[last_step]))
             iters = run.get("feedback_iters")
             what = rule
             if rule != "bp" and res.get("transposed_feedback"):

@@ -65,6 +65,7 @@ class TargetProp(Optimizer):
             forward training from feedback already close to its optimum instead of from the
             random initial ``g`` (whose targets are large and unrelated to the gradient).
             Counted in :meth:`state_dict`; :attr:`in_warmup` tells whether the next step is one.
+            A learning-rate scheduler stepped during the warm-up still advances.
 
     The feedback weights are buffers of the model (``model.state_dict()``); :meth:`state_dict`
     holds the task optimizer's state plus ``"target_prop"``: the feedback optimizer's state.
