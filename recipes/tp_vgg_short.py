@@ -7,7 +7,8 @@ augmentation) and the same forward optimizer (SGD 0.05, momentum 0.9, weight dec
 ScalingDTP).  L-DRL uses ScalingDTP's per-layer feedback lr/noise, beta 0.7, and its per-layer
 feedback iterations [20, 30, 35, 55, 20] divided by ``--iters-div``; ``--warmup N`` first
 trains its feedback alone on N further batches (``TargetProp(feedback_warmup=N)``), and
-``--ldrl-lr`` gives it its own forward learning rate.  Reports the training-loss curve (stops
+``--ldrl-lr`` gives it its own forward learning rate; ``--optimizer adam`` swaps the forward
+SGD for Adam (both rules).  Reports the training-loss curve (stops
 at a non-finite loss), the accuracy on a fixed random 2,000-image subset of the test set, and
 the step time.
 """
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters-div", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.05, help="forward learning rate (both rules)")
     p.add_argument("--ldrl-lr", type=float, default=None, help="forward lr of l-drl (default --lr)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="forward optimizer: SGD (momentum 0.9, wd 1e-4, ScalingDTP) or Adam")
     p.add_argument("--warmup", type=int, default=0,
                    help="l-drl: feedback-only steps (TargetProp feedback_warmup) before the "
                         "--steps training steps, on extra batches")
@@ -81,20 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     result = {"data": arr.description, "device": f"cpu ({a.threads} threads)", "steps": a.steps,
               "lr": a.lr, "ldrl_lr": a.ldrl_lr or a.lr, "warmup": a.warmup,
               "retarget": a.retarget, "transposed_feedback": a.transposed_feedback,
-              "switches": a.switches,
+              "switches": a.switches, "optimizer": a.optimizer,
               "batch_size": a.batch_size, "channels": channels, "seed": a.seed, "runs": {}}
     for rule in a.rules.split(","):
         torch.manual_seed(a.seed)
         model = models.create_model("simple_vgg", channels=channels)
-        sgd = dict(lr=a.lr if rule == "bp" else (a.ldrl_lr or a.lr), momentum=0.9,
-                   weight_decay=1e-4)
+        sgd = dict(lr=a.lr if rule == "bp" else (a.ldrl_lr or a.lr))
+        if a.optimizer == "sgd":
+            sgd.update(momentum=0.9, weight_decay=1e-4)
+        fwd = torch.optim.SGD if a.optimizer == "sgd" else torch.optim.Adam
         warm = 0 if rule == "bp" else a.warmup
         if rule == "bp":
-            opt = torch.optim.SGD(model.parameters(), **sgd)
+            opt = fwd(model.parameters(), **sgd)
         else:
             localopt.wrap(model, "l-drl", beta=0.7, seed=a.seed, switches=a.switches)
             opt = localopt.optim.TargetProp(
-                model, torch.optim.SGD, **sgd, feedback_optimizer=torch.optim.SGD,
+                model, fwd, **sgd, feedback_optimizer=torch.optim.SGD,
                 feedback_lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18], feedback_iters=iters,
                 noise=[0.4, 0.4, 0.2, 0.2, 0.08], feedback_options={"momentum": 0.9},
                 retarget=a.retarget, feedback_warmup=warm)
@@ -159,6 +164,8 @@ def table(paths: list[Path]) -> str:
                 what, iters = "l-drl, V = W (control)", None
             elif rule != "bp" and res.get("switches", "clean") != "perturbed":
                 what = f"l-drl, switches={res.get('switches', 'clean')}"
+            if res.get("optimizer", "sgd") != "sgd":
+                what += f", {res['optimizer']}"
             diag = run.get("diagnostics") or []
             ang = (" / ".join(f"{v:.0f}" for v in list(diag[-1]["update_angle"].values())[:5])
                    if diag else "-")

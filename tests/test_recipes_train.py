@@ -243,3 +243,20 @@ def test_step_time_runner_builds_each_rule_with_its_optimizer(tmp_path, capsys):
     assert all(t > 0 for t in res["median_s"].values())
     with pytest.raises(ValueError, match="rule@K"):
         step_time.parse_variant("l-drl@x")
+
+
+def test_tp_vgg_short_table_flags_divergence(tmp_path):
+    from recipes.tp_vgg_short import table
+    run = {"test_acc_2000": 0.25, "step_s": 0.5, "lr": 0.01, "warmup": 0,
+           "feedback_iters": [1, 1, 1, 2, 1], "diagnostics": [
+               {"step": 0, "update_angle": {f"{i}": 10.0 * i for i in range(6)}}]}
+    ok = {**run, "loss_curve": [[0, 2.3], [100, 1.9], [200, 1.7], [300, 1.6], [399, 1.5]]}
+    bad = {**run, "loss_curve": [[0, 2.3], [100, 1.9], [200, 7.5], [250, float("nan")]]}
+    (tmp_path / "a.json").write_text(json.dumps({"runs": {"l-drl": ok}, "switches": "clean"}))
+    (tmp_path / "b.json").write_text(json.dumps({"runs": {"l-drl": bad}, "optimizer": "adam",
+                                                 "switches": "perturbed"}))
+    rows = table(sorted(tmp_path.glob("*.json"))).splitlines()
+    assert "switches=clean" in rows[2]
+    assert "2.30 / 1.90 / 1.70 / 1.60 / 1.50" in rows[2] and "| 25.0 |" in rows[2]
+    assert "diverged at 200" in rows[3] and "adam" in rows[3]
+    assert "0 / 10 / 20 / 30 / 40 (step 0)" in rows[3]
