@@ -67,10 +67,11 @@ scale independent of ``β`` (``x̂`` carries the task loss's batch reduction thr
   perturbed terms ``g_i(F_i(x_i + ε))`` and ``g_i(y + η)`` use those of the perturbed forward
   ``F_i(x_i + ε)`` (option ``switches="perturbed"``, the default, as ScalingDTP's reference
   code does).  The mismatch of switches in ``‖g_i(y + η) - g_i(y)‖²`` then also penalises
-  ``V`` on the activity that moves between pooling positions, which keeps ``‖V‖`` in check;
+  ``V`` on the activity that moves between pooling positions, which keeps ``‖V‖`` from
+  growing (in our SimpleVGG runs it shrank, and the lower blocks' updates with it);
   ``switches="clean"`` gives the ``η`` term the recorded switches (the purely linear
-  penalty ``‖J_g η‖²``), under which ``‖V‖`` grows and SimpleVGG training diverged in our runs
-  (``results/tp/README.md``).
+  penalty ``‖J_g η‖²``), under which ``‖V‖`` grew and SimpleVGG training diverged in all our
+  runs (``results/tp/README.md``).
 
 State: buffers ``localopt_feedback`` (``V_i``, shaped like the block layer's weight),
 ``localopt_feedback_bias`` (``c_i``) and for ``ao-sdtp`` ``localopt_aux``/``localopt_feedback_aux``
