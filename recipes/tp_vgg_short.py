@@ -30,6 +30,7 @@ import models
 from .data import load_cifar10
 
 PAPER_ITERS = [20, 30, 35, 55, 20]
+PAPER_FEEDBACK_LR = [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diagnostics-every", type=int, default=0, metavar="N",
                    help="every N steps record, per layer, the angle of the rule's weight "
                         "gradient to backprop's and the ratio of their norms")
+    p.add_argument("--feedback-lr-scale", type=float, default=1.0,
+                   help="l-drl: multiply ScalingDTP's per-layer feedback learning rates")
     p.add_argument("--switches", choices=["perturbed", "clean"], default="perturbed",
                    help="l-drl option: max-pool switches of the feedback loss's eta term")
     p.add_argument("--transposed-feedback", action="store_true",
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
               "lr": a.lr, "ldrl_lr": a.ldrl_lr or a.lr, "warmup": a.warmup,
               "retarget": a.retarget, "transposed_feedback": a.transposed_feedback,
               "switches": a.switches, "optimizer": a.optimizer,
+              "feedback_lr_scale": a.feedback_lr_scale,
               "batch_size": a.batch_size, "channels": channels, "seed": a.seed, "runs": {}}
     for rule in a.rules.split(","):
         torch.manual_seed(a.seed)
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             localopt.wrap(model, "l-drl", beta=0.7, seed=a.seed, switches=a.switches)
             opt = localopt.optim.TargetProp(
                 model, fwd, **sgd, feedback_optimizer=torch.optim.SGD,
-                feedback_lr=[1e-4, 3.5e-4, 8e-3, 8e-3, 0.18], feedback_iters=iters,
+                feedback_lr=[a.feedback_lr_scale * v for v in PAPER_FEEDBACK_LR],
+                feedback_iters=iters,
                 noise=[0.4, 0.4, 0.2, 0.2, 0.08], feedback_options={"momentum": 0.9},
                 retarget=a.retarget, feedback_warmup=warm)
         curve, diag, t0 = [], [], time.perf_counter()
@@ -166,6 +171,8 @@ def table(paths: list[Path]) -> str:
                 what = f"l-drl, switches={res.get('switches', 'clean')}"
             if res.get("optimizer", "sgd") != "sgd":
                 what += f", {res['optimizer']}"
+            if rule != "bp" and res.get("feedback_lr_scale", 1.0) != 1.0:
+                what += f", feedback lr x{res['feedback_lr_scale']}"
             diag = run.get("diagnostics") or []
             ang = (" / ".join(f"{v:.0f}" for v in list(diag[-1]["update_angle"].values())[:5])
                    if diag else "-")
