@@ -1,7 +1,6 @@
 """Install a rule on any ``nn.Module`` with one call, remove it with another."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -10,6 +9,7 @@ from torch import nn
 
 from .mechanism import Site
 from .rules import FeedbackRule, Rule, make_rule
+from .rules.base import selector_matches
 
 __all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback", "UNSUPPORTED_TYPES"]
 
@@ -57,28 +57,20 @@ def _as_list(spec) -> list:
     return list(spec)
 
 
-def _matches(name: str, module: nn.Module, spec) -> bool:
-    if isinstance(spec, str):
-        return fnmatch.fnmatchcase(name, spec)
-    if isinstance(spec, type) and issubclass(spec, nn.Module):
-        return isinstance(module, spec)
-    raise TypeError(f"localopt: selector {spec!r} must be a name pattern (str) or an nn.Module "
-                    "subclass")
-
-
 def _select(model: nn.Module, rule: Rule, include, exclude, unsupported: str):
     include, exclude = _as_list(include), _as_list(exclude)
     named = list(model.named_modules())
     for option, specs in (("include", include), ("exclude", exclude)):
         for spec in specs:  # a name pattern that matches nothing is most likely a typo
-            if not any(_matches(n, m, spec) for n, m in named) and isinstance(spec, str):
+            hit = any(selector_matches(n, m, spec) for n, m in named)
+            if not hit and isinstance(spec, str):
                 raise ValueError(f"localopt: {option} selector {spec!r} matches no module of "
                                  f"this {type(model).__name__}")
 
     def chosen(n, m):
-        if include and not any(_matches(n, m, s) for s in include):
+        if include and not any(selector_matches(n, m, s) for s in include):
             return False
-        return not any(_matches(n, m, s) for s in exclude)
+        return not any(selector_matches(n, m, s) for s in exclude)
 
     blocked = [(n, m) for n, m in named if isinstance(m, UNSUPPORTED_TYPES) and chosen(n, m)]
     if blocked and unsupported == "error":

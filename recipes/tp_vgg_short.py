@@ -174,15 +174,13 @@ def table(paths: list[Path]) -> str:
             if rule != "bp" and res.get("feedback_lr_scale", 1.0) != 1.0:
                 what += f", feedback lr x{res['feedback_lr_scale']}"
             diag = run.get("diagnostics") or []
-            ang = (" / ".join(f"{v:.0f}" for v in list(diag[-1]["update_angle"].values())[:5])
-                   if diag else "-")
+            ang = "-"
+            if diag:
+                ang = " / ".join(f"{v:.0f}" for v in list(diag[-1]["update_angle"].values())[:5])
+                ang += f" (step {diag[-1]['step']})"
             rows.append(f"| {path.name} | {what} | {run['lr']} | {run.get('warmup', 0)} | "
                         f"{iters or '-'} | {' / '.join(pts)} | {100 * run['test_acc_2000']:.1f} | "
-                        f"{run['step_s']:.2f} | {ang} (step {diag[-1]['step']}) |"
-                        if diag else
-                        f"| {path.name} | {what} | {run['lr']} | {run.get('warmup', 0)} | "
-                        f"{iters or '-'} | {' / '.join(pts)} | {100 * run['test_acc_2000']:.1f} | "
-                        f"{run['step_s']:.2f} | - |")
+                        f"{run['step_s']:.2f} | {ang} |")
     return "\n".join(rows)
 
 

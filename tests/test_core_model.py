@@ -408,3 +408,17 @@ def test_batch_manhattan_trains_with_sign_symmetry():
     model = localopt.wrap(timm.create_model("resnet18", num_classes=10), "usf", exclude="fc")
     losses = _fit(model, lr=1e-3, opt_cls=BatchManhattan, momentum=0.9)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345])
+def test_feedback_seed_does_not_repeat_the_weights_of_the_same_seed(seed):
+    """``torch.manual_seed(s); build; wrap(seed=s)``: the first layer's random feedback must not
+    be drawn from the same stream as its weights (it was: B parallel to W)."""
+    from localopt import diagnostics
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5))
+    localopt.wrap(m, "fa", seed=seed)
+    assert all(45 < a < 135 for a in diagnostics.feedback_angles(m).values())
+    m2 = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 5))
+    localopt.wrap(m2, "fa", seed=seed)  # same seed, same feedback
+    assert torch.equal(m[0].localopt_feedback, m2[0].localopt_feedback)

@@ -10,6 +10,7 @@ the input gradient is the layer's transposed op with a feedback weight ``B`` in 
 """
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import math
 from typing import Any, ClassVar
@@ -227,6 +228,17 @@ def init_feedback(init: str, weight: Tensor, generator: torch.Generator | None,
     if match_norm:
         B = B * (weight.detach().float().norm().to(device) / B.norm().clamp_min(1e-12))
     return B.to(device=weight.device, dtype=weight.dtype)
+
+
+def selector_matches(name: str, module: nn.Module, spec) -> bool:
+    """Whether a selector -- an ``fnmatch`` name pattern or an ``nn.Module`` subclass -- picks
+    the module ``name``; used by ``wrap``'s include/exclude and by rules' module options."""
+    if isinstance(spec, str):
+        return fnmatch.fnmatchcase(name, spec)
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return isinstance(module, spec)
+    raise TypeError(f"localopt: selector {spec!r} must be a name pattern (str) or an nn.Module "
+                    "subclass")
 
 
 def check_choice(rule: str, option: str, value: Any, choices) -> None:

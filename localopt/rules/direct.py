@@ -103,7 +103,6 @@ The rules
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from typing import Any
 
@@ -112,7 +111,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site
-from .base import FeedbackRule, Rule, check_choice, init_feedback, register_rule
+from .base import (FeedbackRule, Rule, check_choice, init_feedback, register_rule,
+                   selector_matches)
 
 __all__ = ["DirectRule", "DFA", "BDFA", "DRTP", "set_targets"]
 
@@ -145,12 +145,6 @@ class _State:
         self.pending: dict[Site, tuple[torch.Size, torch.device]] = {}
         self.targets: Tensor | None = None
         self.hook_ids: list[tuple[str, int]] = []
-
-
-def _selector_matches(name: str, module: nn.Module, spec) -> bool:
-    if isinstance(spec, str):
-        return fnmatch.fnmatchcase(name, spec)
-    return isinstance(spec, type) and isinstance(module, spec)
 
 
 class _InsideFA(FeedbackRule):
@@ -217,7 +211,7 @@ class DirectRule(Rule):
     def select(self, name: str, module: nn.Module) -> bool:
         if self._module_specs is None:
             return True
-        return bool(name) and any(_selector_matches(name, module, s) for s in self._module_specs)
+        return bool(name) and any(selector_matches(name, module, s) for s in self._module_specs)
 
     # -- life cycle -------------------------------------------------------------------------
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
@@ -241,7 +235,7 @@ class DirectRule(Rule):
                                "installed on another model; create one rule per model")
         if self._module_specs is not None:
             for spec in self._module_specs:
-                if not any(_selector_matches(s.name, s.module, spec) for s in sites):
+                if not any(selector_matches(s.name, s.module, spec) for s in sites):
                     raise ValueError(f"localopt: rule {self.name!r}: modules entry {spec!r} "
                                      f"matches no module of this {type(model).__name__}")
             names = [s.name for s in sites]
