@@ -11,6 +11,14 @@ trains its feedback alone on N further batches (``TargetProp(feedback_warmup=N)`
 SGD for Adam (both rules).  Reports the training-loss curve (stops
 at a non-finite loss), the accuracy on a fixed random 2,000-image subset of the test set, and
 the step time.
+
+**beta and the batch reduction.**  The library's top target is ``y - β ∂L/∂y`` with the loss as
+the user computes it (here the batch-*mean* cross-entropy), and each block's update is
+``(x - x̂)/β``.  ScalingDTP takes ``β = 0.7`` on the *summed* cross-entropy (the target moves
+each example by ``0.7 (onehot - softmax)``) and updates with ``(x - x̂)/B`` (``B`` = batch).
+So ScalingDTP's run is ``--beta 0.7*B`` (89.6 at batch 128) with ``--ldrl-lr 0.7 * lr``
+(0.035 for its 0.05): the same targets and the same updates.  With the default ``--beta 0.7``
+the targets move 128x less, so the nonlinear feedback ``g`` is used in its linear regime.
 """
 from __future__ import annotations
 
@@ -57,11 +65,21 @@ def main(argv: list[str] | None = None) -> int:
                         "gradient to backprop's and the ratio of their norms")
     p.add_argument("--feedback-lr-scale", type=float, default=1.0,
                    help="l-drl: multiply ScalingDTP's per-layer feedback learning rates")
+    p.add_argument("--feedback-optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="l-drl feedback optimizer: ScalingDTP's SGD (momentum 0.9, its "
+                        "per-layer lr) or Adam (lr --feedback-lr for every layer)")
+    p.add_argument("--feedback-lr", type=float, default=1e-4,
+                   help="l-drl: the feedback lr of every layer with --feedback-optimizer adam")
     p.add_argument("--switches", choices=["perturbed", "clean"], default="perturbed",
                    help="l-drl option: max-pool switches of the feedback loss's eta term")
     p.add_argument("--transposed-feedback", action="store_true",
                    help="control: before every step set each l-drl feedback weight to its "
                         "block's forward weight (V = W, bias 0) and do not train it")
+    p.add_argument("--beta", type=float, default=0.7,
+                   help="l-drl target step: the top target is y - beta * dL/dy with L the "
+                        "batch-mean cross-entropy.  ScalingDTP's beta 0.7 is taken on the "
+                        "summed cross-entropy, i.e. beta = 0.7 * batch size here; its forward "
+                        "lr then corresponds to --ldrl-lr = 0.7 * its lr (module docstring)")
     p.add_argument("--out", default="")
     p.add_argument("--table", metavar="DIR", help="print the markdown table of the JSON results "
                    "in DIR (written by --out) and exit")
@@ -87,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"data": arr.description, "device": f"cpu ({a.threads} threads)", "steps": a.steps,
               "lr": a.lr, "ldrl_lr": a.ldrl_lr or a.lr, "warmup": a.warmup,
               "retarget": a.retarget, "transposed_feedback": a.transposed_feedback,
-              "switches": a.switches, "optimizer": a.optimizer,
+              "switches": a.switches, "optimizer": a.optimizer, "beta": a.beta,
               "feedback_lr_scale": a.feedback_lr_scale,
+              "feedback_optimizer": a.feedback_optimizer,
+              "feedback_lr": a.feedback_lr if a.feedback_optimizer == "adam" else None,
               "batch_size": a.batch_size, "channels": channels, "seed": a.seed, "runs": {}}
     for rule in a.rules.split(","):
         torch.manual_seed(a.seed)
@@ -97,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         if a.optimizer == "sgd":
             sgd.update(momentum=0.9, weight_decay=1e-4)
         fwd = torch.optim.SGD if a.optimizer == "sgd" else torch.optim.Adam
+        if a.feedback_optimizer == "sgd":
+            feedback = dict(feedback_optimizer=torch.optim.SGD, feedback_options={"momentum": 0.9},
+                            feedback_lr=[a.feedback_lr_scale * v for v in PAPER_FEEDBACK_LR])
+        else:
+            feedback = dict(feedback_optimizer=torch.optim.Adam, feedback_lr=a.feedback_lr)
         warm = 0 if rule == "bp" else a.warmup
         if rule == "bp":
             opt = fwd(model.parameters(), **sgd)
         else:
-            localopt.wrap(model, "l-drl", beta=0.7, seed=a.seed, switches=a.switches)
+            localopt.wrap(model, "l-drl", beta=a.beta, seed=a.seed, switches=a.switches)
             opt = localopt.optim.TargetProp(
-                model, fwd, **sgd, feedback_optimizer=torch.optim.SGD,
-                feedback_lr=[a.feedback_lr_scale * v for v in PAPER_FEEDBACK_LR],
+                model, fwd, **sgd, **feedback,
                 feedback_iters=iters,
-                noise=[0.4, 0.4, 0.2, 0.2, 0.08], feedback_options={"momentum": 0.9},
+                noise=[0.4, 0.4, 0.2, 0.2, 0.08],
                 retarget=a.retarget, feedback_warmup=warm)
         curve, diag, t0 = [], [], time.perf_counter()
         model.train()
@@ -173,6 +197,10 @@ def table(paths: list[Path]) -> str:
                 what += f", {res['optimizer']}"
             if rule != "bp" and res.get("feedback_lr_scale", 1.0) != 1.0:
                 what += f", feedback lr x{res['feedback_lr_scale']}"
+            if rule != "bp" and res.get("beta", 0.7) != 0.7:
+                what += f", beta {res['beta']}"
+            if rule != "bp" and res.get("feedback_optimizer", "sgd") != "sgd":
+                what += f", feedback {res['feedback_optimizer']} {res['feedback_lr']}"
             diag = run.get("diagnostics") or []
             ang = "-"
             if diag:
