@@ -3,10 +3,11 @@
 # every run goes in parallel on the one GPU (each is launch-bound at batch 128) and is cut at
 # LIMIT seconds; per-epoch records (test accuracy every epoch) survive a cut.
 #
-#   OUT=results/tp/gpu_vgg EPOCHS=2 LIMIT=470 LOCALOPT_DATA=<archive> bash recipes/tp_vgg_gpu.sh
+#   PART=1 OUT=results/tp/gpu_vgg_2ep EPOCHS=2 LIMIT=455 LOCALOPT_DATA=<archive> bash recipes/tp_vgg_gpu.sh
+#   PART=2 OUT=results/tp/gpu_vgg_part2 EPOCHS=2 LIMIT=380 LOCALOPT_DATA=<archive> bash ...
 #   DRY=1 OUT=/tmp/x bash recipes/tp_vgg_gpu.sh     # CPU smoke test: tiny net, 1,000 images
 #
-# Runs (config tp_vgg_ldrl: ScalingDTP's SGD 0.05, momentum 0.9, weight decay 1e-4, cosine over
+# PART=1 runs (config tp_vgg_ldrl: ScalingDTP's SGD 0.05, momentum 0.9, weight decay 1e-4, cosine over
 # the budget, crop+flip augmentation, batch 128; its feedback lr/noise/iterations):
 #   bp            the same optimizer and schedule with plain backprop
 #   ldrl          ScalingDTP's targets and updates: beta 0.7 on the summed cross-entropy, i.e.
@@ -17,6 +18,14 @@
 #   ldrl_b0.7     beta 0.7 on the mean cross-entropy (targets 128x closer to the forward pass,
 #                 the feedback used in its linear regime), the same lr 0.035 (so the same
 #                 updates to first order), 160 feedback updates per batch
+# (all with switches="perturbed", then the l-drl default).
+# PART=2 runs, l-drl with the clean switches (the default now, as ScalingDTP's final code):
+#   ldrl_exact    ScalingDTP's final algorithm: ldrl above plus the feedback trained on the batch
+#                 before its targets are computed (TargetProp retarget=True)
+#   ldrl_adam     ldrl with Adam (lr 1e-3, no weight decay) as the forward optimizer
+#   bp_adam       its BP baseline
+#   ldrl_lr0.00875_it40   ldrl_it40 at 1/4 of the forward lr
+#   bp_lr0.0125   BP at 1/4 of its lr
 # Output: $OUT/runs.jsonl (every record of every run, tagged), $OUT/stdout.log.
 set -u
 OUT=${OUT:?set OUT}
@@ -38,13 +47,24 @@ run() {  # name, extra args...
   echo "[$name] exit $?" >> "$RUNS.$name.log"
 }
 mkdir -p "$RUNS"
-run bp --rule bp --rule-options '{}' &
-run ldrl --rule-options '{beta = 89.6}' --lr 0.035 &
-run ldrl_it40 --rule-options '{beta = 89.6}' --lr 0.035 \
-  --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5]}" &
-run ldrl_it8 --rule-options '{beta = 89.6}' --lr 0.035 \
-  --feedback-options "{$FB, feedback_iters = [1, 1, 1, 2, 1]}" &
-run ldrl_b0.7 --rule-options '{beta = 0.7}' --lr 0.035 &
+if [ "${PART:-2}" = 1 ]; then  # first lease (results/tp/gpu_vgg_2ep)
+  P='switches = "perturbed"'    # the l-drl default when it ran
+  run bp --rule bp --rule-options '{}' &
+  run ldrl --rule-options "{beta = 89.6, $P}" --lr 0.035 &
+  run ldrl_it40 --rule-options "{beta = 89.6, $P}" --lr 0.035 \
+    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5]}" &
+  run ldrl_it8 --rule-options "{beta = 89.6, $P}" --lr 0.035 \
+    --feedback-options "{$FB, feedback_iters = [1, 1, 1, 2, 1]}" &
+  run ldrl_b0.7 --rule-options "{beta = 0.7, $P}" --lr 0.035 &
+else  # second lease (results/tp/gpu_vgg_part2): clean switches (ScalingDTP's final code)
+  R="{$FB, feedback_iters = [20, 30, 35, 55, 20]"
+  run ldrl_exact --rule-options '{beta = 89.6}' --lr 0.035 --feedback-options "$R, retarget = true}" &
+  run ldrl_adam --rule-options '{beta = 89.6}' --optimizer adam --lr 1e-3 --weight-decay 0 &
+  run bp_adam --rule bp --rule-options '{}' --optimizer adam --lr 1e-3 --weight-decay 0 &
+  run ldrl_lr0.00875_it40 --rule-options '{beta = 89.6}' --lr 0.00875 \
+    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5]}" &
+  run bp_lr0.0125 --rule bp --rule-options '{}' --lr 0.0125 &
+fi
 wait
 for f in "$RUNS".*.log; do cat "$f"; done > "$OUT/stdout.log"
 python - "$RUNS" "$OUT/runs.jsonl" <<'EOF'

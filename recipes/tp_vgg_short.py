@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                         "per-layer lr) or Adam (lr --feedback-lr for every layer)")
     p.add_argument("--feedback-lr", type=float, default=1e-4,
                    help="l-drl: the feedback lr of every layer with --feedback-optimizer adam")
-    p.add_argument("--switches", choices=["perturbed", "clean"], default="perturbed",
+    p.add_argument("--switches", choices=["clean", "perturbed"], default="clean",
                    help="l-drl option: max-pool switches of the feedback loss's eta term")
     p.add_argument("--transposed-feedback", action="store_true",
                    help="control: before every step set each l-drl feedback weight to its "
@@ -81,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                         "summed cross-entropy, i.e. beta = 0.7 * batch size here; its forward "
                         "lr then corresponds to --ldrl-lr = 0.7 * its lr (module docstring)")
     p.add_argument("--out", default="")
-    p.add_argument("--table", metavar="DIR", help="print the markdown table of the JSON results "
-                   "in DIR (written by --out) and exit")
+    p.add_argument("--table", metavar="PATH", help="print the markdown table of the JSON results "
+                   "in the folder PATH (written by --out), or of the runs.jsonl that "
+                   "recipes/tp_vgg_gpu.sh writes, and exit")
     a = p.parse_args(argv)
     if a.table:
-        print(table(sorted(Path(a.table).glob("*.json"))))
+        t = Path(a.table)
+        print(runs_table(t) if t.suffix == ".jsonl" else table(sorted(t.glob("*.json"))))
         return 0
     torch.set_num_threads(a.threads)
     arr = load_cifar10()
@@ -191,7 +193,7 @@ def table(paths: list[Path]) -> str:
             what = rule
             if rule != "bp" and res.get("transposed_feedback"):
                 what, iters = "l-drl, V = W (control)", None
-            elif rule != "bp" and res.get("switches", "clean") != "perturbed":
+            elif rule != "bp":
                 what = f"l-drl, switches={res.get('switches', 'clean')}"
             if res.get("optimizer", "sgd") != "sgd":
                 what += f", {res['optimizer']}"
@@ -209,6 +211,44 @@ def table(paths: list[Path]) -> str:
             rows.append(f"| {path.name} | {what} | {run['lr']} | {run.get('warmup', 0)} | "
                         f"{iters or '-'} | {' / '.join(pts)} | {100 * run['test_acc_2000']:.1f} | "
                         f"{run['step_s']:.2f} | {ang} |")
+    return "\n".join(rows)
+
+
+def runs_table(path: Path) -> str:
+    """One markdown row per run of a ``runs.jsonl`` of ``recipes/tp_vgg_gpu.sh`` (records of
+    ``recipes.train``, tagged with the run name)."""
+    runs: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        run = runs.setdefault(r["run"], {"epochs": [], "steps": []})
+        if r.get("event") == "start":
+            run["start"] = r
+        elif r.get("event") == "epoch":
+            run["epochs"].append(r)
+        elif r.get("event") == "step":
+            run["steps"].append(r)
+    rows = ["| run | rule, options | lr | feedback iters | test acc per epoch | train loss per "
+            "epoch | img/s | update angle to BP, layers 1-5, at steps 100 / 200 |",
+            "|---|---|---:|---|---|---|---:|---|"]
+    for name, run in runs.items():
+        cfg = run["start"]["config"]
+        rule = cfg["rule"] + (f", {cfg['rule_options']}" if cfg["rule_options"] else "")
+        if cfg["optimizer"] != "sgd":
+            rule += f", {cfg['optimizer']}"
+        if cfg["rule"] != "bp" and cfg["feedback_options"].get("retarget"):
+            rule += ", retarget"
+        iters = cfg["feedback_options"].get("feedback_iters") if cfg["rule"] != "bp" else "-"
+        accs = " / ".join(f"{100 * e['test_acc']:.2f}" for e in run["epochs"])
+        losses = " / ".join("nan" if not math.isfinite(e["train_loss"]) else
+                            f"{e['train_loss']:.3f}" for e in run["epochs"])
+        ips = sum(e["images_per_s"] for e in run["epochs"]) / max(1, len(run["epochs"]))
+        ang = []
+        for st in run["steps"]:
+            if st["step"] in (100, 200) and cfg["rule"] != "bp":
+                vals = list(st["alignment"]["update_angle"].values())[:5]
+                ang.append(" ".join("nan" if not math.isfinite(v) else f"{v:.0f}" for v in vals))
+        rows.append(f"| {name} | {rule} | {cfg['lr']} | {iters} | {accs} | {losses} | {ips:.0f} | "
+                    f"{' / '.join(ang) or '-'} |")
     return "\n".join(rows)
 
 

@@ -63,15 +63,14 @@ scale independent of ``β`` (``x̂`` carries the task loss's batch reduction thr
   ``-2 ε·(g_i(F_i(x_i + ε)) - g_i(y)) + ‖g_i(y + η) - g_i(y)‖²``, whose expectation
   ``σ²(‖J_g - J_F^T‖² - ‖J_F‖²)`` is minimal at ``J_{g_i} = J_{F_i}^T``: targets then
   approximate BP's (``(x_i - x̂_i)/β ≈ ∂L/∂x_i`` for small β).  Blocks with max-pooling:
-  ``g`` max-unpools with pooling switches; ``g_i(y)`` uses the recorded forward's, and both
-  perturbed terms ``g_i(F_i(x_i + ε))`` and ``g_i(y + η)`` use those of the perturbed forward
-  ``F_i(x_i + ε)`` (option ``switches="perturbed"``, the default, as ScalingDTP's reference
-  code does).  The mismatch of switches in ``‖g_i(y + η) - g_i(y)‖²`` then also penalises
-  ``V`` on the activity that moves between pooling positions, which keeps ``‖V‖`` from
-  growing (in our SimpleVGG runs it shrank, and the lower blocks' updates with it);
-  ``switches="clean"`` gives the ``η`` term the recorded switches (the purely linear
-  penalty ``‖J_g η‖²``), under which ``‖V‖`` grew and SimpleVGG training diverged in all our
-  runs (``results/tp/README.md``).
+  ``g`` max-unpools with pooling switches: ``g_i(F_i(x_i + ε))`` with those of the perturbed
+  forward, ``g_i(y)`` and ``g_i(y + η)`` with the recorded forward's (option
+  ``switches="clean"``, the default), as ScalingDTP's final code does (ernoult/scalingDTP
+  re-runs the clean forward before ``g_i(y + η)``; its successor passes the clean indices
+  explicitly).  ``switches="perturbed"`` gives the ``η`` term the perturbed forward's switches,
+  as ScalingDTP's first release did by accident (its pooling layers keep only the latest
+  indices): the mismatch of switches then also penalises ``V`` on the activity that moves
+  between pooling positions, which shrinks ``‖V‖`` (``results/tp/README.md`` compares both).
 
 State: buffers ``localopt_feedback`` (``V_i``, shaped like the block layer's weight),
 ``localopt_feedback_bias`` (``c_i``) and for ``ao-sdtp`` ``localopt_aux``/``localopt_feedback_aux``
@@ -759,7 +758,7 @@ class DRL(TargetPropRule):
 class LDRL(TargetPropRule):
     """``l-drl``: layer-wise difference reconstruction loss (Ernoult et al. 2022).
 
-    Extra option ``switches`` (``"perturbed"`` default, or ``"clean"``): which max-pooling
+    Extra option ``switches`` (``"clean"`` default, or ``"perturbed"``): which max-pooling
     switches the ``η`` term of the feedback loss unpools with (module docstring)."""
 
     name = "l-drl"
@@ -767,9 +766,9 @@ class LDRL(TargetPropRule):
     transpose_feedback = True
 
     def __init__(self, *, beta: float = 0.1, blocks: list[str] | None = None,
-                 init: str = "xavier", switches: str = "perturbed") -> None:
+                 init: str = "xavier", switches: str = "clean") -> None:
         super().__init__(beta=beta, blocks=blocks, init=init)
-        check_choice(self.name, "switches", switches, ("perturbed", "clean"))
+        check_choice(self.name, "switches", switches, ("clean", "perturbed"))
         self.switches = switches
 
     def options(self) -> dict[str, Any]:
