@@ -1,13 +1,12 @@
 """The target-propagation result suite, run in time-budgeted parts (made for one GPU lease).
 
     python -m recipes.tp_suite --part mlp --out results/tp --budget 400
-    python -m recipes.tp_suite --part vgg --out results/tp --budget 280
 
 ``mlp``: cost ratios on mlp3x1024 and simple_vgg (``recipes.step_time``), then the 3x1024 MLP for
 20 epochs with dtp, sdtp, drl (configs ``tp_mlp_dtp``/``tp_mlp_drl``) and bp
-(``mlp_bartunov2018`` at 20 epochs).  ``vgg``: SimpleVGG bp vs l-drl for the same short budget
-(config ``tp_vgg_ldrl``), then the L-DRL accuracy/cost trade-off over the number of feedback
-iterations (1 epoch each).  Every finished item is appended at once to ``<out>/suite.jsonl``
+(``mlp_bartunov2018`` at 20 epochs).  (The SimpleVGG runs: ``recipes/tp_vgg_gpu.sh``; the
+``vgg`` part that was here, used for ``results/tp/gpu_h100_vgg_suite.jsonl``, is in commit
+3fca764.)  Every finished item is appended at once to ``<out>/suite.jsonl``
 (final record + per-epoch records), so a part cut short by its time limit keeps what it did;
 an item is skipped when the budget left is below its estimated cost.
 """
@@ -81,36 +80,18 @@ def part_mlp(s: Suite, device: torch.device) -> None:
     s.run("mlp3x1024-bp", 15, lambda: s.train("mlp3x1024-bp", "mlp_bartunov2018", epochs=20))
 
 
-def part_vgg(s: Suite, device: torch.device, epochs: int) -> None:
-    s.run("simple_vgg-bp", 20, lambda: s.train("simple_vgg-bp", "tp_vgg_ldrl", rule="bp",
-                                               rule_options={}, epochs=epochs))
-    s.run("simple_vgg-l-drl", 60, lambda: s.train("simple_vgg-l-drl", "tp_vgg_ldrl",
-                                                  epochs=epochs))
-    base = load_config("tp_vgg_ldrl").feedback_options
-    for k in (1, 5):  # the paper's [20, 30, 35, 55, 20] is the run above
-        fb = {**base, "feedback_iters": k}
-        s.run(f"simple_vgg-l-drl-iters{k}", 20, lambda fb=fb, k=k: s.train(
-            f"simple_vgg-l-drl-iters{k}", "tp_vgg_ldrl", epochs=1, feedback_options=fb))
-    s.run("simple_vgg-bp-1ep", 10, lambda: s.train("simple_vgg-bp-1ep", "tp_vgg_ldrl",
-                                                   rule="bp", rule_options={}, epochs=1))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["mlp", "vgg"], required=True)
+    p.add_argument("--part", choices=["mlp"], required=True)
     p.add_argument("--out", default="results/tp")
     p.add_argument("--budget", type=float, default=400.0, help="seconds for this part")
-    p.add_argument("--vgg-epochs", type=int, default=2)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     s = Suite(Path(a.out), a.budget)
     s.record("start", part=a.part, device=str(device), torch=torch.__version__,
              gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
-    if a.part == "mlp":
-        part_mlp(s, device)
-    else:
-        part_vgg(s, device, a.vgg_epochs)
+    part_mlp(s, device)
     s.record("end")
     return 0
 

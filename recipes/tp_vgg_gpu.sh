@@ -4,7 +4,8 @@
 # LIMIT seconds; per-epoch records (test accuracy every epoch) survive a cut.
 #
 #   PART=1 OUT=results/tp/gpu_vgg_2ep EPOCHS=2 LIMIT=455 LOCALOPT_DATA=<archive> bash recipes/tp_vgg_gpu.sh
-#   PART=2 OUT=results/tp/gpu_vgg_part2 EPOCHS=2 LIMIT=380 LOCALOPT_DATA=<archive> bash ...
+#   PART=2 OUT=results/tp/gpu_vgg_part2 EPOCHS=2 LIMIT=400 LOCALOPT_DATA=<archive> bash ...
+#   PART=3 OUT=results/tp/gpu_vgg_ablation EPOCHS=2 STOP=1 LIMIT=230 LOCALOPT_DATA=<archive> bash ...
 #   DRY=1 OUT=/tmp/x bash recipes/tp_vgg_gpu.sh     # CPU smoke test: tiny net, 1,000 images
 #
 # PART=1 runs (config tp_vgg_ldrl: ScalingDTP's SGD 0.05, momentum 0.9, weight decay 1e-4, cosine over
@@ -26,6 +27,10 @@
 #   bp_adam       its BP baseline
 #   ldrl_lr0.00875_it40   ldrl_it40 at 1/4 of the forward lr
 #   bp_lr0.0125   BP at 1/4 of its lr
+# PART=3 runs (epoch 1 of 2, lr 0.035, beta 89.6): ldrl_clean_noretarget (no retarget),
+#   ldrl_perturbed_retarget (perturbed switches), ldrl_exact_it40 and ldrl_exact_it8 (fewer
+#   feedback iterations).
+# Runs without retarget name it (retarget = false): it became the l-drl default after these ran.
 # Output: $OUT/runs.jsonl (every record of every run, tagged), $OUT/stdout.log.
 set -u
 OUT=${OUT:?set OUT}
@@ -48,22 +53,37 @@ run() {  # name, extra args...
 }
 mkdir -p "$RUNS"
 if [ "${PART:-2}" = 1 ]; then  # first lease (results/tp/gpu_vgg_2ep)
-  P='switches = "perturbed"'    # the l-drl default when it ran
+  P='switches = "perturbed"'    # the l-drl defaults when it ran: these switches, no retarget
+  N='retarget = false'
   run bp --rule bp --rule-options '{}' &
-  run ldrl --rule-options "{beta = 89.6, $P}" --lr 0.035 &
+  run ldrl --rule-options "{beta = 89.6, $P}" --lr 0.035 \
+    --feedback-options "{$FB, feedback_iters = [20, 30, 35, 55, 20], $N}" &
   run ldrl_it40 --rule-options "{beta = 89.6, $P}" --lr 0.035 \
-    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5]}" &
+    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5], $N}" &
   run ldrl_it8 --rule-options "{beta = 89.6, $P}" --lr 0.035 \
-    --feedback-options "{$FB, feedback_iters = [1, 1, 1, 2, 1]}" &
-  run ldrl_b0.7 --rule-options "{beta = 0.7, $P}" --lr 0.035 &
-else  # second lease (results/tp/gpu_vgg_part2): clean switches (ScalingDTP's final code)
+    --feedback-options "{$FB, feedback_iters = [1, 1, 1, 2, 1], $N}" &
+  run ldrl_b0.7 --rule-options "{beta = 0.7, $P}" --lr 0.035 \
+    --feedback-options "{$FB, feedback_iters = [20, 30, 35, 55, 20], $N}" &
+elif [ "${PART:-2}" = 2 ]; then  # second lease (results/tp/gpu_vgg_part2): clean switches (ScalingDTP's final code)
   R="{$FB, feedback_iters = [20, 30, 35, 55, 20]"
   run ldrl_exact --rule-options '{beta = 89.6}' --lr 0.035 --feedback-options "$R, retarget = true}" &
-  run ldrl_adam --rule-options '{beta = 89.6}' --optimizer adam --lr 1e-3 --weight-decay 0 &
+  run ldrl_adam --rule-options '{beta = 89.6}' --optimizer adam --lr 1e-3 --weight-decay 0 \
+    --feedback-options "$R, retarget = false}" &
   run bp_adam --rule bp --rule-options '{}' --optimizer adam --lr 1e-3 --weight-decay 0 &
   run ldrl_lr0.00875_it40 --rule-options '{beta = 89.6}' --lr 0.00875 \
-    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5]}" &
+    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5], retarget = false}" &
   run bp_lr0.0125 --rule bp --rule-options '{}' --lr 0.0125 &
+else  # third lease (results/tp/gpu_vgg_ablation): what made ldrl_exact train; run with
+      # EPOCHS=2 and STOP=1 (epoch 1 of the same 2-epoch schedule as ldrl_exact)
+  C+=(--stop-after "${STOP:-1}" --lr 0.035)
+  run ldrl_clean_noretarget --rule-options '{beta = 89.6}' \
+    --feedback-options "{$FB, feedback_iters = [20, 30, 35, 55, 20], retarget = false}" &
+  run ldrl_perturbed_retarget --rule-options '{beta = 89.6, switches = "perturbed"}' \
+    --feedback-options "{$FB, feedback_iters = [20, 30, 35, 55, 20], retarget = true}" &
+  run ldrl_exact_it40 --rule-options '{beta = 89.6}' \
+    --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5], retarget = true}" &
+  run ldrl_exact_it8 --rule-options '{beta = 89.6}' \
+    --feedback-options "{$FB, feedback_iters = [1, 1, 1, 2, 1], retarget = true}" &
 fi
 wait
 for f in "$RUNS".*.log; do cat "$f"; done > "$OUT/stdout.log"

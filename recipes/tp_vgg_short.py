@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rules", default="bp,l-drl")
-    p.add_argument("--retarget", action="store_true",
-                   help="TargetProp(retarget=True): targets from feedback trained on the batch")
+    p.add_argument("--retarget", action=argparse.BooleanOptionalAction, default=None,
+                   help="TargetProp(retarget=...): targets from feedback trained on the batch "
+                        "(default: the rule's, on for l-drl)")
     p.add_argument("--diagnostics-every", type=int, default=0, metavar="N",
                    help="every N steps record, per layer, the angle of the rule's weight "
                         "gradient to backprop's and the ratio of their norms")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     iters = [0 if a.transposed_feedback else max(1, k // a.iters_div) for k in PAPER_ITERS]
     result = {"data": arr.description, "device": f"cpu ({a.threads} threads)", "steps": a.steps,
               "lr": a.lr, "ldrl_lr": a.ldrl_lr or a.lr, "warmup": a.warmup,
-              "retarget": a.retarget, "transposed_feedback": a.transposed_feedback,
+              "transposed_feedback": a.transposed_feedback,
               "switches": a.switches, "optimizer": a.optimizer, "beta": a.beta,
               "feedback_lr_scale": a.feedback_lr_scale,
               "feedback_optimizer": a.feedback_optimizer,
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             acc = sum((model(xte[i:i + 500]).argmax(1) == yte[i:i + 500]).sum().item()
                       for i in range(0, len(yte), 500)) / len(yte)
+        if rule != "bp":
+            result["retarget"] = opt.retarget
         result["runs"][rule] = {"test_acc_2000": acc, "loss_curve": curve,
                                 "step_s": elapsed / (a.steps + warm), "warmup": warm,
                                 "lr": sgd["lr"], "diagnostics": diag,
@@ -199,6 +202,8 @@ def table(paths: list[Path]) -> str:
                 what += f", {res['optimizer']}"
             if rule != "bp" and res.get("feedback_lr_scale", 1.0) != 1.0:
                 what += f", feedback lr x{res['feedback_lr_scale']}"
+            if rule != "bp" and res.get("retarget"):
+                what += ", retarget"
             if rule != "bp" and res.get("beta", 0.7) != 0.7:
                 what += f", beta {res['beta']}"
             if rule != "bp" and res.get("feedback_optimizer", "sgd") != "sgd":

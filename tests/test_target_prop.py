@@ -468,6 +468,18 @@ def test_retarget_recomputes_targets_and_gradients_after_the_feedback_step():
         torch.testing.assert_close(layer.weight.grad, g, rtol=1e-4, atol=1e-6)
 
 
+def test_retarget_defaults_to_the_rules_order():
+    """l-drl trains a batch's feedback before its targets by default (ScalingDTP's order: the
+    full-width SimpleVGG diverged without it); the other rules use the previous step's
+    feedback; an explicit retarget wins."""
+    for name, expected in (("l-drl", True), ("drl", False), ("dtp", False), ("sdtp", False)):
+        m = mlp(seed=1)
+        localopt.wrap(m, name, seed=0)
+        assert TargetProp(m, torch.optim.SGD, lr=0.1).retarget is expected, name
+        assert TargetProp(m, torch.optim.SGD, lr=0.1, retarget=not expected).retarget \
+            is (not expected), name
+
+
 def test_feedback_warmup_trains_only_the_feedback_then_the_weights():
     m = mlp(seed=3)
     localopt.wrap(m, "drl", seed=0)

@@ -58,7 +58,10 @@ class TargetProp(Optimizer):
         retarget: after the feedback step, recompute the batch's targets with the trained
             feedback and the blocks' gradients from them (ScalingDTP's order: a batch's
             targets use feedback trained on that batch; costs one more forward/backward of
-            each block).  Default False: targets from the feedback of the previous step.
+            each block).  False: targets from the feedback of the previous step.  Default
+            (None): the rule's ``feedback_first`` -- True for ``l-drl`` (without it SimpleVGG
+            diverged at ScalingDTP's settings, with it it trained: ``results/tp/README.md``),
+            False for the others.
         feedback_warmup: the first ``feedback_warmup`` calls of :meth:`step` train only the
             feedback mappings and leave the weights (and the task optimizer's state) as they
             are -- the feedback pre-training of Meulemans et al. (2020), which starts the
@@ -78,7 +81,7 @@ class TargetProp(Optimizer):
                  feedback_lr: float | Sequence[float] = 1e-3,
                  feedback_iters: int | Sequence[int] = 1,
                  noise: float | Sequence[float] = 0.1,
-                 feedback_options: dict[str, Any] | None = None, retarget: bool = False,
+                 feedback_options: dict[str, Any] | None = None, retarget: bool | None = None,
                  feedback_warmup: int = 0, **kwargs: Any) -> None:
         self.rule = target_prop_rule(model)
         if isinstance(optimizer, Optimizer):
@@ -109,7 +112,7 @@ class TargetProp(Optimizer):
         self.feedback = feedback_optimizer(groups, **(feedback_options or {})) if groups else None
         self.feedback_param_groups = self.feedback.param_groups if groups else []
         self.last_feedback_loss: dict[str, Tensor] = {}
-        self.retarget = bool(retarget)
+        self.retarget = self.rule.feedback_first if retarget is None else bool(retarget)
         if isinstance(feedback_warmup, bool) or not isinstance(feedback_warmup, int) \
                 or feedback_warmup < 0:
             raise ValueError(f"localopt: TargetProp: feedback_warmup={feedback_warmup!r} must be "

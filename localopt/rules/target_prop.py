@@ -312,6 +312,9 @@ class TargetPropRule(Rule):
     #: feedback form: False = inverse-like ``s_prev(V·U(a) + c)`` (Lee et al. 2015);
     #: True = transpose-like ``V·act(unpool(a)) + c`` (ScalingDTP; L-DRL's optimum is J_F^T)
     transpose_feedback = False
+    #: default of ``TargetProp(retarget=...)``: a batch's targets use feedback already trained
+    #: on that batch (ScalingDTP's order)
+    feedback_first = False
 
     def __init__(self, *, beta: float = 0.1, blocks: list[str] | None = None,
                  init: str = "xavier") -> None:
@@ -764,6 +767,7 @@ class LDRL(TargetPropRule):
     name = "l-drl"
     feedback_loss_kind = "ldrl"
     transpose_feedback = True
+    feedback_first = True
 
     def __init__(self, *, beta: float = 0.1, blocks: list[str] | None = None,
                  init: str = "xavier", switches: str = "clean") -> None:
