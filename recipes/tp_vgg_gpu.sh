@@ -6,6 +6,7 @@
 #   PART=1 OUT=results/tp/gpu_vgg_2ep EPOCHS=2 LIMIT=455 LOCALOPT_DATA=<archive> bash recipes/tp_vgg_gpu.sh
 #   PART=2 OUT=results/tp/gpu_vgg_part2 EPOCHS=2 LIMIT=400 LOCALOPT_DATA=<archive> bash ...
 #   PART=3 OUT=results/tp/gpu_vgg_ablation EPOCHS=2 STOP=1 LIMIT=230 LOCALOPT_DATA=<archive> bash ...
+#   PART=4 OUT=results/tp/gpu_vgg_seed1 EPOCHS=2 LIMIT=165 LOCALOPT_DATA=<archive> bash ...
 #   DRY=1 OUT=/tmp/x bash recipes/tp_vgg_gpu.sh     # CPU smoke test: tiny net, 1,000 images
 #
 # PART=1 runs (config tp_vgg_ldrl: ScalingDTP's SGD 0.05, momentum 0.9, weight decay 1e-4, cosine over
@@ -30,6 +31,7 @@
 # PART=3 runs (epoch 1 of 2, lr 0.035, beta 89.6): ldrl_clean_noretarget (no retarget),
 #   ldrl_perturbed_retarget (perturbed switches), ldrl_exact_it40 and ldrl_exact_it8 (fewer
 #   feedback iterations).
+# PART=4 runs: ldrl_exact (the tp_vgg_ldrl config as it is now) and bp with seed 1, epoch 1 of 2.
 # Runs without retarget name it (retarget = false): it became the l-drl default after these ran.
 # Output: $OUT/runs.jsonl (every record of every run, tagged), $OUT/stdout.log.
 set -u
@@ -73,6 +75,10 @@ elif [ "${PART:-2}" = 2 ]; then  # second lease (results/tp/gpu_vgg_part2): clea
   run ldrl_lr0.00875_it40 --rule-options '{beta = 89.6}' --lr 0.00875 \
     --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5], retarget = false}" &
   run bp_lr0.0125 --rule bp --rule-options '{}' --lr 0.0125 &
+elif [ "${PART:-2}" = 4 ]; then  # fourth lease (results/tp/gpu_vgg_seed1): seed 1, epoch 1 of 2
+  C+=(--stop-after 1 --seed 1)
+  run ldrl_exact_seed1 &   # the config as it is now: ScalingDTP's final algorithm
+  run bp_seed1 --rule bp --rule-options '{}' --lr 0.05 &
 else  # third lease (results/tp/gpu_vgg_ablation): what made ldrl_exact train; run with
       # EPOCHS=2 and STOP=1 (epoch 1 of the same 2-epoch schedule as ldrl_exact)
   C+=(--stop-after "${STOP:-1}" --lr 0.035)
