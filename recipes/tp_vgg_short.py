@@ -240,7 +240,8 @@ def runs_table(path: Path) -> str:
         rule = cfg["rule"] + (f", {cfg['rule_options']}" if cfg["rule_options"] else "")
         if cfg["optimizer"] != "sgd":
             rule += f", {cfg['optimizer']}"
-        if cfg["rule"] != "bp" and cfg["feedback_options"].get("retarget"):
+        if cfg["rule"] != "bp" and (cfg["feedback_options"].get("retarget") or
+                                    "retarget=True" in run["start"].get("optimizer", "")):
             rule += ", retarget"
         iters = cfg["feedback_options"].get("feedback_iters") if cfg["rule"] != "bp" else "-"
         accs = " / ".join(f"{100 * e['test_acc']:.2f}" for e in run["epochs"])

@@ -208,7 +208,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     else:
         n_params = sum(p.numel() for p in model.parameters())
         append_jsonl(log_path, {"event": "start", "epoch": 0, **common, "parameters": n_params,
-                                "protocol": cfg.protocol, "config": cfg.to_dict()})
+                                "protocol": cfg.protocol, "config": cfg.to_dict(),
+                                "optimizer": repr(opt)})
     print(f"[{cfg.run_name()}] {cfg.model} + {cfg.rule} on {arrays.description} "
           f"({len(splits['train'])} train, {cfg.protocol} protocol), {device_name(device)}",
           file=sys.stderr)

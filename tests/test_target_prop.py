@@ -475,7 +475,8 @@ def test_retarget_defaults_to_the_rules_order():
     for name, expected in (("l-drl", True), ("drl", False), ("dtp", False), ("sdtp", False)):
         m = mlp(seed=1)
         localopt.wrap(m, name, seed=0)
-        assert TargetProp(m, torch.optim.SGD, lr=0.1).retarget is expected, name
+        opt = TargetProp(m, torch.optim.SGD, lr=0.1)
+        assert opt.retarget is expected and f"retarget={expected}" in repr(opt), name
         assert TargetProp(m, torch.optim.SGD, lr=0.1, retarget=not expected).retarget \
             is (not expected), name
 

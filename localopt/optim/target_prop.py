@@ -40,8 +40,9 @@ class TargetProp(Optimizer):
        forward (so ``F_i(x_i)`` is exactly the recorded ``x_{i+1}``): ``feedback_iters``
        iterations, each a step of the *feedback optimizer* on the rule's feedback loss (DTP
        reconstruction / DRL / L-DRL) with fresh noise of scale ``noise``; then it runs the task
-       optimizer's step on the weights.  The feedback trained on batch ``t`` therefore shapes
-       the targets of batch ``t+1``.
+       optimizer's step on the weights.  With ``retarget`` (the ``l-drl`` default) the batch's
+       targets and gradients are recomputed between the two, so the feedback trained on batch
+       ``t`` shapes the targets of batch ``t``; without it, those of batch ``t+1``.
 
     Args:
         model: a model wrapped by ``localopt.wrap(model, "dtp" | "sdtp" | "ao-sdtp" | "drl" |
@@ -148,7 +149,7 @@ class TargetProp(Optimizer):
         if tr is None or self.feedback is None:
             return
         self._train_feedback(tr)
-        if self.retarget:
+        if self.retarget and not self.in_warmup:  # warm-up steps leave the weights alone
             self.rule.retarget(tr)
 
     def _train_feedback(self, tr) -> None:
@@ -215,4 +216,5 @@ class TargetProp(Optimizer):
 
     def __repr__(self) -> str:
         return (f"TargetProp({self.rule.name}, task={self.inner!r}, feedback="
-                f"{type(self.feedback).__name__ if self.feedback else None})")
+                f"{type(self.feedback).__name__ if self.feedback else None}, "
+                f"retarget={self.retarget})")

@@ -294,7 +294,9 @@ class TargetPropRule(Rule):
     """Base of the target-propagation rules (see the module docstring for the math).
 
     Options (all variants):
-        beta: target step ``β`` of the top target ``y - β ∂L/∂y`` (default 0.1).
+        beta: target step ``β`` of the top target ``y - β ∂L/∂y`` (default 0.1), for the loss
+            as computed: with a batch-mean loss, a per-example step ``β₀`` (ScalingDTP's 0.7 on
+            the summed cross-entropy) is ``beta = β₀ * batch_size``.
         blocks: module names forming the chain (default: cut an ``nn.Sequential``
             automatically at every Linear/Conv).  Overrides include/exclude.
         init: initialisation of the feedback weights ``V`` (``"xavier"`` default, as
