@@ -7,7 +7,7 @@
 #   PART=2 OUT=results/tp/gpu_vgg_part2 EPOCHS=2 LIMIT=400 LOCALOPT_DATA=<archive> bash ...
 #   PART=3 OUT=results/tp/gpu_vgg_ablation EPOCHS=2 STOP=1 LIMIT=230 LOCALOPT_DATA=<archive> bash ...
 #   PART=4 OUT=results/tp/gpu_vgg_seed1 EPOCHS=2 LIMIT=165 LOCALOPT_DATA=<archive> bash ...
-#   DRY=1 OUT=/tmp/x bash recipes/tp_vgg_gpu.sh     # CPU smoke test: tiny net, 1,000 images
+#   DRY=1 PART=2 OUT=/tmp/x bash recipes/tp_vgg_gpu.sh     # CPU smoke test: tiny net, 1,000 images
 #
 # PART=1 runs (config tp_vgg_ldrl: ScalingDTP's SGD 0.05, momentum 0.9, weight decay 1e-4, cosine over
 # the budget, crop+flip augmentation, batch 128; its feedback lr/noise/iterations):
@@ -36,6 +36,8 @@
 # Output: $OUT/runs.jsonl (every record of every run, tagged), $OUT/stdout.log.
 set -u
 OUT=${OUT:?set OUT}
+PART=${PART:?set PART to 1, 2, 3 or 4}
+case "$PART" in 1|2|3|4) ;; *) echo "PART=$PART: choose 1, 2, 3 or 4" >&2; exit 2 ;; esac
 EPOCHS=${EPOCHS:-2}
 LIMIT=${LIMIT:-470}
 mkdir -p "$OUT"
@@ -54,7 +56,7 @@ run() {  # name, extra args...
   echo "[$name] exit $?" >> "$RUNS.$name.log"
 }
 mkdir -p "$RUNS"
-if [ "${PART:-2}" = 1 ]; then  # first lease (results/tp/gpu_vgg_2ep)
+if [ "$PART" = 1 ]; then  # first lease (results/tp/gpu_vgg_2ep)
   P='switches = "perturbed"'    # the l-drl defaults when it ran: these switches, no retarget
   N='retarget = false'
   run bp --rule bp --rule-options '{}' &
@@ -66,7 +68,7 @@ if [ "${PART:-2}" = 1 ]; then  # first lease (results/tp/gpu_vgg_2ep)
     --feedback-options "{$FB, feedback_iters = [1, 1, 1, 2, 1], $N}" &
   run ldrl_b0.7 --rule-options "{beta = 0.7, $P}" --lr 0.035 \
     --feedback-options "{$FB, feedback_iters = [20, 30, 35, 55, 20], $N}" &
-elif [ "${PART:-2}" = 2 ]; then  # second lease (results/tp/gpu_vgg_part2): clean switches (ScalingDTP's final code)
+elif [ "$PART" = 2 ]; then  # second lease (results/tp/gpu_vgg_part2): clean switches (ScalingDTP's final code)
   R="{$FB, feedback_iters = [20, 30, 35, 55, 20]"
   run ldrl_exact --rule-options '{beta = 89.6}' --lr 0.035 --feedback-options "$R, retarget = true}" &
   run ldrl_adam --rule-options '{beta = 89.6}' --optimizer adam --lr 1e-3 --weight-decay 0 \
@@ -75,11 +77,11 @@ elif [ "${PART:-2}" = 2 ]; then  # second lease (results/tp/gpu_vgg_part2): clea
   run ldrl_lr0.00875_it40 --rule-options '{beta = 89.6}' --lr 0.00875 \
     --feedback-options "{$FB, feedback_iters = [5, 7, 8, 13, 5], retarget = false}" &
   run bp_lr0.0125 --rule bp --rule-options '{}' --lr 0.0125 &
-elif [ "${PART:-2}" = 4 ]; then  # fourth lease (results/tp/gpu_vgg_seed1): seed 1, epoch 1 of 2
+elif [ "$PART" = 4 ]; then  # fourth lease (results/tp/gpu_vgg_seed1): seed 1, epoch 1 of 2
   C+=(--stop-after 1 --seed 1)
   run ldrl_exact_seed1 &   # the config as it is now: ScalingDTP's final algorithm
   run bp_seed1 --rule bp --rule-options '{}' --lr 0.05 &
-else  # third lease (results/tp/gpu_vgg_ablation): what made ldrl_exact train; run with
+elif [ "$PART" = 3 ]; then  # third lease (results/tp/gpu_vgg_ablation): what made ldrl_exact train; run with
       # EPOCHS=2 and STOP=1 (epoch 1 of the same 2-epoch schedule as ldrl_exact)
   C+=(--stop-after "${STOP:-1}" --lr 0.035)
   run ldrl_clean_noretarget --rule-options '{beta = 89.6}' \

@@ -260,3 +260,30 @@ def test_tp_vgg_short_table_flags_divergence(tmp_path):
     assert "2.30 / 1.90 / 1.70 / 1.60 / 1.50" in rows[2] and "| 25.0 |" in rows[2]
     assert "diverged at 200" in rows[3] and "adam" in rows[3]
     assert "0 / 10 / 20 / 30 / 40 (step 0)" in rows[3]
+
+
+def test_tp_vgg_runs_table_reads_train_logs(tiny_data, tmp_path):
+    """``tp_vgg_short --table runs.jsonl``: one row per run of ``recipes.train`` logs (as
+    ``tp_vgg_gpu.sh`` merges them), the effective ``retarget`` read from the logged optimizer,
+    a non-finite epoch loss printed as nan."""
+    from recipes.tp_vgg_short import runs_table
+    cfg = load_config("tp_vgg_ldrl", data=str(tiny_data), out_dir=str(tmp_path), name="ldrl",
+                      val_size=16, batch_size=8, eval_batch_size=16, threads=1, epochs=1,
+                      test_every_epoch=True, model_options={"channels": [4, 4, 4, 4, 8]},
+                      feedback_options={"feedback_iters": 1, "feedback_lr": 1e-3,
+                                        "noise": 0.1})
+    train.train(cfg, progress=False)
+    start = _records(tmp_path / "ldrl", "start")[0]
+    assert "TargetProp(l-drl" in start["optimizer"] and "retarget=True" in start["optimizer"]
+    lines = [json.dumps({"run": "ldrl", **json.loads(line)})
+             for line in (tmp_path / "ldrl" / "log.jsonl").read_text().splitlines()]
+    bp_cfg = {**start["config"], "rule": "bp", "rule_options": {}}
+    lines += [json.dumps({"run": "bp", "event": "start", "config": bp_cfg}),
+              json.dumps({"run": "bp", "event": "epoch", "test_acc": 0.5,
+                          "train_loss": float("nan"), "images_per_s": 100.0})]
+    (tmp_path / "runs.jsonl").write_text("\n".join(lines) + "\n")
+    rows = runs_table(tmp_path / "runs.jsonl").splitlines()
+    epoch = _records(tmp_path / "ldrl", "epoch")[0]
+    assert rows[2].startswith("| ldrl | l-drl, {'beta': 89.6}, retarget | 0.035 | 1 | ")
+    assert f"| {100 * epoch['test_acc']:.2f} | {epoch['train_loss']:.3f} |" in rows[2]
+    assert rows[3] == "| bp | bp | 0.035 | - | 50.00 | nan | 100 | - |"

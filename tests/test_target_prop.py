@@ -481,6 +481,23 @@ def test_retarget_defaults_to_the_rules_order():
             is (not expected), name
 
 
+def test_retarget_waits_for_the_end_of_the_feedback_warmup():
+    """During feedback warm-up the weights are not stepped, so retarget does not recompute
+    their gradients; after it, it does (``.grad`` then changes in the step)."""
+    m = mlp(seed=2)
+    localopt.wrap(m, "l-drl", seed=0)
+    opt = TargetProp(m, torch.optim.SGD, lr=0.1, feedback_lr=0.05, feedback_iters=2,
+                     noise=0.1, feedback_warmup=1)
+    x, y = data()
+    for warm in (True, False):
+        assert opt.retarget and opt.in_warmup is warm
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        before = m[0].weight.grad.clone()
+        opt.step()
+        assert torch.equal(m[0].weight.grad, before) is warm
+
+
 def test_feedback_warmup_trains_only_the_feedback_then_the_weights():
     m = mlp(seed=3)
     localopt.wrap(m, "drl", seed=0)
