@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import models
+from localopt import models
 
 from .data import PROTOCOLS, REPO
 
@@ -58,7 +58,7 @@ class Config:
     rules: list = field(default_factory=lambda: ["bp", "fa", "usf"])  # benchmark runner only
     # data and protocol
     data: str = ""                      # path; "" = $LOCALOPT_DATA or the default search
-    download: bool = False
+    download: bool = True               # fetch the official CIFAR-10 when none is found
     protocol: str = "val"               # see recipes.data.PROTOCOLS
     val_size: int = 5000
     split_seed: int = 0

@@ -3,7 +3,8 @@
 Sources (see :func:`find_data`):
 
 * torchvision's official ``cifar-10-batches-py`` folder (pickle batches), or the official
-  ``cifar-10-python.tar.gz`` archive, or a download through torchvision (``--download``);
+  ``cifar-10-python.tar.gz`` archive, or -- when none is found and the machine is online --
+  the official set, downloaded through torchvision (``--download false`` turns that off);
 * an ImageFolder layout -- ``train/<class>/*`` and ``test/<class>/*`` -- as a folder or as a
   ``.tar``/``.tar.gz``/``.tgz``/``.zip`` archive, e.g. the offline JPEG-q75 copy
   ``../shared/data/cifar10-jpeg75.tar.gz``.  Class folders sort into label order.
@@ -71,12 +72,18 @@ def cache_dir() -> Path:
 
 def default_search_paths() -> list[Path]:
     """Where :func:`find_data` looks when neither ``--data`` nor ``LOCALOPT_DATA`` is set."""
-    return [
-        REPO / "data" / "cifar10-jpeg75.tar.gz",        # ignored folder of the checkout
-        REPO / "data" / "cifar-10-batches-py",
-        REPO.parent / "shared" / "data" / "cifar10-jpeg75.tar.gz",
-        cache_dir() / "torchvision" / "cifar-10-batches-py",   # left by a --download
-    ]
+    paths = [Path.cwd() / "data" / "cifar10-jpeg75.tar.gz",   # a data/ folder where you run
+             Path.cwd() / "data" / "cifar-10-batches-py"]
+    if (REPO / "pyproject.toml").is_file():                   # running from a checkout
+        paths += [REPO / "data" / "cifar10-jpeg75.tar.gz",       # its ignored data/ folder
+                  REPO / "data" / "cifar-10-batches-py",
+                  REPO.parent / "shared" / "data" / "cifar10-jpeg75.tar.gz"]
+    paths.append(cache_dir() / "torchvision" / "cifar-10-batches-py")   # a previous download
+    return list(dict.fromkeys(paths))
+
+
+#: where torchvision fetches the official CIFAR-10 (163 MB)
+OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 def _not_found(msg: str, searched: Iterable[Path] = ()) -> DataNotFoundError:
@@ -86,18 +93,20 @@ def _not_found(msg: str, searched: Iterable[Path] = ()) -> DataNotFoundError:
              "                          or an ImageFolder folder/archive (.tar.gz/.tgz/.tar/.zip)"
              " with train/<class>/ and test/<class>/",
              "  LOCALOPT_DATA=PATH      the same, from the environment",
-             "  --download              fetch the official CIFAR-10 through torchvision "
-             f"(needs internet) into {cache_dir() / 'torchvision'}"]
+             "  --download true         (default) fetch the official CIFAR-10 when nothing is "
+             f"found (needs internet) into {cache_dir() / 'torchvision'}"]
     searched = list(searched)
     if searched:
-        lines.append("Searched by default: " + ", ".join(str(p) for p in searched))
+        lines.append("Searched: " + ", ".join(str(p) for p in searched))
     return DataNotFoundError("\n".join(lines))
 
 
-def find_data(data: str | os.PathLike | None = None, download: bool = False) -> Path:
+def find_data(data: str | os.PathLike | None = None, download: bool = True) -> Path:
     """The CIFAR-10 source to use: ``data`` (the ``--data`` flag), else ``$LOCALOPT_DATA``,
-    else the first of :func:`default_search_paths` that exists, else a torchvision download
-    when ``download`` is set."""
+    else the first of :func:`default_search_paths` that exists, else -- when ``download`` is
+    set (the default) and the official server answers -- the official set, fetched through
+    torchvision into ``$LOCALOPT_CACHE/torchvision`` with a progress bar.  Offline, the error
+    lists the options at once (the server check gives up after a few seconds)."""
     for given, origin in ((data, "--data"), (os.environ.get("LOCALOPT_DATA"), "LOCALOPT_DATA")):
         if given:
             p = Path(given).expanduser()
@@ -108,19 +117,42 @@ def find_data(data: str | os.PathLike | None = None, download: bool = False) -> 
     for p in searched:
         if p.exists():
             return p
-    if download:
-        return _download()
-    raise _not_found("No CIFAR-10 data found.", searched)
+    if not download:
+        raise _not_found("No CIFAR-10 data found (and --download false).", searched)
+    reason = _unreachable(OFFICIAL_URL)
+    if reason:
+        raise _not_found(f"No CIFAR-10 data found, and the official copy cannot be fetched "
+                         f"({reason}).", searched)
+    return _download(searched)
 
 
-def _download() -> Path:
+def _unreachable(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url``'s server cannot be reached (``None`` when it answers): a short check so that
+    an offline machine gets the options at once instead of a long hang in the download."""
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{u.hostname} is not reachable: {e}"
+    return None
+
+
+def _download(searched: Iterable[Path] = ()) -> Path:
+    import sys
+
     import torchvision
     root = cache_dir() / "torchvision"
+    print(f"localopt: no CIFAR-10 found locally; downloading the official CIFAR-10 (163 MB) "
+          f"from {OFFICIAL_URL} into {root} (once; --data PATH or LOCALOPT_DATA use a local "
+          "copy, --download false stops here)", file=sys.stderr, flush=True)
     try:
         torchvision.datasets.CIFAR10(str(root), train=True, download=True)
         torchvision.datasets.CIFAR10(str(root), train=False, download=True)
-    except Exception as e:  # no network, proxy, disk full...
-        raise _not_found(f"--download: torchvision could not download CIFAR-10 ({e}).") from e
+    except Exception as e:  # connection reset, proxy, disk full...
+        raise _not_found(f"No CIFAR-10 data found, and downloading it failed ({e}).",
+                         searched) from e
     return root / "cifar-10-batches-py"
 
 
@@ -247,7 +279,7 @@ def _source_key(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_cifar10(data: str | os.PathLike | None = None, download: bool = False,
+def load_cifar10(data: str | os.PathLike | None = None, download: bool = True,
                  use_cache: bool = True) -> CifarArrays:
     """Find (:func:`find_data`), decode once, and cache CIFAR-10 as uint8 arrays."""
     path = find_data(data, download)

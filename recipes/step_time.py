@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import localopt
-import models
+from localopt import models
 
 from .common import device_name, pick_device
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import localopt
-import models
+from localopt import models
 
 from .data import load_cifar10
 

@@ -434,8 +434,8 @@ def test_update_angles_keep_user_hooks_and_remove_rule_hooks():
 
 # ------------------------------------------------------------------------------ recipes
 def test_recipes_log_and_plot_alignment(tmp_path):
-    from recipes.alignment import plot_alignment
-    from recipes.common import Config, apply_rule, make_optimizer, step_diagnostics
+    from localopt.recipes.alignment import plot_alignment
+    from localopt.recipes.common import Config, apply_rule, make_optimizer, step_diagnostics
     cfg = Config(model="mlp3x1024", rule="kp", optimizer="sgd", lr=0.05, weight_decay=1e-3)
     model = apply_rule(mlp(), cfg)
     opt = make_optimizer(model, cfg)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import localopt
-import models
-from models.resnet_cifar import PadShortcut
+from localopt import models
+from localopt.models.resnet_cifar import PadShortcut
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from recipes import data as D
-from recipes.synthetic import synthetic_arrays, write_imagefolder, write_official
+from localopt.recipes import data as D
+from localopt.recipes.synthetic import synthetic_arrays, write_imagefolder, write_official
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_data_env")
+_unreachable = D._unreachable     # the real check (the fixture replaces it in every test)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +87,46 @@ def test_missing_data_error_lists_the_options(tmp_path, monkeypatch):
     with pytest.raises(D.DataNotFoundError) as e:
         D.find_data(None)
     msg = str(e.value)
-    for option in ("--data", "LOCALOPT_DATA", "--download", "nothing-here"):
+    for option in ("--data", "LOCALOPT_DATA", "--download", "nothing-here", "offline in tests"):
         assert option in msg
+    with pytest.raises(D.DataNotFoundError, match="--download false"):
+        D.find_data(None, download=False)
     with pytest.raises(D.DataNotFoundError, match="--data '/no/such/path'"):
         D.find_data("/no/such/path")
     monkeypatch.setenv("LOCALOPT_DATA", str(tmp_path / "missing.tar.gz"))
     with pytest.raises(D.DataNotFoundError, match="LOCALOPT_DATA"):
         D.find_data(None)
+
+
+def test_no_data_online_downloads_the_official_set(tmp_path, arrays, monkeypatch, capsys):
+    import torchvision
+    monkeypatch.setattr(D, "default_search_paths", lambda: [
+        tmp_path / "nothing-here", D.cache_dir() / "torchvision" / "cifar-10-batches-py"])
+    monkeypatch.setattr(D, "_unreachable", lambda url, timeout=5.0: None)
+    calls = []
+
+    class FakeCIFAR10:  # what torchvision.datasets.CIFAR10(root, download=True) leaves on disk
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, train, download))
+            write_official(root, arrays)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    got = D.load_cifar10()
+    assert {c[1] for c in calls} == {True, False} and all(c[2] for c in calls)
+    assert calls[0][0] == str(D.cache_dir() / "torchvision")
+    err = capsys.readouterr().err
+    assert "downloading the official CIFAR-10" in err and D.OFFICIAL_URL in err
+    _assert_same(got, arrays)
+    calls.clear()                       # found in the cache folder next time: no download
+    assert D.find_data(None) == D.cache_dir() / "torchvision" / "cifar-10-batches-py"
+    assert not calls
+
+
+def test_unreachable_server_answers_fast():
+    import time
+    t = time.perf_counter()
+    reason = _unreachable("https://localopt.invalid/x.tar.gz", timeout=2.0)
+    assert reason and "localopt.invalid" in reason and time.perf_counter() - t < 10
 
 
 def test_env_var_and_flag_precedence(tmp_path, arrays, monkeypatch):

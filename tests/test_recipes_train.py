@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes import benchmark, common, train
-from recipes.common import ConfigError, load_config
-from recipes.synthetic import synthetic_arrays, write_imagefolder
+from localopt.recipes import benchmark, common, train
+from localopt.recipes.common import ConfigError, load_config
+from localopt.recipes.synthetic import synthetic_arrays, write_imagefolder
 
 pytestmark = pytest.mark.usefixtures("one_thread", "isolated_data_env")
 
@@ -110,7 +110,7 @@ def test_existing_run_needs_resume_or_overwrite(tiny_data, tmp_path, capsys):
 
 
 def test_missing_data_exits_with_the_options(tmp_path, monkeypatch, capsys):
-    from recipes import data
+    from localopt.recipes import data
     monkeypatch.setattr(data, "default_search_paths", lambda: [tmp_path / "none"])
     with pytest.raises(SystemExit) as e:
         train.main(["--out-dir", str(tmp_path), "--epochs", "1"])
@@ -138,7 +138,7 @@ def test_benchmark_prints_table_and_one_figure(tiny_data, tmp_path, capsys):
 
 def test_shipped_configs_load_and_name_known_models_and_rules():
     import localopt
-    import models
+    from localopt import models
     names = sorted(p.stem for p in common.CONFIG_DIR.glob("*.toml"))
     assert {"main", "mlp_bartunov2018", "mlp_nokland2016", "resnet20_biotorch_sgd",
             "resnet20_biotorch_adam"} <= set(names)
@@ -181,7 +181,7 @@ def test_cli_overrides_config_file():
 
 @pytest.mark.parametrize("optimizer", common.OPTIMIZERS)
 def test_every_optimizer_builds_and_steps(optimizer):
-    import models
+    from localopt import models
     model = models.create_model("mlp3x1024", hidden=[8])
     opt = common.make_optimizer(model, load_config(optimizer=optimizer, lr=0.01))
     before = [p.detach().clone() for p in model.parameters()]
@@ -221,7 +221,7 @@ def test_bce_loss_matches_definition():
 def test_step_time_runner_builds_each_rule_with_its_optimizer(tmp_path, capsys):
     """One runner for every rule family: plain optimizer, LocalOptimizer, TargetProp (K
     feedback iterations); ratios are to the unwrapped model."""
-    from recipes import step_time
+    from localopt.recipes import step_time
     import localopt
     models_built = {v: step_time.build(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
                                                            torch.nn.Linear(3, 2)), v)
@@ -246,7 +246,7 @@ def test_step_time_runner_builds_each_rule_with_its_optimizer(tmp_path, capsys):
 
 
 def test_tp_vgg_short_table_flags_divergence(tmp_path):
-    from recipes.tp_vgg_short import table
+    from localopt.recipes.tp_vgg_short import table
     run = {"test_acc_2000": 0.25, "step_s": 0.5, "lr": 0.01, "warmup": 0,
            "feedback_iters": [1, 1, 1, 2, 1], "diagnostics": [
                {"step": 0, "update_angle": {f"{i}": 10.0 * i for i in range(6)}}]}
@@ -266,7 +266,7 @@ def test_tp_vgg_runs_table_reads_train_logs(tiny_data, tmp_path):
     """``tp_vgg_short --table runs.jsonl``: one row per run of ``recipes.train`` logs (as
     ``tp_vgg_gpu.sh`` merges them), the effective ``retarget`` read from the logged optimizer,
     a non-finite epoch loss printed as nan."""
-    from recipes.tp_vgg_short import runs_table
+    from localopt.recipes.tp_vgg_short import runs_table
     cfg = load_config("tp_vgg_ldrl", data=str(tiny_data), out_dir=str(tmp_path), name="ldrl",
                       val_size=16, batch_size=8, eval_batch_size=16, threads=1, epochs=1,
                       test_every_epoch=True, model_options={"channels": [4, 4, 4, 4, 8]},

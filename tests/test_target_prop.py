@@ -532,7 +532,7 @@ def test_feedback_warmup_trains_only_the_feedback_then_the_weights():
 def test_ldrl_switches_only_matter_for_max_pooling():
     """``switches`` picks the max-pool switches of the eta term: without max-pooling both
     settings give the same feedback loss; with it they differ."""
-    import models
+    from localopt import models
     x, y = _images(8, 16)
 
     def losses(make):
