@@ -76,6 +76,21 @@ class CifarResNet(nn.Module):
         x = self.layers(x)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
+    def pipeline_sequence(self) -> list[tuple[str, nn.Module]]:
+        """``forward`` as a sequence of ``(name, module)`` pairs, for cutting the network into
+        pipeline stages (:mod:`localopt.pipeline.split`): ``conv1, bn1, relu, layers, pool, fc``
+        (``relu`` and ``pool`` are parameter-free stand-ins for the functional calls); stages
+        can begin at any block, ``"layers.3"``."""
+        return [("conv1", self.conv1), ("bn1", self.bn1), ("relu", nn.ReLU()),
+                ("layers", self.layers), ("pool", GlobalPool()), ("fc", self.fc)]
+
+
+class GlobalPool(nn.Module):
+    """Global average pooling to ``(N, C)``, as in ``CifarResNet.forward``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
 
 def _register_depth(depth: int) -> None:
     @register(f"resnet{depth}")
