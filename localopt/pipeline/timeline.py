@@ -1,0 +1,504 @@
+"""Pipeline timelines: a figure of who computed what when, and an event simulation.
+
+Figures
+-------
+:func:`plot_timeline` draws one row per stage (or per process): a box per forward, backward
+and communication call, labelled with its micro-batch, and the idle time of the row hatched,
+so the pipeline bubble is visible.  :func:`plot_timelines` puts several schedules in one
+figure, one panel each, on the same time axis.  Both take any sequence of
+:class:`localopt.pipeline.Event` -- measured by a :class:`~localopt.pipeline.PipelineStep`
+or produced by :func:`simulate`.
+
+Simulation
+----------
+:func:`simulate` replays a schedule's dependency graph with given per-stage costs, for ``S``
+stages and ``M`` micro-batches, and returns the makespan of one training step, images/s,
+the idle fraction of every stage and the simulated events.  Each stage is one worker (one
+process, one thread) that runs its operations one at a time; a message (activation,
+gradient, output error ``e``) sent at the end of an operation arrives ``latency +
+bytes * per_byte`` later and costs the sender nothing (the transfer overlaps compute).
+
+* ``gpipe``: every stage runs ``F_0 .. F_{M-1}`` then ``B_0 .. B_{M-1}``
+  (Huang et al. 2019, torch's ``ScheduleGPipe``).  ``B`` of stage ``s`` for micro-batch
+  ``i`` needs the input gradient of ``B_i`` on stage ``s+1``.  With unit costs and free
+  communication the bubble is ``(S-1)/(M+S-1)`` of the step.
+* ``1f1b``: ``min(M, S-s)`` warm-up forwards, then alternately one backward and one forward,
+  then the remaining backwards (Narayanan et al. 2019, torch's ``Schedule1F1B``).
+* ``zb``: torch's zero-bubble order (``ScheduleZBVZeroBubble``, V-shape, or
+  ``ScheduleInterleavedZeroBubble``; Qi et al. 2024): two virtual stages per process, the
+  backward split into the input gradient ``I`` (on the critical path) and the weight
+  gradient ``W`` (deferred into the bubbles).  The order is taken from torch itself.
+* ``direct`` (``dfa``, ``bdfa``, ``dkp``, module-wise ``dfa``): the backward ``D`` of stage
+  ``s`` for micro-batch ``i`` needs only its own forward ``F_i`` and the output error
+  ``e_i``, which the last stage sends to every stage right after its forward (and loss);
+  no gradient crosses a stage boundary.  As :mod:`localopt.pipeline.direct` runs it: the
+  last stage runs ``F_i, D_i`` in turn; a stage below waits for its input and runs ``F_i``,
+  then every pending backward whose ``e`` has arrived (oldest first), and after its last
+  forward the remaining backwards in order.
+* ``drtp``: ``D`` needs only the target: every stage runs ``F_0, D_0, F_1, D_1, ...``.
+
+Costs are per stage (:class:`StageCost`): forward and backward time per micro-batch (the
+backward of a backprop schedule; its input- and weight-gradient parts for ``zb``; the
+backward of a direct rule, which has no input gradient at the stage boundary), the bytes
+of the activation sent to the next stage, and the optimizer step.  :func:`deepen` builds
+the costs of more stages from measured ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+__all__ = ["StageCost", "CommCost", "SimResult", "simulate", "deepen", "idle_fractions",
+           "plot_timeline", "plot_timelines", "SCHEDULES"]
+
+SCHEDULES = ("gpipe", "1f1b", "zb", "direct", "drtp")
+
+
+# --------------------------------------------------------------------------- cost model
+
+@dataclass(frozen=True)
+class StageCost:
+    """Measured (or assumed) costs of one pipeline stage, in seconds per micro-batch.
+
+    Attributes:
+        forward: forward of one micro-batch (on the last stage: including the loss).
+        backward: backprop backward of one micro-batch (input and weight gradients).
+        backward_input: the input-gradient part of ``backward`` (zero-bubble ``I``);
+            default half of ``backward``.
+        backward_weight: the weight-gradient part (zero-bubble ``W``); default
+            ``backward - backward_input``.
+        direct: backward of a direct-feedback rule on this stage (weight gradients and the
+            projections of ``e``, no input gradient at the stage boundary); default
+            ``backward``.
+        act_bytes: bytes of the activation this stage sends to the next one per micro-batch
+            (its gradient, sent back by backprop, has the same size).
+        step: optimizer step, once per training step.
+    """
+    forward: float
+    backward: float
+    backward_input: float | None = None
+    backward_weight: float | None = None
+    direct: float | None = None
+    act_bytes: float = 0.0
+    step: float = 0.0
+
+    @property
+    def input_part(self) -> float:
+        return self.backward / 2 if self.backward_input is None else self.backward_input
+
+    @property
+    def weight_part(self) -> float:
+        if self.backward_weight is not None:
+            return self.backward_weight
+        return max(self.backward - self.input_part, 0.0)
+
+    @property
+    def direct_part(self) -> float:
+        return self.backward if self.direct is None else self.direct
+
+
+@dataclass(frozen=True)
+class CommCost:
+    """A message of ``n`` bytes arrives ``latency + n * per_byte`` seconds after it is sent."""
+    latency: float = 0.0
+    per_byte: float = 0.0
+
+    def time(self, nbytes: float) -> float:
+        return self.latency + self.per_byte * nbytes
+
+
+class SimResult(NamedTuple):
+    schedule: str
+    stages: int
+    microbatches: int
+    makespan: float                # seconds per training step
+    images_per_s: float            # batch / makespan
+    idle_fraction: list[float]     # per stage (process): 1 - busy / makespan
+    events: list                   # list[localopt.pipeline.Event]
+
+
+def _event_type():
+    from . import Event
+    return Event
+
+
+# --------------------------------------------------------------------------- the engine
+
+@dataclass
+class _Op:
+    key: tuple                     # (step, virtual stage, kind, microbatch)
+    rank: int
+    duration: float
+    deps: list                     # [(key, delay)]
+    kind: str                      # event kind
+
+
+def _run(ops: dict, order: Mapping[int, Any], nranks: int) -> tuple[list[tuple], float]:
+    """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a policy
+    ``policy(t, arrived) -> key`` that names rank ``r``'s next op when it becomes free at time
+    ``t`` (``arrived(key)``: whether that op's inputs are there by ``t``).  A rank's next op
+    starts when the rank is free and its inputs have arrived.  Decisions are taken in time
+    order, so a policy sees exactly the messages that have arrived by then.
+    Returns (records (rank, kind, microbatch, start, end), makespan)."""
+    end: dict[tuple, float] = {}
+    free = [0.0] * nranks
+    pos = {r: 0 for r in range(nranks)}
+    todo = {r: sum(op.rank == r for op in ops.values()) for r in range(nranks)}
+    nxt: dict[int, tuple | None] = {r: None for r in range(nranks)}
+    records: list[tuple] = []
+
+    def arrival(key: tuple) -> float | None:
+        t = 0.0
+        for k, delay in ops[key].deps:
+            if k not in end:
+                return None
+            t = max(t, end[k] + delay)
+        return t
+
+    while any(todo.values()):
+        best = None                                  # (time, rank, is_decision)
+        for r in range(nranks):
+            if not todo[r]:
+                continue
+            if nxt[r] is None and not callable(order[r]):
+                nxt[r] = order[r][pos[r]]
+            if nxt[r] is None:                       # a policy decides when the rank is free
+                cand = (free[r], r, True)
+            else:
+                a = arrival(nxt[r])
+                if a is None:
+                    continue
+                cand = (max(free[r], a), r, False)
+            if best is None or cand < best:
+                best = cand
+        if best is None:
+            stuck = {r: nxt[r] for r in range(nranks) if todo[r]}
+            raise RuntimeError(f"pipeline simulation deadlocked; waiting ops: {stuck}")
+        t, r, decide = best
+        if decide:
+            nxt[r] = order[r](t, lambda k: k in end or (arrival(k) is not None
+                                                         and arrival(k) <= t))
+            continue
+        key, op = nxt[r], ops[nxt[r]]
+        if t > free[r]:
+            records.append((r, "wait", key[-1], free[r], t))
+        end[key] = t + op.duration
+        records.append((r, op.kind, key[-1], t, end[key]))
+        free[r] = end[key]
+        todo[r] -= 1
+        pos[r] += 1
+        nxt[r] = None
+    return records, max(free)
+
+
+class _DirectPolicy:
+    """localopt's direct schedule on a stage below the last (:mod:`localopt.pipeline.direct`):
+    micro-batch by micro-batch, wait for the input and run the forward; after each forward
+    (and each backward), run the oldest pending backward if its ``e`` has arrived; once every
+    forward is done, the pending backwards in order; then the optimizer step."""
+
+    def __init__(self, step: int, stage: int, M: int, skey: tuple) -> None:
+        self.k, self.s, self.M, self.skey = step, stage, M, skey
+        self.f, self.b = 0, 0
+
+    def __call__(self, t: float, arrived) -> tuple:
+        k, s = self.k, self.s
+        if self.b == self.M:
+            return self.skey
+        pending = self.b < self.f
+        if pending and (self.f == self.M or arrived((k, s, "D", self.b))):
+            self.b += 1
+            return (k, s, "D", self.b - 1)
+        self.f += 1
+        return (k, s, "F", self.f - 1)
+
+
+class _Chain:
+    """Policies of consecutive steps on one rank, one after the other."""
+
+    def __init__(self, policies: list) -> None:
+        self.policies, self.i, self.left = policies, 0, [p.M * 2 + 1 for p in policies]
+
+    def __call__(self, t: float, arrived) -> tuple:
+        while self.left[self.i] == 0:
+            self.i += 1
+        self.left[self.i] -= 1
+        return self.policies[self.i](t, arrived)
+
+
+def _zb_order(S: int, M: int, variant: str) -> list[list[tuple]]:
+    """torch's zero-bubble order: per rank, [(virtual stage, 'F'|'I'|'W', microbatch)]."""
+    try:
+        from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    except ImportError as exc:                       # pragma: no cover - torch version
+        raise RuntimeError("simulate(schedule='zb') takes the zero-bubble order from "
+                           "torch.distributed.pipelining, which this torch lacks") from exc
+    name = {"zbv": "ZBVZeroBubble", "interleaved": "InterleavedZeroBubble"}[variant]
+    rows = get_schedule_ops(name, S, M, num_stages_per_rank=2)
+    kinds = {"FORWARD": "F", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W", "FULL_BACKWARD": "I"}
+    out = []
+    for row in rows:
+        acts = []
+        for a in row:
+            t = None if a is None else kinds.get(str(a.computation_type).split(".")[-1])
+            if t is not None:
+                acts.append((a.stage_index, t, a.microbatch_index))
+        out.append(acts)
+    return out
+
+
+def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
+             link: CommCost = CommCost(), e_link: CommCost | None = None, e_bytes: float = 0.0,
+             batch: float | None = None, steps: int = 1, zb_variant: str = "zbv",
+             virtual_costs: Sequence[StageCost] | None = None) -> SimResult:
+    """Simulate ``steps`` training steps of ``schedule`` on ``len(costs)`` stages (processes).
+
+    Args:
+        costs: per stage.
+        schedule: ``"gpipe"``, ``"1f1b"``, ``"zb"``, ``"direct"`` or ``"drtp"``.
+        microbatches: ``M``.
+        link: activations and their gradients between neighbouring stages.
+        e_link, e_bytes: the output error ``e`` of one micro-batch, sent by the last stage to
+            every other stage (``direct``); ``e_link`` defaults to ``link``.
+        batch: images per training step (for ``images_per_s``); default ``microbatches``.
+        steps: consecutive steps; a stage starts step ``k+1`` right after its own optimizer
+            step of step ``k`` (no barrier between steps, as in the measured runs).
+        zb_variant: ``"zbv"`` (torch's ``ScheduleZBVZeroBubble``) or ``"interleaved"``
+            (``ScheduleInterleavedZeroBubble``).
+        virtual_costs: ``zb`` only: the costs of the ``2 S`` virtual stages in model order;
+            default: every process's stage cut into two halves of equal cost.
+
+    Returns: :class:`SimResult` with the makespan *per step* (total / ``steps``); its events
+    carry the process index as ``stage``, kinds ``forward``, ``backward`` (``zb``: the input
+    gradient), ``backward_weight`` (``zb``: the deferred weight gradient), ``step`` (the
+    optimizer step, when it costs anything) and ``wait`` (idle until a message arrives).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"simulate: schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    S, M = len(costs), int(microbatches)
+    if S < 1 or M < 1 or steps < 1:
+        raise ValueError(f"simulate: need at least one stage, micro-batch and step (got S={S}, "
+                         f"M={M}, steps={steps})")
+    e_link = link if e_link is None else e_link
+    if schedule == "zb":
+        V = 2 * S
+        if virtual_costs is None:
+            virtual_costs = []
+            for c in costs:
+                half = StageCost(c.forward / 2, c.backward / 2, c.input_part / 2,
+                                 c.weight_part / 2, None, c.act_bytes, c.step / 2)
+                virtual_costs += [half, half]
+        if len(virtual_costs) != V:
+            raise ValueError(f"simulate: zb needs {V} virtual stage costs, got "
+                             f"{len(virtual_costs)}")
+        if zb_variant not in ("zbv", "interleaved"):
+            raise ValueError(f"simulate: zb_variant={zb_variant!r}: choose 'zbv' or "
+                             "'interleaved'")
+        rank_of = ([v if v < S else V - 1 - v for v in range(V)] if zb_variant == "zbv"
+                   else [v % S for v in range(V)])
+        vc = list(virtual_costs)
+    else:
+        V, rank_of, vc = S, list(range(S)), list(costs)
+
+    def delay(src: int, dst: int, nbytes: float, lk: CommCost = link) -> float:
+        return 0.0 if rank_of[src] == rank_of[dst] else lk.time(nbytes)
+
+    zb_rows = _zb_order(S, M, zb_variant) if schedule == "zb" else None
+    ops: dict[tuple, _Op] = {}
+    order: dict[int, Any] = {}
+    for k in range(steps):
+        for v, c in enumerate(vc):
+            r = rank_of[v]
+            for i in range(M):
+                fd = [((k, v - 1, "F", i), delay(v - 1, v, vc[v - 1].act_bytes))] if v else []
+                ops[(k, v, "F", i)] = _Op((k, v, "F", i), r, c.forward, fd, "forward")
+                back = [((k, v, "F", i), 0.0)]
+                if schedule in ("gpipe", "1f1b", "zb"):
+                    kind = "I" if schedule == "zb" else "B"
+                    if v < V - 1:
+                        back.append(((k, v + 1, kind, i), delay(v + 1, v, c.act_bytes)))
+                    dur = c.input_part if schedule == "zb" else c.backward
+                    ops[(k, v, kind, i)] = _Op((k, v, kind, i), r, dur, back, "backward")
+                    if schedule == "zb":
+                        ops[(k, v, "W", i)] = _Op((k, v, "W", i), r, c.weight_part,
+                                                  [((k, v, "I", i), 0.0)], "backward_weight")
+                else:
+                    if schedule == "direct" and v < V - 1:
+                        back.append(((k, V - 1, "F", i), e_link.time(e_bytes)))
+                    ops[(k, v, "D", i)] = _Op((k, v, "D", i), r, c.direct_part, back,
+                                              "backward")
+        for r in range(S):
+            if schedule == "gpipe":
+                seq = [(k, r, "F", i) for i in range(M)] + [(k, r, "B", i) for i in range(M)]
+            elif schedule == "1f1b":
+                w = min(M, S - r)
+                seq, f = [(k, r, "F", i) for i in range(w)], w
+                for b in range(M):
+                    seq.append((k, r, "B", b))
+                    if f < M:
+                        seq.append((k, r, "F", f))
+                        f += 1
+            elif schedule == "zb":
+                seq = [(k, *a) for a in zb_rows[r]]
+                if sorted(seq) != sorted(key for key, op in ops.items()
+                                         if op.rank == r and key[0] == k and key[2] != "S"):
+                    raise RuntimeError(f"simulate: torch's {zb_variant} order for rank {r} "
+                                       "does not cover every F/I/W op once")
+            elif schedule == "drtp" or r == S - 1:    # the last stage: F_i, e_i out, D_i
+                seq = [key for i in range(M) for key in ((k, r, "F", i), (k, r, "D", i))]
+            else:
+                seq = None
+            mine = [key for key, op in ops.items() if op.rank == r and key[0] == k]
+            cost = sum(vc[v].step for v in range(V) if rank_of[v] == r)
+            skey = (k, r, "S", -1)
+            ops[skey] = _Op(skey, r, cost, [(key, 0.0) for key in mine], "step")
+            if seq is None:
+                order.setdefault(r, []).append(_DirectPolicy(k, r, M, skey))
+            else:
+                order.setdefault(r, []).extend(seq + [skey])
+    order = {r: _Chain(v) if v and isinstance(v[0], _DirectPolicy) else v
+             for r, v in order.items()}
+    for key, op in ops.items():                       # a stage's next step starts after its
+        if key[0] > 0:                                # own optimizer step
+            op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
+    records, total = _run(ops, order, S)
+    records = [rec for rec in records if not (rec[1] == "step" and rec[4] == rec[3])]
+    Event = _event_type()
+    events = sorted((Event(r, kind, mb, start, end) for r, kind, mb, start, end in records),
+                    key=lambda e: (e.stage, e.start))
+    makespan = total / steps
+    idle = idle_fractions(events, S, total)
+    images = M if batch is None else batch
+    return SimResult(schedule, S, M, makespan, images / makespan, idle, events)
+
+
+BUSY = ("forward", "backward", "backward_weight", "step", "send", "recv")
+
+
+def idle_fractions(events: Iterable, stages: int, span: float | None = None,
+                   start: float | None = None) -> list[float]:
+    """Per stage: ``1 - busy / span``, busy = the summed duration of its compute and
+    communication events (``wait`` and gaps are idle); ``span`` defaults to the time from
+    the first event's start to the last event's end over all stages."""
+    events = list(events)
+    if not events:
+        return [1.0] * stages
+    t0 = min(e.start for e in events) if start is None else start
+    if span is None:
+        span = max(e.end for e in events) - t0
+    busy = [0.0] * stages
+    for e in events:
+        if e.kind in BUSY and 0 <= e.stage < stages:
+            busy[e.stage] += e.end - e.start
+    return [max(0.0, 1.0 - b / span) if span > 0 else 0.0 for b in busy]
+
+
+def deepen(costs: Sequence[StageCost], stages: int, assumption: str = "blocks") -> list[StageCost]:
+    """Costs of ``stages`` stages from measured ones.
+
+    * ``"blocks"`` (a deeper model of the same blocks): every stage costs the mean of the
+      measured stages (forward, backward and its parts, direct backward, optimizer step);
+      activations of the same size cross every boundary.  The per-stage compute stays
+      fixed while ``S`` grows, like adding layers of the same width.
+    * ``"finer"`` (the same model cut finer): the measured total cost split evenly over
+      ``stages`` stages; activation size unchanged, so communication weighs more as ``S``
+      grows.
+    """
+    if assumption not in ("blocks", "finer"):
+        raise ValueError(f"deepen: assumption={assumption!r}: choose 'blocks' or 'finer'")
+    n = len(costs)
+    div = n if assumption == "blocks" else stages
+
+    def total(f) -> float:
+        return sum(f(c) for c in costs) / div
+
+    act = [c.act_bytes for c in costs[:-1]] or [0.0]
+    stage = StageCost(forward=total(lambda c: c.forward), backward=total(lambda c: c.backward),
+                      backward_input=total(lambda c: c.input_part),
+                      backward_weight=total(lambda c: c.weight_part),
+                      direct=total(lambda c: c.direct_part), act_bytes=sum(act) / len(act),
+                      step=total(lambda c: c.step))
+    return [stage] * stages
+
+
+# --------------------------------------------------------------------------- figures
+
+COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "backward_weight": "#F2C09B",
+          "send": "#8C8C8C", "recv": "#B5B5B5", "step": "#55A868"}
+LABELS = {"forward": "forward", "backward": "backward", "backward_weight": "weight gradient",
+          "send": "send", "recv": "recv", "step": "optimizer step", "wait": "waiting (idle)"}
+
+
+def _draw(ax, events: Sequence, t0: float, title: str | None, rows: int | None = None) -> float:
+    from matplotlib.patches import Patch
+
+    events = [e for e in events]
+    n = rows if rows is not None else (max(e.stage for e in events) + 1 if events else 1)
+    tmax = max((e.end for e in events), default=t0) - t0
+    for s in range(n):
+        ax.barh(s, tmax * 1e3, left=0, height=0.8, color="white", edgecolor="#BBBBBB",
+                hatch="///", linewidth=0.5, zorder=0)
+    for e in events:
+        if e.kind == "wait":                          # idle: the hatched background shows
+            continue
+        x0, w = (e.start - t0) * 1e3, (e.end - e.start) * 1e3
+        color = COLORS.get(e.kind, "#C44E52")
+        h = 0.8 if e.kind not in ("send", "recv") else 0.35
+        ax.barh(e.stage, w, left=x0, height=h, color=color, edgecolor="black",
+                linewidth=0.4, zorder=2)
+        if e.microbatch is not None and e.microbatch >= 0 and e.kind not in ("send", "recv") \
+                and tmax > 0 and w / (tmax * 1e3) > 0.012:
+            ax.text(x0 + w / 2, e.stage, str(e.microbatch), ha="center", va="center",
+                    fontsize=7, zorder=3, color="white" if e.kind == "forward" else "black")
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([f"stage {s}" for s in range(n)])
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlabel("time (ms)")
+    if title:
+        busy = idle_fractions(events, n, tmax if tmax > 0 else None, t0)
+        ax.set_title(f"{title}   (idle: {', '.join(f'{100 * b:.0f}%' for b in busy)})",
+                     fontsize=9, loc="left")
+    kinds = [k for k in COLORS if any(e.kind == k for e in events)]
+    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=LABELS[k]) for k in kinds]
+    handles.append(Patch(facecolor="white", edgecolor="#BBBBBB", hatch="///",
+                         label=LABELS["wait"]))
+    ax.legend(handles=handles, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0),
+              ncol=len(handles), frameon=False, borderaxespad=0.1)
+    return tmax
+
+
+def plot_timeline(events: Sequence, path: Path | str, title: str | None = None) -> Path:
+    """One row per stage: forward/backward/communication boxes with their micro-batch
+    numbers, idle time hatched.  Times are shown relative to the first event."""
+    return plot_timelines({title or "": events}, path)
+
+
+def plot_timelines(panels: Mapping[str, Sequence], path: Path | str,
+                   title: str | None = None) -> Path:
+    """One panel per schedule (``{label: events}``), on the same time axis (each panel's time
+    starts at its first event)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {k: list(v) for k, v in panels.items()}
+    rows = [max((e.stage for e in ev), default=0) + 1 for ev in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
+                             figsize=(11, 0.4 + sum(0.45 * r + 0.7 for r in rows)),
+                             gridspec_kw={"height_ratios": [r + 1.2 for r in rows]})
+    tmax = 0.0
+    for ax, (label, ev), n in zip(axes[:, 0], panels.items(), rows):
+        t0 = min((e.start for e in ev), default=0.0)
+        tmax = max(tmax, _draw(ax, ev, t0, label, n))
+    for ax in axes[:-1, 0]:
+        ax.set_xlabel("")
+    axes[0, 0].set_xlim(0, tmax * 1e3 * 1.02 if tmax > 0 else 1)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,854 @@
+"""Model-parallel training: localopt's direct-feedback pipeline against torch's backprop
+pipeline schedules -- measured throughput, timelines, and an event simulation for more stages.
+
+    python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 2,4,8 \\
+        --schedules gpipe,1f1b,zb,dfa,drtp --json results/pipeline/mlp3x1024.json \\
+        --timeline results/pipeline --simulate 4,8,16,32
+    torchrun --nproc-per-node 2 -m recipes.pipeline ...            # the same, under torchrun
+    python -m recipes.pipeline --model mlp3x1024 --schedules dfa --epochs 2 \\
+        --json results/pipeline/accuracy_mlp3x1024.json            # train on CIFAR-10
+    python -m recipes.pipeline --model mlp3x1024 --stages 1 --schedules dfa --epochs 2 ...
+                                                                     # the same, one process
+    python -m recipes.pipeline --report results/pipeline           # README.md from the JSONs
+
+Schedules: ``gpipe``, ``1f1b``, ``zb`` are torch.distributed.pipelining's backprop schedules
+(``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleZBVZeroBubble``: two stages per process) on
+the unwrapped model; any localopt rule name (``dfa``, ``bdfa``, ``dkp``, ``drtp``) wraps the
+model with that rule and runs localopt's ``direct`` schedule.
+
+Without ``--epochs`` (throughput): every schedule and micro-batch count ``K`` runs
+``--warmup`` untimed and ``--steps`` timed training steps (SGD) on one fixed random batch;
+images/s = steps x batch / (end of the last timed step on any process - start of the first
+on any process), with no barrier between steps.  Per stage the recipe records the idle
+fraction (1 - time inside forward/backward/communication calls and the optimizer step,
+over that window), the median forward/backward time per micro-batch, and a timeline of
+the middle step.  The measured costs drive :func:`localopt.pipeline.timeline.simulate`,
+first for the measured ``S`` (its error against the measurement is recorded), then for the
+stage counts of ``--simulate`` under the assumption of ``--deepen``.
+
+The split (``--split auto``, default) balances measured per-module costs: a one-process
+profile (one micro-batch of the ``K = 4`` size) times the forward and backward of every
+module of the model's sequence, and each family of schedules gets the contiguous cut that
+minimises its slowest stage (backprop: forward + backward; direct rules: forward + the
+rule's backward; ``zb``: 4 stages, the V placement's busiest process).  Process count
+``S`` = ``--stages``; the processes run on 127.0.0.1 (gloo) with ``--threads`` torch
+threads each.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+BACKPROP = ("gpipe", "1f1b", "zb")
+DIRECT = ("dfa", "bdfa", "dkp", "drtp")
+IMAGE = (3, 32, 32)
+LINK_SIZES = [4, 16384, 131072, 524288, 2097152]     # ping-pong message sizes (bytes)
+NUM_CLASSES = 10
+DEFAULT_TRAIN = {   # optimizer of --epochs runs: the settings of the repo's configs
+    "mlp3x1024": dict(config="mlp_bartunov2018", lr=3.886644634575892e-4,
+                      eps=6.565611200656028e-4, model_options={"init": "xavier"}),
+    "resnet20": dict(config="resnet20_biotorch_adam", lr=1e-3, eps=1e-8, model_options={}),
+}
+
+
+def _csv(text: str, cast=str) -> list:
+    return [cast(t) for t in str(text).split(",") if t.strip()]
+
+
+# ------------------------------------------------------------------------------ splitting
+
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's sequence (:func:`localopt.pipeline.split.sequence`) with its
+    ``nn.Sequential`` entries opened one level: the places a stage may begin."""
+    from localopt.pipeline.split import sequence
+    out = []
+    for name, m in sequence(model):
+        if isinstance(m, nn.Sequential) and len(m):
+            out += [(f"{name}.{c}", cm) for c, cm in m.named_children()]
+        else:
+            out.append((name, m))
+    return out
+
+
+def _candidate(m: nn.Module) -> bool:
+    """A stage may begin at a module with parameters (a layer or a block), not at an
+    activation, so that a stage's input is read by a layer."""
+    return any(True for _ in m.parameters())
+
+
+def profile_units(model_name: str, batch: int, steps: int = 8, warmup: int = 3,
+                  seed: int = 0, options: dict | None = None) -> dict[str, Any]:
+    """One process, plain autograd: per unit of the model's sequence (run on its own, on a
+    detached input as a pipeline stage would), the median time of its forward, of its full
+    backward, of its input gradient alone and of its weight gradients alone, on a batch of
+    ``batch`` images; and the bytes of its input per sample.  The last unit includes the
+    loss.  A direct-feedback rule's backward of a unit is about its weight-gradient part (the
+    input gradient becomes a projection of ``e``, cheap for 10 classes)."""
+    from localopt.models import create_model
+    torch.manual_seed(seed)
+    model = create_model(model_name, **(options or {}))
+    seq = units(model)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, *IMAGE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    n = len(seq)
+    keys = ("forward", "backward", "backward_input", "backward_weight")
+    t: dict[str, list[list[float]]] = {k: [[] for _ in range(n)] for k in keys}
+    in_bytes = []
+    with torch.no_grad():
+        ins = []
+        for _, m in seq:
+            ins.append(h)
+            in_bytes.append(h[0].numel() * h.element_size())
+            h = m(h)
+    for k, (_, m) in enumerate(seq):
+        params = [p for p in m.parameters() if p.requires_grad]
+        below = any(p.requires_grad for _, u in seq[:k] for p in u.parameters())
+        inp = ins[k].detach().requires_grad_(below)   # the model input needs no gradient
+        last = k == n - 1
+
+        def fwd():
+            out = m(inp)
+            return F.cross_entropy(out, y) if last else out
+        with torch.no_grad():
+            gout = None if last else torch.randn_like(m(inp))
+        for it in range(warmup + steps):
+            t0 = time.perf_counter()
+            out = fwd()
+            t1 = time.perf_counter()
+            if out.requires_grad:                     # not: a parameter-free first unit
+                torch.autograd.backward(out, gout)
+            t2 = time.perf_counter()
+            m.zero_grad(set_to_none=True)
+            ti = tw = 0.0
+            if below:
+                out = fwd()
+                t3 = time.perf_counter()
+                torch.autograd.grad(out, [inp], gout)
+                ti = time.perf_counter() - t3
+            if params:
+                out = fwd()
+                t3 = time.perf_counter()
+                torch.autograd.grad(out, params, gout)
+                tw = time.perf_counter() - t3
+            if it >= warmup:
+                for key, v in zip(keys, (t1 - t0, t2 - t1, ti, tw)):
+                    t[key][k].append(v)
+    return {"units": [nm for nm, _ in seq], "candidate": [_candidate(m) for _, m in seq],
+            "input_bytes_per_sample": in_bytes, "batch": batch,
+            **{key: [statistics.median(v) for v in t[key]] for key in keys}}
+
+
+def best_split(cost: list[float], candidate: list[bool], parts: int,
+               placement: list[int] | None = None) -> list[int]:
+    """Indices where parts 1..parts-1 begin (contiguous cuts at candidate units), minimising
+    the costliest process (``placement[p]`` = process of part ``p``; default one part per
+    process), then the costliest part."""
+    import itertools
+    n = len(cost)
+    cuts_ok = [k for k in range(1, n) if candidate[k]]
+    if len(cuts_ok) < parts - 1:
+        raise ValueError(f"cannot cut {n} units into {parts} stages (only {len(cuts_ok)} "
+                         "possible split points)")
+    placement = placement or list(range(parts))
+    best, arg = None, None
+    for cuts in itertools.combinations(cuts_ok, parts - 1):
+        bounds = [0, *cuts, n]
+        part = [sum(cost[a:b]) for a, b in zip(bounds, bounds[1:])]
+        procs: dict[int, float] = {}
+        for p, c in zip(placement, part):
+            procs[p] = procs.get(p, 0.0) + c
+        key = (round(max(procs.values()), 9), round(max(part), 9))
+        if best is None or key < best:
+            best, arg = key, list(cuts)
+    return arg
+
+
+def plan_splits(args: argparse.Namespace) -> dict[str, Any]:
+    """The split of every family of schedules (see the module docstring)."""
+    S = args.stages
+    labels = _csv(args.schedules)
+    prof = profile_units(args.model, max(1, args.batch // 4), options=args.model_options)
+    names, cand = prof["units"], prof["candidate"]
+    bp = [f + b for f, b in zip(prof["forward"], prof["backward"])]
+    direct = [f + w for f, w in zip(prof["forward"], prof["backward_weight"])]
+    explicit = None if args.split == "auto" else _csv(args.split)
+    splits: dict[str, list[str]] = {}
+    for lb in labels:
+        fam = "zb" if lb == "zb" else _family(lb)
+        if fam in splits:
+            continue
+        if fam == "zb":
+            place = list(range(S)) + list(range(S - 1, -1, -1))          # V: 0,1,..,1,0
+            splits[fam] = (_csv(args.split_zb) if args.split_zb else
+                           [names[k] for k in best_split(bp, cand, 2 * S, place)])
+        elif explicit is not None:
+            splits[fam] = explicit
+        else:
+            splits[fam] = [names[k] for k in best_split(bp if fam == "bp" else direct, cand, S)]
+    return {"splits": splits, "profile": prof,
+            "how": "explicit --split" if explicit else
+            "auto: the contiguous cut minimising the slowest stage (backprop: forward + "
+            "backward; direct rules: forward + weight gradients; zb: the busiest process of the "
+            f"V placement), from a one-process profile at batch {prof['batch']}"}
+
+
+# ------------------------------------------------------------------------------ one rank
+
+def _family(label: str) -> str:
+    return "bp" if label in BACKPROP else label
+
+
+def _rule_schedule(label: str) -> tuple[str, str]:
+    return ("none", label) if label in BACKPROP else (label, "direct")
+
+
+def _build(args, label: str, M: int, plan: dict, model_options: dict | None = None):
+    import localopt
+    from localopt import pipeline as lp
+    from localopt.models import create_model
+    rule, sched = _rule_schedule(label)
+    torch.manual_seed(args.seed)
+    model = create_model(args.model, **{**args.model_options, **(model_options or {})})
+    if rule != "none":
+        localopt.wrap(model, rule, seed=args.seed)
+    split = plan["splits"]["zb" if label == "zb" else _family(label)]
+    pipe = lp.build(model, split=split, schedule=sched, microbatches=M,
+                    loss_fn=F.cross_entropy, example=torch.zeros(1, *IMAGE),
+                    timeout=args.timeout)
+    return model, pipe
+
+
+def _ping(nbytes: int, reps: int) -> float:
+    """Median one-way time of a ``nbytes`` message between ranks 0 and 1 (round trip / 2)."""
+    rank = dist.get_rank()
+    t = torch.zeros(max(1, nbytes // 4))
+    times = []
+    timeout = datetime.timedelta(seconds=60)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        if rank == 0:
+            dist.isend(t, 1).wait(timeout)
+            dist.irecv(t, 1).wait(timeout)
+        elif rank == 1:
+            dist.irecv(t, 0).wait(timeout)
+            dist.isend(t, 0).wait(timeout)
+        times.append((time.perf_counter() - t0) / 2)
+    return statistics.median(times)
+
+
+def measure_link(sizes: list[int], reps: int = 20) -> dict[str, float]:
+    """Latency and per-byte cost of a message on this process group, fitted (least squares)
+    to ping-pong times of the given sizes."""
+    if dist.get_world_size() < 2:
+        return {"latency": 0.0, "per_byte": 0.0, "sizes": [], "times": []}
+    for s in sizes[:1]:
+        _ping(s, 3)
+    ts = [_ping(s, reps) for s in sizes]
+    mx, my = sum(sizes) / len(sizes), sum(ts) / len(ts)
+    var = sum((s - mx) ** 2 for s in sizes)
+    slope = sum((s - mx) * (t - my) for s, t in zip(sizes, ts)) / var if var else 0.0
+    slope = max(slope, 0.0)
+    return {"latency": max(my - slope * mx, 0.0), "per_byte": slope, "sizes": sizes,
+            "times": ts}
+
+
+def _measure(args, label: str, M: int, plan: dict) -> dict[str, Any]:
+    """Throughput run of one (schedule, K) on this rank; gathered on every rank."""
+    model, pipe = _build(args, label, M, plan)
+    opt = pipe.optimizer(torch.optim.SGD, lr=args.lr_throughput, momentum=0.9)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, *IMAGE, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g)
+    steps = []
+    losses = []
+    for k in range(args.warmup + args.steps):
+        if k == args.warmup:
+            dist.barrier()
+            first = time.perf_counter()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = pipe.step(x, y)
+        t1 = time.perf_counter()
+        opt.step()
+        t2 = time.perf_counter()
+        if loss is not None:
+            losses.append(float(loss))
+        if k >= args.warmup:
+            steps.append({"t": (t0, t1, t2), "events": [tuple(e) for e in pipe.events]})
+    last = time.perf_counter()
+    mine = {"rank": dist.get_rank(), "stages": list(getattr(pipe, "stages", [pipe.stage])),
+            "first": first, "last": last, "steps": steps, "losses": losses}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    del pipe, model, opt
+    return {"label": label, "M": M, "ranks": everyone}
+
+
+def _worker(args_dict: dict, plan: dict) -> dict | None:
+    """Every rank: the throughput runs (or ``--epochs`` training); rank 0 returns the gathered
+    results, the others ``None``."""
+    args = argparse.Namespace(**args_dict)
+    torch.set_num_threads(args.threads)
+    from localopt import pipeline as lp
+    from localopt.pipeline.comm import init_group
+    init_group(torch.device("cpu"), args.timeout)
+    try:
+        if args.epochs:
+            out = _train(args, plan)
+        else:
+            out = {"link": measure_link(LINK_SIZES), "runs": []}
+            for label in _csv(args.schedules):
+                for M in _csv(args.microbatches, int):
+                    if dist.get_rank() == 0:
+                        print(f"[pipeline] {label} K={M}", flush=True)
+                    out["runs"].append(_measure(args, label, M, plan))
+        return out if dist.get_rank() == 0 else None
+    finally:
+        lp.destroy()
+
+
+# ------------------------------------------------------------------------------ training
+
+def _train(args, plan: dict) -> dict[str, Any]:
+    """Train on CIFAR-10 (``--data``), pipelined; test accuracy after every epoch."""
+    from .data import Normalizer, load_cifar10, make_splits
+    arrays = load_cifar10(args.data or None)
+    splits = make_splits(arrays, "full", "cpu")
+    norm = Normalizer("cpu")
+    dflt = DEFAULT_TRAIN.get(args.model, DEFAULT_TRAIN["resnet20"])
+    out = {"data": arrays.description, "runs": []}
+    for label in _csv(args.schedules):
+        M = _csv(args.microbatches, int)[0]
+        model, pipe = _build(args, label, M, plan, dflt["model_options"])
+        opt = pipe.optimizer(torch.optim.Adam, lr=args.lr or dflt["lr"], eps=dflt["eps"])
+        hist = _train_loop(args, pipe.step, pipe.predict, opt, splits, norm,
+                           is_last=dist.get_rank() == dist.get_world_size() - 1
+                           if label != "zb" else dist.get_rank() == 0)
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, hist)
+        hist = next(h for h in everyone if h["epochs"] and h["epochs"][0].get("test_acc")
+                    is not None)
+        out["runs"].append({"label": label, "M": M, "optimizer": dict(
+            name="adam", lr=args.lr or dflt["lr"], eps=dflt["eps"]), **hist})
+    return out
+
+
+def _train_loop(args, step_fn, predict_fn, opt, splits, norm, is_last: bool) -> dict:
+    train, test = splits["train"], splits["test"]
+    n, bs = len(train), args.batch
+    hist: dict[str, Any] = {"epochs": []}
+    for epoch in range(1, args.epochs + 1):
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        t0 = time.perf_counter()
+        loss_sum, seen, curve = 0.0, 0, []
+        nsteps = n // bs if not args.max_steps else min(n // bs, args.max_steps)
+        for k in range(nsteps):
+            idx = perm[k * bs:(k + 1) * bs]
+            x, y = norm(train.x[idx]), train.y[idx]
+            opt.zero_grad(set_to_none=True)
+            loss = step_fn(x, y)
+            opt.step()
+            if loss is not None:
+                loss_sum += float(loss) * len(y)
+                seen += len(y)
+                if k % 50 == 0:
+                    curve.append([k, float(loss)])
+        elapsed = time.perf_counter() - t0
+        correct, tot = 0, 0
+        for i in range(0, len(test), 1000):
+            out = predict_fn(norm(test.x[i:i + 1000]))
+            if out is not None:
+                correct += int((out.argmax(1) == test.y[i:i + 1000]).sum())
+                tot += len(out)
+        rec = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
+               "test_acc": correct / tot if tot else None, "time_s": elapsed,
+               "images_per_s": nsteps * bs / elapsed, "loss_curve": curve}
+        hist["epochs"].append(rec)
+        if is_last:
+            print(f"[pipeline] epoch {epoch}: train loss {rec['train_loss']:.4f}, test acc "
+                  f"{rec['test_acc']:.4f}, {elapsed:.0f} s", flush=True)
+    return hist
+
+
+def _train_single(args) -> dict[str, Any]:
+    """``--stages 1``: the same training loop on the whole model in this process."""
+    import localopt
+    from localopt.models import create_model
+    from .data import Normalizer, load_cifar10, make_splits
+    torch.set_num_threads(args.threads)
+    arrays = load_cifar10(args.data or None)
+    splits = make_splits(arrays, "full", "cpu")
+    norm = Normalizer("cpu")
+    dflt = DEFAULT_TRAIN.get(args.model, DEFAULT_TRAIN["resnet20"])
+    out = {"data": arrays.description, "runs": []}
+    for label in _csv(args.schedules):
+        rule, _ = _rule_schedule(label)
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, **{**args.model_options, **dflt["model_options"]})
+        if rule != "none":
+            localopt.wrap(model, rule, seed=args.seed)
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr or dflt["lr"], eps=dflt["eps"])
+
+        def step(x, y):
+            model.train()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss.detach()
+
+        @torch.no_grad()
+        def predict(x):
+            model.eval()
+            return model(x)
+        hist = _train_loop(args, step, predict, opt, splits, norm, is_last=True)
+        out["runs"].append({"label": label, "M": 1, "optimizer": dict(
+            name="adam", lr=args.lr or dflt["lr"], eps=dflt["eps"]), **hist})
+    return out
+
+
+# ------------------------------------------------------------------------------ analysis
+
+def _median(v: list[float]) -> float:
+    return statistics.median(v) if v else 0.0
+
+
+def analyse(run: dict, batch: int) -> dict[str, Any]:
+    """Throughput, idle fractions and per-stage costs of one gathered run."""
+    from localopt.pipeline import Event
+    ranks = sorted(run["ranks"], key=lambda r: r["rank"])
+    nsteps = len(ranks[0]["steps"])
+    t0 = min(r["first"] for r in ranks)
+    window = max(r["last"] for r in ranks) - t0
+    ips = nsteps * batch / window
+    idle, costs, comm = [], {}, []
+    for r in ranks:
+        busy = 0.0
+        per_stage: dict[int, dict[str, list]] = {}
+        calls = 0.0
+        for st in r["steps"]:
+            a, b, c = st["t"]
+            busy += c - b                                      # optimizer step
+            seen_b: dict[tuple, int] = {}
+            for s, kind, mb, start, end in st["events"]:
+                if kind in ("forward", "backward", "send", "recv"):
+                    busy += end - start
+                if kind in ("send", "recv"):
+                    calls += end - start
+                d = per_stage.setdefault(s, {"forward": [], "backward": [], "weight": []})
+                if kind == "forward":
+                    d["forward"].append(end - start)
+                elif kind == "backward":
+                    n = seen_b.get((s, mb), 0)
+                    seen_b[(s, mb)] = n + 1
+                    d["weight" if n else "backward"].append(end - start)
+        idle.append(max(0.0, 1.0 - busy / window))
+        opt_t = _median([st["t"][2] - st["t"][1] for st in r["steps"]])
+        comm.append(calls / nsteps)
+        for s, d in per_stage.items():
+            costs[s] = {"rank": r["rank"], "forward": _median(d["forward"]),
+                        "backward": _median(d["backward"]),
+                        "backward_weight": _median(d["weight"]) if d["weight"] else None,
+                        "optimizer_step": opt_t / len(per_stage),
+                        "comm_calls_per_step": calls / nsteps / len(per_stage)}
+    mid = nsteps // 2
+    events = []
+    rank_of = {s: r["rank"] for r in ranks for s in r["stages"]}
+    for r in ranks:
+        st = r["steps"][mid]
+        seen_b: dict[tuple, int] = {}
+        for s, kind, mb, start, end in st["events"]:
+            if kind == "backward":
+                n = seen_b.get((s, mb), 0)
+                seen_b[(s, mb)] = n + 1
+                kind = "backward_weight" if n else kind
+            events.append(Event(rank_of.get(s, r["rank"]), kind, mb, start, end))
+        events.append(Event(r["rank"], "step", -1, st["t"][1], st["t"][2]))
+    losses = [x for r in ranks for x in r["losses"]]
+    return {"images_per_s": ips, "step_time_s": window / nsteps, "idle_fraction": idle,
+            "stage_costs": [costs[s] for s in sorted(costs)],
+            "comm_calls_per_step": comm, "loss_first_last": [losses[0], losses[-1]]
+            if losses else None, "timeline_events": events, "stage_of_rank": rank_of}
+
+
+def stage_costs(measured: dict, label: str, act_bytes: list[float]):
+    """:class:`StageCost` per (virtual) stage from a measured run; communication-call time is
+    spread over the stage's forward and backward."""
+    from localopt.pipeline.timeline import StageCost
+    out = []
+    for s, c in enumerate(measured["stage_costs"]):
+        extra = c["comm_calls_per_step"] / (2 * measured["M"])
+        f, b = c["forward"] + extra, c["backward"] + extra
+        w = c["backward_weight"]
+        ab = act_bytes[s] if s < len(act_bytes) else 0.0
+        if label in BACKPROP:
+            out.append(StageCost(f, b + (w or 0.0), backward_input=b if w is not None else None,
+                                 backward_weight=w, act_bytes=ab, step=c["optimizer_step"]))
+        else:
+            out.append(StageCost(f, b, direct=b, act_bytes=ab, step=c["optimizer_step"]))
+    return out
+
+
+def _boundary_bytes(plan: dict, label: str, mb: int) -> list[float]:
+    """Activation bytes per micro-batch leaving each (virtual) stage."""
+    fam = "zb" if label == "zb" else _family(label)
+    prof = plan["profile"]
+    names = prof["units"]
+    return [prof["input_bytes_per_sample"][names.index(n)] * mb for n in plan["splits"][fam]]
+
+
+def _sim_schedule(label: str) -> str:
+    if label in BACKPROP:
+        return label
+    return "drtp" if label == "drtp" else "direct"
+
+
+def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
+    """Replay every measured run (same S) and the deeper pipelines of ``--simulate``."""
+    from localopt.pipeline.timeline import CommCost, deepen, simulate
+    link = CommCost(res["link"]["latency"], res["link"]["per_byte"])
+    S = args.stages
+    check, scaled = [], []
+    by_key = {}
+    for run in res["runs"]:
+        M, label = run["M"], run["label"]
+        mb = args.batch // M
+        costs = stage_costs(run, label, _boundary_bytes(plan, label, mb))
+        e_bytes = mb * NUM_CLASSES * 4
+        kw = dict(link=link, e_bytes=e_bytes, batch=args.batch, steps=4)
+        if label == "zb":
+            sim = simulate(costs[::2][:S], "zb", M, virtual_costs=costs, **kw)
+        else:
+            sim = simulate(costs, _sim_schedule(label), M, **kw)
+        err = sim.images_per_s / run["images_per_s"] - 1
+        check.append({"label": label, "M": M, "measured_images_per_s": run["images_per_s"],
+                      "simulated_images_per_s": sim.images_per_s, "error": err,
+                      "simulated_idle_fraction": sim.idle_fraction})
+        by_key[(label, M)] = (costs, kw, sim)
+    for (label, M), (costs, kw, _) in by_key.items():
+        for S2 in _csv(args.simulate, int) if args.simulate else []:
+            if label == "zb":
+                vc = deepen(costs, 2 * S2, args.deepen)
+                sim = simulate(vc[:S2], "zb", M, virtual_costs=vc, **kw)
+            else:
+                sim = simulate(deepen(costs, S2, args.deepen), _sim_schedule(label), M, **kw)
+            scaled.append({"label": label, "M": M, "S": S2, "images_per_s": sim.images_per_s,
+                           "idle_fraction_mean": sum(sim.idle_fraction) / S2})
+            if args.timeline and S2 == 8 and M == 8:
+                by_key.setdefault(("_s8", M), {})[label] = sim.events
+    return {"check": check, "scaled": scaled, "assumption": args.deepen,
+            "_s8_events": by_key.get(("_s8", 8), {})}
+
+
+def speedups(rows: list[dict], key: str = "images_per_s") -> list[dict]:
+    """Per (S, M): each non-backprop schedule's images/s over the fastest backprop one."""
+    out = []
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        groups.setdefault((r.get("S"), r["M"]), {})[r["label"]] = r[key]
+    for (S, M), g in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+        bp = {k: v for k, v in g.items() if k in BACKPROP}
+        if not bp:
+            continue
+        best = max(bp, key=bp.get)
+        for k, v in g.items():
+            if k not in BACKPROP:
+                out.append({"S": S, "M": M, "label": k, "over": best, "speedup": v / bp[best],
+                            "over_gpipe": v / g["gpipe"] if "gpipe" in g else None})
+    return out
+
+
+def plot_speedup(measured: list[dict], scaled: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    rows = speedups(scaled)
+    meas = speedups(measured)
+    styles = {"dfa": "-", "drtp": "--", "bdfa": "-.", "dkp": ":"}
+    for label in sorted({r["label"] for r in rows}):
+        for M in sorted({r["M"] for r in rows}):
+            pts = sorted((r["S"], r["speedup"]) for r in rows if r["label"] == label
+                         and r["M"] == M)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(label, "-"),
+                            marker="o", label=f"{label}, K={M} (simulated)")
+            m = [r for r in meas if r["label"] == label and r["M"] == M]
+            if m:
+                ax.plot([m[0]["S"]], [m[0]["speedup"]], marker="*", ms=12, ls="none",
+                        color=line.get_color())
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("stages S (processes)")
+    ax.set_ylabel("images/s over the fastest backprop schedule")
+    ax.set_title(title + "\n(stars: measured)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ driver
+
+def _meta(args, command: str) -> dict[str, Any]:
+    from .common import git_commit
+    return {"device": f"cpu ({os.cpu_count()} cores), {args.stages} processes x "
+                      f"{args.threads} torch thread(s), gloo on 127.0.0.1",
+            "torch": torch.__version__, "git": git_commit(), "model": args.model,
+            "model_options": args.model_options,
+            "stages": args.stages, "batch": args.batch, "steps": args.steps,
+            "warmup": args.warmup, "threads": args.threads, "command": command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average": list(os.getloadavg())}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m recipes.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mlp3x1024")
+    p.add_argument("--model-options", default="{}", type=json.loads,
+                   help='JSON options of create_model, e.g. \'{"hidden": [64, 64]}\'')
+    p.add_argument("--stages", type=int, default=2, help="processes S (zb: 2S stages)")
+    p.add_argument("--microbatches", default="2,4,8", help="comma list of K")
+    p.add_argument("--schedules", default="gpipe,1f1b,zb,dfa,drtp")
+    p.add_argument("--json", metavar="PATH", help="write the results here")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per schedule and K")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--timeline", metavar="DIR", help="timeline PNGs here")
+    p.add_argument("--simulate", default="", metavar="S,..", help="simulate these stage counts")
+    p.add_argument("--deepen", default="blocks", choices=("blocks", "finer"),
+                   help="cost assumption for --simulate (localopt.pipeline.timeline.deepen)")
+    p.add_argument("--split", default="auto", help="'auto' or comma list of split points")
+    p.add_argument("--split-zb", default="", help="split points of zb (2S-1 names)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr-throughput", type=float, default=1e-3, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds any message may take")
+    p.add_argument("--run-timeout", type=float, default=3600.0,
+                   help="seconds the whole multi-process run may take")
+    p.add_argument("--epochs", type=int, default=0, help="train on CIFAR-10 this many epochs")
+    p.add_argument("--max-steps", type=int, default=0, help="--epochs: at most this many "
+                   "steps per epoch (0: all)")
+    p.add_argument("--data", default="", help="CIFAR-10 location (recipes.data.find_data)")
+    p.add_argument("--lr", type=float, default=0.0, help="--epochs: Adam lr (default: the "
+                   "model's config)")
+    p.add_argument("--report", metavar="DIR", help="write DIR/README.md from DIR/*.json")
+    return p
+
+
+def _under_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.report:
+        path = write_report(Path(args.report))
+        print(f"wrote {path}")
+        return 0
+    command = "python -m recipes.pipeline " + " ".join(sys.argv[1:] if argv is None else argv)
+    labels = _csv(args.schedules)
+    for lb in labels:
+        if lb not in BACKPROP and lb not in DIRECT:
+            raise SystemExit(f"error: --schedules {lb!r}: choose from "
+                             f"{', '.join(BACKPROP + DIRECT)}")
+    if args.stages == 1:
+        if not args.epochs or any(lb in BACKPROP for lb in labels):
+            raise SystemExit("error: --stages 1 is the one-process reference of an --epochs "
+                             "run of localopt rules")
+        out = _train_single(args)
+        _finish_training(out, args, command)
+        return 0
+    if _under_torchrun():
+        torch.set_num_threads(args.threads)
+        from localopt.pipeline.comm import init_group
+        init_group(torch.device("cpu"), args.timeout)
+        if dist.get_world_size() != args.stages:
+            raise SystemExit(f"error: --stages {args.stages} but torchrun started "
+                             f"{dist.get_world_size()} processes")
+        box = [plan_splits(args) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        plan = box[0]
+        res = _worker(vars(args), plan)
+        if res is None:
+            return 0
+    else:
+        from localopt import pipeline as lp
+        torch.set_num_threads(args.threads)
+        plan = plan_splits(args)
+        print(f"[pipeline] splits: {plan['splits']}", flush=True)
+        res = lp.launch(_worker, nprocs=args.stages, args=(vars(args), plan),
+                        timeout=args.run_timeout, threads=args.threads)[0]
+    if args.epochs:
+        _finish_training(res, args, command)
+    else:
+        _finish_throughput(res, args, plan, command)
+    return 0
+
+
+def _finish_training(res: dict, args, command: str) -> None:
+    res["meta"] = _meta(args, command)
+    res["meta"]["epochs"] = args.epochs
+    for run in res["runs"]:
+        last = run["epochs"][-1]
+        print(f"{run['label']} (S={args.stages}, K={run['M']}): test acc "
+              f"{100 * last['test_acc']:.2f}% after {last['epoch']} epochs, "
+              f"{last['images_per_s']:.0f} img/s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+
+
+def _finish_throughput(res: dict, args, plan: dict, command: str) -> None:
+    from localopt.pipeline.timeline import plot_timelines
+    runs, panels = [], {}
+    for raw in res["runs"]:
+        a = analyse(raw, args.batch)
+        events = a.pop("timeline_events")
+        runs.append({"label": raw["label"], "M": raw["M"], "S": args.stages, **a})
+        panels.setdefault(raw["M"], {})[raw["label"]] = events
+    out = {"meta": _meta(args, command), "link": res["link"],
+           "splits": plan["splits"], "split_how": plan["how"],
+           "profile": plan["profile"], "runs": runs}
+    sim = simulate_all({"link": res["link"], "runs": runs}, args, plan)
+    s8 = sim.pop("_s8_events")
+    out["simulation"] = sim
+    out["speedup_measured"] = speedups(runs)
+    out["speedup_simulated"] = speedups(sim["scaled"])
+    files = {}
+    stem = Path(args.json).stem if args.json else args.model
+    if args.timeline:
+        d = Path(args.timeline)
+        for M, pan in panels.items():
+            f = d / f"{stem}_timeline_K{M}.png"
+            ips = {r["label"]: r["images_per_s"] for r in runs if r["M"] == M}
+            plot_timelines({f"{lb}: {ips[lb]:.0f} img/s (measured)": ev
+                            for lb, ev in pan.items()}, f,
+                           title=f"{args.model}, S={args.stages} processes, K={M} micro-batches "
+                                 f"of {args.batch // M}, middle timed step")
+            files[f"timeline_K{M}"] = str(f)
+        if s8:
+            f = d / f"{stem}_simulated_S8_K8.png"
+            plot_timelines(s8, f, title=f"{args.model}: simulated S=8, K=8 "
+                                        f"({args.deepen} assumption)")
+            files["simulated_S8_K8"] = str(f)
+        if sim["scaled"]:
+            f = d / f"{stem}_speedup.png"
+            plot_speedup(runs, sim["scaled"], f, f"{args.model}: direct-feedback schedules "
+                         f"over the fastest backprop schedule")
+            files["speedup"] = str(f)
+    out["files"] = files
+    for r in runs:
+        print(f"{r['label']:>6} K={r['M']}: {r['images_per_s']:7.0f} img/s, idle "
+              + _pcts(r["idle_fraction"]))
+    for c in sim["check"]:
+        print(f"  sim {c['label']:>6} K={c['M']}: {c['simulated_images_per_s']:7.0f} img/s "
+              f"({100 * c['error']:+.1f}%)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------ report
+
+def _pcts(v: list[float]) -> str:
+    return ", ".join(f"{100 * x:.0f}%" for x in v)
+
+
+def _ms(t: float) -> str:
+    return f"{1e3 * t:.2f}"
+
+
+def write_report(d: Path) -> Path:
+    """``d/README.md`` from the JSON files of ``d`` (throughput and training results)."""
+    lines = ["# Pipeline (model-parallel) training: direct feedback vs backprop schedules", "",
+             "Generated by `python -m recipes.pipeline --report " + str(d) + "` from the JSON "
+             "files next to it; each section names the command that wrote its file.", ""]
+    for f in sorted(d.glob("*.json")):
+        res = json.loads(f.read_text())
+        m = res.get("meta", {})
+        lines += [f"## `{f.name}`", "", f"    {m.get('command', '?')}", "",
+                  f"model {m.get('model')}, S = {m.get('stages')} processes, batch "
+                  f"{m.get('batch')}, device {m.get('device')}, torch {m.get('torch')}, commit "
+                  f"{(m.get('git') or {}).get('commit', '?')}"
+                  f"{' (dirty)' if (m.get('git') or {}).get('dirty') else ''}, "
+                  f"{m.get('date')}, load average before the run "
+                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average', []))}.", ""]
+        if "simulation" in res:
+            lines += _report_throughput(res, m)
+        else:
+            lines += _report_training(res, m)
+    out = d / "README.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _report_throughput(res: dict, m: dict) -> list[str]:
+    L = [f"Timed: {m.get('steps')} steps after {m.get('warmup')} warm-up steps per row. "
+         f"Splits ({res.get('split_how')}): " +
+         "; ".join(f"{k}: {v}" for k, v in res["splits"].items()) + ".", "",
+         "| schedule | K | images/s | idle per stage | fwd ms/mb per stage | bwd ms/mb per "
+         "stage | simulated images/s (error) |", "|---|---:|---:|---|---|---|---|"]
+    check = {(c["label"], c["M"]): c for c in res["simulation"]["check"]}
+    for r in sorted(res["runs"], key=lambda r: (r["M"], r["label"])):
+        c = check.get((r["label"], r["M"]))
+        bw = ", ".join(_ms(s["backward"]) + ("+" + _ms(s["backward_weight"])
+                                              if s.get("backward_weight") else "")
+                       for s in r["stage_costs"])
+        fw = ", ".join(_ms(s["forward"]) for s in r["stage_costs"])
+        L.append(f"| {r['label']} | {r['M']} | {r['images_per_s']:.0f} | "
+                 f"{_pcts(r['idle_fraction'])} | {fw} | {bw} | "
+                 + (f"{c['simulated_images_per_s']:.0f} ({100 * c['error']:+.1f}%)" if c
+                    else "") + " |")
+    link = res["link"]
+    L += ["", f"Messages (ping-pong fit): latency {1e6 * link['latency']:.0f} us, "
+          f"{1e9 * link['per_byte']:.2f} ns/byte.  zb: backward = input gradient + weight "
+          "gradient, stages are the 2S virtual stages.", "",
+          "Speed-up over the fastest backprop schedule, measured:", "",
+          "| schedule | K | speed-up | over | over gpipe |", "|---|---:|---:|---|---:|"]
+    for s in res["speedup_measured"]:
+        L.append(f"| {s['label']} | {s['M']} | {s['speedup']:.2f}x | {s['over']} | "
+                 + (f"{s['over_gpipe']:.2f}x" if s['over_gpipe'] else "") + " |")
+    if res["speedup_simulated"]:
+        L += ["", f"Simulated (`{res['simulation']['assumption']}` assumption: "
+              + ("every stage costs the mean of the measured stages, a deeper model of the "
+                 "same blocks" if res['simulation']['assumption'] == "blocks" else
+                 "the measured model's total cost split evenly over S stages")
+              + "; the same measured message costs):", "",
+              "| S | K | schedule | speed-up | over |", "|---:|---:|---|---:|---|"]
+        for s in res["speedup_simulated"]:
+            L.append(f"| {s['S']} | {s['M']} | {s['label']} | {s['speedup']:.2f}x | "
+                     f"{s['over']} |")
+    files = res.get("files", {})
+    if files:
+        L += ["", "Figures: " + ", ".join(f"`{Path(v).name}`" for v in files.values()) + "."]
+    return L + [""]
+
+
+def _report_training(res: dict, m: dict) -> list[str]:
+    L = [f"Data: {res.get('data')}; {m.get('epochs')} epochs, train on all 50,000 images, "
+         "test on the 10,000 test images after every epoch.", "",
+         "| schedule | K | epoch | train loss | test acc % | images/s |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for r in res["runs"]:
+        for e in r["epochs"]:
+            L.append(f"| {r['label']} | {r['M']} | {e['epoch']} | {e['train_loss']:.4f} | "
+                     f"{100 * e['test_acc']:.2f} | {e['images_per_s']:.0f} |")
+    return L + [""]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

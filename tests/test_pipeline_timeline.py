@@ -1,0 +1,194 @@
+"""Pipeline timelines: the event simulation (hand-computable schedules), the figures, and a
+two-process smoke run of ``recipes.pipeline``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from localopt.pipeline.timeline import (CommCost, StageCost, deepen, idle_fractions,
+                                        plot_timeline, plot_timelines, simulate)
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = settings(max_examples=25, deadline=None)
+
+
+def per_stage(events, S):
+    return [[e for e in events if e.stage == s] for s in range(S)]
+
+
+@FAST
+@given(S=st.integers(1, 6), M=st.integers(1, 10))
+def test_gpipe_bubble_with_unit_costs(S, M):
+    """F = B = 1, free messages: 2 (M + S - 1) per step, every stage idle (S-1)/(M+S-1)."""
+    r = simulate([StageCost(1.0, 1.0)] * S, "gpipe", M)
+    assert r.makespan == pytest.approx(2 * (M + S - 1))
+    assert r.idle_fraction == pytest.approx([(S - 1) / (M + S - 1)] * S)
+    assert r.images_per_s == pytest.approx(M / r.makespan)
+
+
+@FAST
+@given(S=st.integers(1, 5), extra=st.integers(0, 6))
+def test_1f1b_has_the_gpipe_bubble_and_order(S, extra):
+    """1F1B reorders, it does not shrink the bubble: same makespan with unit costs; stage s
+    runs min(M, S-s) forwards before its first backward."""
+    M = S + extra
+    r = simulate([StageCost(1.0, 1.0)] * S, "1f1b", M)
+    assert r.makespan == pytest.approx(2 * (M + S - 1))
+    for s, ev in enumerate(per_stage(r.events, S)):
+        kinds = [e.kind for e in ev if e.kind in ("forward", "backward")]
+        assert kinds.index("backward") == min(M, S - s)
+
+
+def test_latency_adds_one_hop_per_boundary_each_way():
+    S, M, L = 3, 4, 0.25
+    r = simulate([StageCost(1.0, 1.0, act_bytes=100)] * S, "gpipe", M,
+                 link=CommCost(latency=L, per_byte=0.001))
+    assert r.makespan == pytest.approx(2 * (M + S - 1) + 2 * (S - 1) * (L + 0.1))
+
+
+@FAST
+@given(S=st.integers(1, 6), extra=st.integers(0, 6))
+def test_direct_with_free_e_has_no_bubble_in_backward(S, extra):
+    """Direct rules: a stage's backward needs only its forward and e.  With e free, F = D = 1
+    and M >= S, the only idle time of every stage is the (S-1)-forward fill: the last stage
+    never waits after its first forward, every stage ends with the last one, and the
+    backward costs 1, not the backprop 5."""
+    M = S + extra
+    r = simulate([StageCost(1.0, 5.0, direct=1.0)] * S, "direct", M)
+    assert r.makespan == pytest.approx(S - 1 + 2 * M)
+    assert r.idle_fraction == pytest.approx([(S - 1) / (S - 1 + 2 * M)] * S)
+    for s, ev in enumerate(per_stage(r.events, S)):
+        assert [e.microbatch for e in ev if e.kind == "backward"] == list(range(M))
+        assert max(e.end for e in ev) == pytest.approx(r.makespan)
+    last = per_stage(r.events, S)[-1]
+    assert [e.kind for e in last if e.kind != "wait"] == ["forward", "backward"] * M
+    assert [e.start for e in last if e.kind == "wait"] == [0.0] * (S > 1)
+
+
+def test_direct_stage_runs_ready_backwards_between_forwards():
+    """localopt's order below the last stage: after each forward, the pending backwards whose
+    e has arrived; e_0 reaches stage 0 at 2 (F on stage 1 ends at 2): F0 F1 D0 F2 D1 ..."""
+    r = simulate([StageCost(1.0, 1.0, direct=1.0)] * 2, "direct", 4)
+    s0 = [(e.kind[0], e.microbatch) for e in r.events if e.stage == 0 and e.kind != "wait"]
+    assert s0 == [("f", 0), ("f", 1), ("b", 0), ("f", 2), ("b", 1), ("f", 3), ("b", 2),
+                  ("b", 3)]
+
+
+def test_direct_waits_for_a_slow_e_and_drtp_does_not():
+    S, M = 2, 2
+    costs = [StageCost(1.0, 2.0, direct=1.0)] * S
+    slow = CommCost(latency=10.0)
+    d = simulate(costs, "direct", M, e_link=slow)
+    # stage 1: F0 1-2, D0 2-3, F1 3-4, D1 4-5; e_0 reaches stage 0 at 12, e_1 at 14
+    assert d.makespan == pytest.approx(15.0)
+    assert [(e.kind, e.start) for e in d.events if e.stage == 0 and e.kind != "forward"] == [
+        ("wait", 2.0), ("backward", 12.0), ("wait", 13.0), ("backward", 14.0)]
+    t = simulate(costs, "drtp", M, e_link=slow)
+    # drtp needs no e: stage 0 F0 D0 F1 D1 (0-4), stage 1 F0 at 1-2, D0, F1 at 3-4, D1 4-5
+    assert t.makespan == pytest.approx(5.0)
+    assert [e.kind for e in t.events if e.stage == 0] == ["forward", "backward"] * 2
+
+
+def test_direct_beats_backprop_when_backward_is_cheaper_and_zb_fills_bubbles():
+    costs = [StageCost(1.0, 2.0, backward_input=1.0, backward_weight=1.0, direct=1.2)] * 4
+    t = {s: simulate(costs, s, 8).makespan for s in ("gpipe", "1f1b", "zb", "direct")}
+    assert t["zb"] < t["1f1b"] == t["gpipe"]
+    assert t["direct"] < t["zb"]
+
+
+@FAST
+@given(S=st.integers(1, 4), M=st.integers(1, 6), steps=st.integers(1, 3),
+       schedule=st.sampled_from(["gpipe", "1f1b", "direct", "drtp", "zb"]),
+       f=st.floats(0.1, 3), b=st.floats(0.1, 3), lat=st.floats(0, 2))
+def test_idle_fractions_add_up(S, M, steps, schedule, f, b, lat):
+    """Per stage: events never overlap, busy + waits + gaps = the run, and the idle fraction
+    is 1 - busy / makespan; the optimizer step of step k precedes step k+1."""
+    if schedule == "1f1b":
+        M = max(M, S)
+    costs = [StageCost(f, b, direct=b / 2, act_bytes=1.0, step=0.1)] * S
+    r = simulate(costs, schedule, M, link=CommCost(latency=lat), e_bytes=1.0, steps=steps)
+    total = r.makespan * steps
+    for s, ev in enumerate(per_stage(r.events, S)):
+        for a, c in zip(ev, ev[1:]):
+            assert c.start >= a.end - 1e-9
+        busy = sum(e.end - e.start for e in ev if e.kind != "wait")
+        assert 1 - busy / total == pytest.approx(r.idle_fraction[s], abs=1e-9)
+        assert busy == pytest.approx(steps * (M * (f + (b if schedule in ("gpipe", "1f1b", "zb")
+                                                       else b / 2)) + 0.1))
+        assert [e.kind for e in ev if e.kind == "step"] == ["step"] * steps
+    assert idle_fractions(r.events, S, total, 0.0) == pytest.approx(r.idle_fraction)
+
+
+def test_zb_follows_torch_order_and_splits_the_backward():
+    S, M = 2, 4
+    r = simulate([StageCost(1.0, 2.0, backward_input=0.5)] * S, "zb", M)
+    for ev in per_stage(r.events, S):
+        assert sum(e.kind == "forward" for e in ev) == 2 * M        # two virtual stages
+        w = [e.end - e.start for e in ev if e.kind == "backward_weight"]
+        i = [e.end - e.start for e in ev if e.kind == "backward"]
+        assert w == pytest.approx([0.75] * 2 * M) and i == pytest.approx([0.25] * 2 * M)
+
+
+def test_deepen_keeps_the_per_stage_or_the_total_cost():
+    costs = [StageCost(3.0, 6.0, direct=4.0, act_bytes=8.0, step=1.0),
+             StageCost(1.0, 2.0, direct=1.0, act_bytes=0.0, step=0.0)]
+    blocks = deepen(costs, 8)
+    assert len(blocks) == 8 and blocks[0].forward == 2.0 and blocks[0].direct == 2.5
+    assert blocks[0].act_bytes == 8.0
+    finer = deepen(costs, 8, "finer")
+    assert sum(c.backward for c in finer) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="assumption"):
+        deepen(costs, 4, "wider")
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="schedule='pipedream'"):
+        simulate([StageCost(1, 1)], "pipedream", 2)
+    with pytest.raises(ValueError, match="zb needs 4 virtual"):
+        simulate([StageCost(1, 1)] * 2, "zb", 2, virtual_costs=[StageCost(1, 1)])
+
+
+def test_plots_write_pngs(tmp_path):
+    r = {s: simulate([StageCost(1.0, 2.0)] * 3, s, 4).events for s in ("gpipe", "zb", "direct")}
+    p = plot_timeline(r["direct"], tmp_path / "one.png", title="direct")
+    q = plot_timelines(r, tmp_path / "all.png", title="S=3, M=4")
+    for f in (p, q):
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recipe_two_processes_smoke(tmp_path):
+    """recipes.pipeline end to end on a tiny MLP: 2 processes on loopback, a torch schedule and
+    the direct one, 2 timed steps; JSON, timeline, simulation and the generated report."""
+    out = tmp_path / "tiny.json"
+    cmd = [sys.executable, "-m", "localopt.recipes.pipeline", "--model", "mlp3x1024",
+           "--model-options", '{"hidden": [16, 16]}', "--stages", "2", "--microbatches", "2",
+           "--schedules", "gpipe,dfa", "--steps", "2", "--warmup", "1", "--batch", "8",
+           "--json", str(out), "--timeline", str(tmp_path), "--simulate", "4",
+           "--timeout", "30", "--run-timeout", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert [(r["label"], r["M"]) for r in res["runs"]] == [("gpipe", 2), ("dfa", 2)]
+    for r in res["runs"]:
+        assert r["images_per_s"] > 0
+        assert len(r["idle_fraction"]) == 2 and all(0 <= x <= 1 for x in r["idle_fraction"])
+        assert len(r["stage_costs"]) == 2 and all(c["forward"] > 0 for c in r["stage_costs"])
+    assert res["splits"] == {"bp": ["3"], "dfa": ["3"]}
+    assert {c["label"] for c in res["simulation"]["check"]} == {"gpipe", "dfa"}
+    assert {(s["S"], s["label"]) for s in res["simulation"]["scaled"]} == {(4, "gpipe"),
+                                                                           (4, "dfa")}
+    for f in res["files"].values():
+        assert Path(f).read_bytes()[:4] == b"\x89PNG"
+    from localopt.recipes.pipeline import main
+    assert main(["--report", str(tmp_path)]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "--schedules gpipe,dfa" in text and "| dfa | 2 |" in text
