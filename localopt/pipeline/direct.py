@@ -110,7 +110,7 @@ class DirectRunner:
                                     "batch x")
             N = x.shape[0]
         else:
-            hdr = torch.empty(2, dtype=torch.int64)
+            hdr = torch.empty(2, dtype=torch.int64, device=self.device)
             link.wait(link.irecv(hdr, s - 1, _TAG_HEADER, s, -1), s, -1,
                       "the batch header")
             N, M = int(hdr[0]), int(hdr[1])
@@ -128,8 +128,8 @@ class DirectRunner:
             raise PipelineError(f"localopt.pipeline: a batch of {N} does not divide into "
                                 f"microbatches={self.M} equal micro-batches")
         if s < self.S - 1:
-            self._sends.append(link.isend(torch.tensor([N, self.M], dtype=torch.int64), s + 1,
-                                          _TAG_HEADER, s, -1))
+            hdr = torch.tensor([N, self.M], dtype=torch.int64, device=self.device)
+            self._sends.append(link.isend(hdr, s + 1, _TAG_HEADER, s, -1))
         return N
 
     # -- one step --------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ class PipelineStep:
                     raise PipelineError("localopt.pipeline: predict needs x on the first stage")
                 h = x.to(self._device)
             elif owner[i - 1] != self.rank:
-                hdr = torch.empty(1, dtype=torch.int64)
+                hdr = torch.empty(1, dtype=torch.int64, device=self._device)
                 link.wait(link.irecv(hdr, owner[i - 1], _TAG_PREDICT, i, -1), i, -1,
                           "the predict header")
                 shape, dtype = self._shapes[i - 1]
@@ -150,8 +150,8 @@ class PipelineStep:
                               "a predict activation")
             h = mine[i](h)
             if i < S - 1 and owner[i + 1] != self.rank:
-                sends = [link.isend(torch.tensor([h.shape[0]], dtype=torch.int64), owner[i + 1],
-                                    _TAG_PREDICT, i, -1),
+                n = torch.tensor([h.shape[0]], dtype=torch.int64, device=self._device)
+                sends = [link.isend(n, owner[i + 1], _TAG_PREDICT, i, -1),
                          link.isend(h.contiguous(), owner[i + 1], _TAG_PREDICT + 1, i, -1)]
                 for op in sends:
                     link.wait(op, i, -1, "a predict message")
