@@ -14,7 +14,8 @@ pipeline schedules -- measured throughput, timelines, and an event simulation fo
 Schedules: ``gpipe``, ``1f1b``, ``zb`` are torch.distributed.pipelining's backprop schedules
 (``ScheduleGPipe``, ``Schedule1F1B``, ``ScheduleZBVZeroBubble``: two stages per process) on
 the unwrapped model; any localopt rule name (``dfa``, ``bdfa``, ``dkp``, ``drtp``) wraps the
-model with that rule and runs localopt's ``direct`` schedule.
+model with that rule (``--rule-options``; ResNets: module-wise, every block receives ``e``)
+and runs localopt's ``direct`` schedule.
 
 Without ``--epochs`` (throughput): every schedule and micro-batch count ``K`` runs
 ``--warmup`` untimed and ``--steps`` timed training steps (SGD) on one fixed random batch;
@@ -56,6 +57,10 @@ DIRECT = ("dfa", "bdfa", "dkp", "drtp")
 IMAGE = (3, 32, 32)
 LINK_SIZES = [4, 16384, 131072, 524288, 2097152]     # ping-pong message sizes (bytes)
 NUM_CLASSES = 10
+#: options of the direct rules per model (--rule-options overrides): a ResNet cannot be cut
+#: before a layer that layer-wise DFA hooks (a block's input also feeds its shortcut), so the
+#: direct rules run module-wise there (Han et al. 2020): every block receives e at its input.
+DEFAULT_RULE_OPTIONS = {"resnet": {"modules": ["layers.?"]}}
 DEFAULT_TRAIN = {   # optimizer of --epochs runs: the settings of the repo's configs
     "mlp3x1024": dict(config="mlp_bartunov2018", lr=3.886644634575892e-4,
                       eps=6.565611200656028e-4, model_options={"init": "xavier"}),
@@ -147,6 +152,7 @@ def profile_units(model_name: str, batch: int, steps: int = 8, warmup: int = 3,
                 for key, v in zip(keys, (t1 - t0, t2 - t1, ti, tw)):
                     t[key][k].append(v)
     return {"units": [nm for nm, _ in seq], "candidate": [_candidate(m) for _, m in seq],
+            "input_is_view": [t._base is not None for t in ins],
             "input_bytes_per_sample": in_bytes, "batch": batch,
             **{key: [statistics.median(v) for v in t[key]] for key in keys}}
 
@@ -192,23 +198,36 @@ def plan_splits(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if fam == "zb":
             place = list(range(S)) + list(range(S - 1, -1, -1))          # V: 0,1,..,1,0
+            # torch's zero-bubble backward detaches stage outputs in place, which fails on a
+            # view (e.g. a flatten before the classifier): no stage begins at a view input
+            ok = [c and not v for c, v in zip(cand, prof["input_is_view"])]
             splits[fam] = (_csv(args.split_zb) if args.split_zb else
-                           [names[k] for k in best_split(bp, cand, 2 * S, place)])
+                           [names[k] for k in best_split(bp, ok, 2 * S, place)])
         elif explicit is not None:
             splits[fam] = explicit
         else:
-            splits[fam] = [names[k] for k in best_split(bp if fam == "bp" else direct, cand, S)]
+            # layer-wise rules skip the input gradient of every hooked layer (forward + weight
+            # gradients); module-wise ones keep backprop inside each module (about bp's cost)
+            cost = direct if fam != "bp" and not rule_options(args).get("modules") else bp
+            splits[fam] = [names[k] for k in best_split(cost, cand, S)]
     return {"splits": splits, "profile": prof,
             "how": "explicit --split" if explicit else
             "auto: the contiguous cut minimising the slowest stage (backprop: forward + "
-            "backward; direct rules: forward + weight gradients; zb: the busiest process of the "
-            f"V placement), from a one-process profile at batch {prof['batch']}"}
+            "backward; layer-wise direct rules: forward + weight gradients, module-wise ones: "
+            "as backprop; zb: the busiest process of the V placement), from a one-process "
+            f"profile at batch {prof['batch']}"}
 
 
 # ------------------------------------------------------------------------------ one rank
 
 def _family(label: str) -> str:
     return "bp" if label in BACKPROP else label
+
+
+def rule_options(args) -> dict:
+    if args.rule_options is not None:
+        return args.rule_options
+    return next((v for k, v in DEFAULT_RULE_OPTIONS.items() if args.model.startswith(k)), {})
 
 
 def _rule_schedule(label: str) -> tuple[str, str]:
@@ -223,7 +242,7 @@ def _build(args, label: str, M: int, plan: dict, model_options: dict | None = No
     torch.manual_seed(args.seed)
     model = create_model(args.model, **{**args.model_options, **(model_options or {})})
     if rule != "none":
-        localopt.wrap(model, rule, seed=args.seed)
+        localopt.wrap(model, rule, seed=args.seed, **rule_options(args))
     split = plan["splits"]["zb" if label == "zb" else _family(label)]
     pipe = lp.build(model, split=split, schedule=sched, microbatches=M,
                     loss_fn=F.cross_entropy, example=torch.zeros(1, *IMAGE),
@@ -400,7 +419,7 @@ def _train_single(args) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         model = create_model(args.model, **{**args.model_options, **dflt["model_options"]})
         if rule != "none":
-            localopt.wrap(model, rule, seed=args.seed)
+            localopt.wrap(model, rule, seed=args.seed, **rule_options(args))
         opt = torch.optim.Adam(model.parameters(), lr=args.lr or dflt["lr"], eps=dflt["eps"])
 
         def step(x, y):
@@ -426,72 +445,91 @@ def _median(v: list[float]) -> float:
 
 
 def analyse(run: dict, batch: int) -> dict[str, Any]:
-    """Throughput, idle fractions and per-stage costs of one gathered run."""
+    """Throughput, idle fractions and per-stage costs of one gathered run.
+
+    Per process, over the timed window: *busy* = time inside forward/backward/send/recv calls
+    and the optimizer step; *waiting* = time blocked on messages; the rest is the schedule's
+    own overhead (Python between the calls).  idle fraction = 1 - busy / window."""
     from localopt.pipeline import Event
     ranks = sorted(run["ranks"], key=lambda r: r["rank"])
     nsteps = len(ranks[0]["steps"])
     t0 = min(r["first"] for r in ranks)
     window = max(r["last"] for r in ranks) - t0
     ips = nsteps * batch / window
-    idle, costs, comm = [], {}, []
+    idle, costs, per_rank = [], {}, []
     for r in ranks:
-        busy = 0.0
+        busy = calls = waited = 0.0
+        ops = 0
         per_stage: dict[int, dict[str, list]] = {}
-        calls = 0.0
         for st in r["steps"]:
-            a, b, c = st["t"]
-            busy += c - b                                      # optimizer step
+            busy += st["t"][2] - st["t"][1]                   # optimizer step
             seen_b: dict[tuple, int] = {}
             for s, kind, mb, start, end in st["events"]:
+                d = per_stage.setdefault(s, {"forward": [], "backward": [], "weight": []})
                 if kind in ("forward", "backward", "send", "recv"):
                     busy += end - start
                 if kind in ("send", "recv"):
                     calls += end - start
-                d = per_stage.setdefault(s, {"forward": [], "backward": [], "weight": []})
-                if kind == "forward":
+                elif kind == "wait":
+                    waited += end - start
+                elif kind == "forward":
                     d["forward"].append(end - start)
+                    ops += 1
                 elif kind == "backward":
                     n = seen_b.get((s, mb), 0)
                     seen_b[(s, mb)] = n + 1
                     d["weight" if n else "backward"].append(end - start)
+                    ops += 1
+        own = r["last"] - r["first"]
+        other = max(0.0, own - busy - waited)
         idle.append(max(0.0, 1.0 - busy / window))
         opt_t = _median([st["t"][2] - st["t"][1] for st in r["steps"]])
-        comm.append(calls / nsteps)
+        per_op = (calls + other) / ops if ops else 0.0
+        per_rank.append({"rank": r["rank"], "busy_per_step": busy / nsteps,
+                         "comm_calls_per_step": calls / nsteps, "wait_per_step": waited / nsteps,
+                         "overhead_per_step": other / nsteps, "optimizer_step": opt_t})
         for s, d in per_stage.items():
             costs[s] = {"rank": r["rank"], "forward": _median(d["forward"]),
                         "backward": _median(d["backward"]),
                         "backward_weight": _median(d["weight"]) if d["weight"] else None,
                         "optimizer_step": opt_t / len(per_stage),
-                        "comm_calls_per_step": calls / nsteps / len(per_stage)}
-    mid = nsteps // 2
+                        "calls_and_overhead_per_op": per_op}
+    # the timeline: every process in a window of two steps from rank 0's middle step on (in
+    # the steady state a later stage may still be finishing the step before)
+    lo = ranks[0]["steps"][nsteps // 2]["t"][0]
+    hi = lo + 2 * window / nsteps
     events = []
     rank_of = {s: r["rank"] for r in ranks for s in r["stages"]}
     for r in ranks:
-        st = r["steps"][mid]
-        seen_b: dict[tuple, int] = {}
-        for s, kind, mb, start, end in st["events"]:
-            if kind == "backward":
-                n = seen_b.get((s, mb), 0)
-                seen_b[(s, mb)] = n + 1
-                kind = "backward_weight" if n else kind
-            events.append(Event(rank_of.get(s, r["rank"]), kind, mb, start, end))
-        events.append(Event(r["rank"], "step", -1, st["t"][1], st["t"][2]))
+        for st in r["steps"]:
+            seen_b = {}
+            evs = [(s, kind, mb, a, b) for s, kind, mb, a, b in st["events"]]
+            evs.append((r["stages"][0], "step", -1, st["t"][1], st["t"][2]))
+            for s, kind, mb, start, end in evs:
+                if kind == "backward":
+                    n = seen_b.get((s, mb), 0)
+                    seen_b[(s, mb)] = n + 1
+                    kind = "backward_weight" if n else kind
+                if end > lo and start < hi:
+                    events.append(Event(rank_of.get(s, r["rank"]), kind, mb, max(start, lo),
+                                        min(end, hi)))
     losses = [x for r in ranks for x in r["losses"]]
     return {"images_per_s": ips, "step_time_s": window / nsteps, "idle_fraction": idle,
-            "stage_costs": [costs[s] for s in sorted(costs)],
-            "comm_calls_per_step": comm, "loss_first_last": [losses[0], losses[-1]]
-            if losses else None, "timeline_events": events, "stage_of_rank": rank_of}
+            "stage_costs": [costs[s] for s in sorted(costs)], "per_process": per_rank,
+            "loss_first_last": [losses[0], losses[-1]] if losses else None,
+            "timeline_events": events, "stage_of_rank": rank_of}
 
 
 def stage_costs(measured: dict, label: str, act_bytes: list[float]):
-    """:class:`StageCost` per (virtual) stage from a measured run; communication-call time is
-    spread over the stage's forward and backward."""
+    """:class:`StageCost` per (virtual) stage from a measured run: median forward/backward
+    times, plus the process's communication-call time and schedule overhead spread evenly
+    over its forward and backward operations."""
     from localopt.pipeline.timeline import StageCost
     out = []
     for s, c in enumerate(measured["stage_costs"]):
-        extra = c["comm_calls_per_step"] / (2 * measured["M"])
+        extra = c["calls_and_overhead_per_op"]
         f, b = c["forward"] + extra, c["backward"] + extra
-        w = c["backward_weight"]
+        w = None if c["backward_weight"] is None else c["backward_weight"] + extra
         ab = act_bytes[s] if s < len(act_bytes) else 0.0
         if label in BACKPROP:
             out.append(StageCost(f, b + (w or 0.0), backward_input=b if w is not None else None,
@@ -521,7 +559,8 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
     link = CommCost(res["link"]["latency"], res["link"]["per_byte"])
     S = args.stages
     check, scaled = [], []
-    by_key = {}
+    by_key: dict[tuple, tuple] = {}
+    s8: dict[str, list] = {}
     for run in res["runs"]:
         M, label = run["M"], run["label"]
         mb = args.batch // M
@@ -539,6 +578,8 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
         by_key[(label, M)] = (costs, kw, sim)
     for (label, M), (costs, kw, _) in by_key.items():
         for S2 in _csv(args.simulate, int) if args.simulate else []:
+            if label == "1f1b" and M < S2:               # torch's Schedule1F1B needs M >= S
+                continue
             if label == "zb":
                 vc = deepen(costs, 2 * S2, args.deepen)
                 sim = simulate(vc[:S2], "zb", M, virtual_costs=vc, **kw)
@@ -546,10 +587,12 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
                 sim = simulate(deepen(costs, S2, args.deepen), _sim_schedule(label), M, **kw)
             scaled.append({"label": label, "M": M, "S": S2, "images_per_s": sim.images_per_s,
                            "idle_fraction_mean": sum(sim.idle_fraction) / S2})
-            if args.timeline and S2 == 8 and M == 8:
-                by_key.setdefault(("_s8", M), {})[label] = sim.events
-    return {"check": check, "scaled": scaled, "assumption": args.deepen,
-            "_s8_events": by_key.get(("_s8", 8), {})}
+            if args.timeline and S2 == 8 and M == 8:         # two steps, for the figure
+                kw2 = {**kw, "steps": 2}
+                s8[label] = (simulate(vc[:S2], "zb", M, virtual_costs=vc, **kw2) if label == "zb"
+                             else simulate(deepen(costs, S2, args.deepen), _sim_schedule(label),
+                                           M, **kw2)).events
+    return {"check": check, "scaled": scaled, "assumption": args.deepen, "_s8_events": s8}
 
 
 def speedups(rows: list[dict], key: str = "images_per_s") -> list[dict]:
@@ -607,7 +650,7 @@ def _meta(args, command: str) -> dict[str, Any]:
     return {"device": f"cpu ({os.cpu_count()} cores), {args.stages} processes x "
                       f"{args.threads} torch thread(s), gloo on 127.0.0.1",
             "torch": torch.__version__, "git": git_commit(), "model": args.model,
-            "model_options": args.model_options,
+            "model_options": args.model_options, "rule_options": rule_options(args),
             "stages": args.stages, "batch": args.batch, "steps": args.steps,
             "warmup": args.warmup, "threads": args.threads, "command": command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -634,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cost assumption for --simulate (localopt.pipeline.timeline.deepen)")
     p.add_argument("--split", default="auto", help="'auto' or comma list of split points")
     p.add_argument("--split-zb", default="", help="split points of zb (2S-1 names)")
+    p.add_argument("--rule-options", default=None, type=json.loads,
+                   help="JSON options of localopt.wrap for the direct rules (default: "
+                        "module-wise on every block for ResNets, {} otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr-throughput", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any message may take")
@@ -738,7 +784,7 @@ def _finish_throughput(res: dict, args, plan: dict, command: str) -> None:
             plot_timelines({f"{lb}: {ips[lb]:.0f} img/s (measured)": ev
                             for lb, ev in pan.items()}, f,
                            title=f"{args.model}, S={args.stages} processes, K={M} micro-batches "
-                                 f"of {args.batch // M}, middle timed step")
+                                 f"of {args.batch // M}: two steps of the steady state")
             files[f"timeline_K{M}"] = str(f)
         if s8:
             f = d / f"{stem}_simulated_S8_K8.png"

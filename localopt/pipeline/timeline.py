@@ -328,6 +328,10 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
                         back.append(((k, V - 1, "F", i), e_link.time(e_bytes)))
                     ops[(k, v, "D", i)] = _Op((k, v, "D", i), r, c.direct_part, back,
                                               "backward")
+        mine: dict[int, list] = {r: [] for r in range(S)}
+        for key, op in ops.items():
+            if key[0] == k:
+                mine[op.rank].append(key)
         for r in range(S):
             if schedule == "gpipe":
                 seq = [(k, r, "F", i) for i in range(M)] + [(k, r, "B", i) for i in range(M)]
@@ -341,18 +345,16 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
                         f += 1
             elif schedule == "zb":
                 seq = [(k, *a) for a in zb_rows[r]]
-                if sorted(seq) != sorted(key for key, op in ops.items()
-                                         if op.rank == r and key[0] == k and key[2] != "S"):
+                if k == 0 and sorted(seq) != sorted(mine[r]):
                     raise RuntimeError(f"simulate: torch's {zb_variant} order for rank {r} "
                                        "does not cover every F/I/W op once")
             elif schedule == "drtp" or r == S - 1:    # the last stage: F_i, e_i out, D_i
                 seq = [key for i in range(M) for key in ((k, r, "F", i), (k, r, "D", i))]
             else:
                 seq = None
-            mine = [key for key, op in ops.items() if op.rank == r and key[0] == k]
             cost = sum(vc[v].step for v in range(V) if rank_of[v] == r)
             skey = (k, r, "S", -1)
-            ops[skey] = _Op(skey, r, cost, [(key, 0.0) for key in mine], "step")
+            ops[skey] = _Op(skey, r, cost, [(key, 0.0) for key in mine[r]], "step")
             if seq is None:
                 order.setdefault(r, []).append(_DirectPolicy(k, r, M, skey))
             else:
