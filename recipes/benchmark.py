@@ -2,9 +2,14 @@
 
     python -m recipes.benchmark                                  # the main job (configs/main.toml)
     python -m recipes.benchmark --config resnet20_biotorch_sgd --rules bp,fa --epochs 5
+    python -m recipes.benchmark --config resnet20_biotorch_sgd --epochs 3 --variants \
+        '{bp = {rule = "bp"}, hybrid = {rule = "dfa", rule_options = {modules = ["layers.0"]}}}'
 
 Every setting of ``recipes.train`` applies to all rules; ``--rules`` picks them (default: the
-config's ``rules``).  Runs go to ``<out_dir>/<name>/<rule>/``; the table (``table.md``), a
+config's ``rules``).  ``--variants`` instead names each run and gives it a rule *with its
+options* (a TOML inline table ``{label = {rule = ..., rule_options = {...}}}``), so that e.g.
+layer-wise and module-wise DFA share one invocation, device and data copy; ``--config ''``
+runs the recipe defaults.  Runs go to ``<out_dir>/<name>/<rule>/``; the table (``table.md``), a
 ``summary.json`` and one accuracy figure for all rules (``curves.png``) go to
 ``<out_dir>/<name>/`` and, with ``--results DIR``, are copied to DIR with the runs' logs.
 """
@@ -14,6 +19,7 @@ import dataclasses
 import json
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +51,50 @@ def format_table(finals: list[dict[str, Any]]) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+def parse_variants(text: str) -> dict[str, dict[str, Any]]:
+    """``--variants``: ``{label = {rule = "dfa", rule_options = {...}}}`` -> label -> variant."""
+    try:
+        raw = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--variants: {e}") from None
+    out = {}
+    for label, v in raw.items():
+        if not isinstance(v, dict) or "rule" not in v or set(v) - {"rule", "rule_options"}:
+            raise ConfigError(f"--variants: {label} = {v!r} should be {{rule = \"...\"}} with "
+                              "optional rule_options = {...}")
+        out[label] = {"rule": v["rule"], "rule_options": v.get("rule_options", {})}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--results", metavar="DIR",
                         help="also copy table, summary, figure and run logs to DIR")
+    parser.add_argument("--variants", metavar="TOML",
+                        help="instead of --rules: {label = {rule = ..., rule_options = {...}}}")
     args = parser.parse_args(argv)
     if args.config is None:
         args.config = "main"
     try:
         cfg = config_from_args(args)
-        if not cfg.rules:
+        variants = parse_variants(args.variants) if args.variants else {
+            rule: {"rule": rule, "rule_options": cfg.rule_options} for rule in cfg.rules}
+        if not variants:
             raise ConfigError("--rules: give at least one rule, e.g. --rules bp,fa")
         bench = cfg.name or f"bench-{cfg.config_name or cfg.model}-s{cfg.seed}"
         arrays = load_cifar10(cfg.data or None, cfg.download)
         finals = []
-        for rule in cfg.rules:
-            rcfg = dataclasses.replace(cfg, rule=rule, name=f"{bench}/{rule}")
-            resume = args.resume and (Path(cfg.out_dir) / bench / rule / "checkpoint.pt").is_file()
+        for label, v in variants.items():
+            rcfg = dataclasses.replace(cfg, rule=v["rule"], name=f"{bench}/{label}",
+                                       rule_options=dict(v["rule_options"]))
+            resume = args.resume and (Path(cfg.out_dir) / bench / label / "checkpoint.pt").is_file()
             final = train(rcfg, resume=resume, overwrite=args.overwrite or args.resume,
                           arrays=arrays, progress=False if args.no_progress else None,
                           stop_after=args.stop_after)
             if final is None:  # --stop-after: the rest of this rule and the others come later
                 print(f"stopped: continue with the same command and --resume", file=sys.stderr)
                 return 0
-            finals.append(final)
+            finals.append({**final, "rule": label})
     except (ConfigError, DataNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     out = Path(cfg.out_dir) / bench

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="")
     p.add_argument("--table", metavar="PATH", help="print the markdown table of the JSON results "
                    "in the folder PATH (written by --out), or of the runs.jsonl that "
-                   "recipes/tp_vgg_gpu.sh writes, and exit")
+                   "recipes/gpu_table.sh writes with PLAN=..., and exit")
     a = p.parse_args(argv)
     if a.table:
         t = Path(a.table)
@@ -220,7 +220,7 @@ def table(paths: list[Path]) -> str:
 
 
 def runs_table(path: Path) -> str:
-    """One markdown row per run of a ``runs.jsonl`` of ``recipes/tp_vgg_gpu.sh`` (records of
+    """One markdown row per run of a ``runs.jsonl`` of ``recipes/gpu_table.sh`` with a ``PLAN`` (records of
     ``recipes.train``, tagged with the run name)."""
     runs: dict[str, dict] = {}
     for line in path.read_text().splitlines():

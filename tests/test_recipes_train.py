@@ -264,7 +264,7 @@ def test_tp_vgg_short_table_flags_divergence(tmp_path):
 
 def test_tp_vgg_runs_table_reads_train_logs(tiny_data, tmp_path):
     """``tp_vgg_short --table runs.jsonl``: one row per run of ``recipes.train`` logs (as
-    ``tp_vgg_gpu.sh`` merges them), the effective ``retarget`` read from the logged optimizer,
+    ``gpu_table.sh`` merges them), the effective ``retarget`` read from the logged optimizer,
     a non-finite epoch loss printed as nan."""
     from localopt.recipes.tp_vgg_short import runs_table
     cfg = load_config("tp_vgg_ldrl", data=str(tiny_data), out_dir=str(tmp_path), name="ldrl",

@@ -61,7 +61,7 @@ class TargetProp(Optimizer):
             targets use feedback trained on that batch; costs one more forward/backward of
             each block).  False: targets from the feedback of the previous step.  Default
             (None): the rule's ``feedback_first`` -- True for ``l-drl`` (without it SimpleVGG
-            diverged at ScalingDTP's settings, with it it trained: ``results/tp/README.md``),
+            diverged at ScalingDTP's settings, with it it trained: ``results/notes/target_prop.md``),
             False for the others.
         feedback_warmup: the first ``feedback_warmup`` calls of :meth:`step` train only the
             feedback mappings and leave the weights (and the task optimizer's state) as they

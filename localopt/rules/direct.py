@@ -69,7 +69,7 @@ in channel mode (then a broadcast) -- a 3x3 convolution with 64 output channels 
 fewer.  What remains is the weight gradient, the exact backward of activations/norms, and the
 hooks' per-layer Python overhead; so DFA beats BP where compute dominates (CPU) and is on par
 with BP-through-hooks where kernel launches dominate (small models on a GPU).  Measured
-ratios: ``results/direct/README.md``.
+ratios: ``results/notes/direct_feedback.md``.
 
 Scaling
 -------

@@ -70,7 +70,7 @@ scale independent of ``β`` (``x̂`` carries the task loss's batch reduction thr
   explicitly).  ``switches="perturbed"`` gives the ``η`` term the perturbed forward's switches,
   as ScalingDTP's first release did by accident (its pooling layers keep only the latest
   indices): the mismatch of switches then also penalises ``V`` on the activity that moves
-  between pooling positions, which shrinks ``‖V‖`` (``results/tp/README.md`` compares both).
+  between pooling positions, which shrinks ``‖V‖`` (``results/notes/target_prop.md`` compares both).
 
 State: buffers ``localopt_feedback`` (``V_i``, shaped like the block layer's weight),
 ``localopt_feedback_bias`` (``c_i``) and for ``ao-sdtp`` ``localopt_aux``/``localopt_feedback_aux``

@@ -1,0 +1,704 @@
+"""RESULTS.md -- the CIFAR-10 table of every rule -- and its figures, built from the logs.
+
+    python -m recipes.report              # write RESULTS.md, results/figures/, README's table
+    python -m recipes.report --check      # exit 1 if RESULTS.md or README's table is stale
+    python -m recipes.report --runs runs/x/*     # markdown summary of some run folders, with
+                                                 # the last per-layer alignment of each
+
+Reads every ``log.jsonl`` (and ``<name>.log.jsonl``) under ``results/`` written by
+``recipes.train`` (its ``final`` record: test accuracy, epochs, images/s, device, data copy,
+seed, full config), the ``recipes.step_time`` JSON files there (step-time ratios to the
+unwrapped model), ``recipes/table.toml`` (the rows and protocols of the table) and
+``recipes/published.toml`` (published accuracies with their epochs and sources).
+
+For the 3x1024 MLP and ResNet-20, one row per (protocol, rule variant, data copy): test
+accuracy (mean, and sample standard deviation over seeds where there are 2+), its gap to
+``bp`` of the same protocol and data copy (points), epochs, training images/s, step-time
+ratio, device, data copy, seeds, and the published number.  The table protocols
+(``recipes/table.toml``) list every row they should have; a row without a finished log says
+"not run" (numbers come from logs only).  A run belongs to a table protocol when its config
+equals the one ``recipes.table_runs`` builds for that row (machine and output settings
+aside); every other log is listed under "Other runs", grouped by its config file and epochs
+(settings that differ from the config file are named).
+
+Figures (``results/figures/``): per model and protocol, the accuracy curves of every row
+(first seed; :func:`recipes.plots.plot_curves`) and, where the runs logged alignment
+(``--diagnostics-every``), the per-layer angle between each rule's weight update and
+backprop's gradient at the end of training (mean of the last records).  README.md's table
+between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is rewritten too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .common import FIELDS, ConfigError, load_config, read_jsonl
+from .data import REPO
+from .table_runs import TABLE, item_config, items, load_table
+
+PUBLISHED = Path(__file__).resolve().parent / "published.toml"
+MODELS = {"mlp3x1024": "3x1024 tanh MLP", "resnet20": "ResNet-20"}
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+#: config keys that do not change what is trained (machine, outputs, bookkeeping)
+NOT_TRAINING = {"name", "config_name", "reference", "rules", "data", "download", "device",
+                "threads", "channels_last", "out_dir", "log_every", "diagnostics_every",
+                "eval_batch_size", "test_every_epoch", "seed"}
+#: of the training keys, those that make a rule variant (the rest make the protocol)
+VARIANT_KEYS = ("rule_options", "feedback_options", "lr", "momentum", "nesterov", "betas", "eps",
+                "alpha")
+NOT_RUN = "not run"
+DEFAULTS = load_config().to_dict()
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's log."""
+    path: Path
+    records: list[dict[str, Any]]
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        return next((r for r in reversed(self.records) if r.get("event") == "final"), None)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return next(r["config"] for r in reversed(self.records) if "config" in r)
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("event") == "epoch"]
+
+    @property
+    def alignment(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "alignment" in r]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The last record with the run's provenance (device, data, seed)."""
+        return next(r for r in reversed(self.records) if "device" in r)
+
+
+def load_runs(results: Path) -> list[Run]:
+    """Every recipes.train run logged under ``results`` (sorted by file): its ``log.jsonl``,
+    or any ``.jsonl`` holding train records (several runs, told apart by their ``run``
+    field), or ``{"final": ..., "epochs": [...]}`` records of a suite."""
+    runs = []
+    for path in sorted(results.rglob("*.jsonl")):
+        try:
+            recs = read_jsonl(path)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        by_run: dict[str, list[dict[str, Any]]] = {}
+        current = None          # step records carry no run name: they belong to the last run
+        for r in recs:
+            if isinstance(r.get("final"), dict) and "config" in r["final"]:
+                by_run[f"{len(by_run)}"] = [*r.get("epochs", []), r["final"]]
+            elif r.get("event") in ("start", "epoch", "step", "resume", "final"):
+                current = str(r["run"]) if "run" in r else current
+                by_run.setdefault(current, []).append(r)
+        for recs_ in by_run.values():
+            if any("config" in r for r in recs_) and any("device" in r for r in recs_):
+                runs.append(Run(path, recs_))
+    return runs
+
+
+def load_published(path: Path = PUBLISHED) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        pub = tomllib.load(fh)
+    for e in pub.get("result", []):
+        if e["source"] not in pub["sources"]:
+            raise ConfigError(f"{path}: source {e['source']!r} of {e['model']}/{e['rule']} is "
+                              "not in [sources]")
+    return pub
+
+
+def load_step_times(results: Path) -> list[dict[str, Any]]:
+    """``recipes.step_time`` JSON files under ``results``: {path, model, device, ratios}."""
+    out = []
+    for path in sorted(results.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and "ratio_to_plain" in data and "model" in data:
+            out.append({"path": path, "model": data["model"],
+                        "device": "cuda" if str(data.get("device", "")).startswith("cuda")
+                        else "cpu", "ratios": data["ratio_to_plain"]})
+    return out
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+def _training(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change what is trained (keys a log predates: their defaults)."""
+    full = {**DEFAULTS, **cfg}
+    return {k: v for k, v in full.items() if k not in NOT_TRAINING and k in FIELDS}
+
+
+def _changed(value: Any, ref: Any) -> Any:
+    """``value`` where it differs from ``ref``: for two dicts, only the differing keys."""
+    if isinstance(value, dict) and isinstance(ref, dict):
+        return {k: _changed(v, ref.get(k)) for k, v in value.items() if ref.get(k) != v}
+    return value
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_fmt_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _config_file_values(name: str) -> dict[str, Any]:
+    """The training settings of a config file as it is now (defaults when it is gone)."""
+    try:
+        return load_config(name or None).to_dict()
+    except ConfigError:
+        return load_config().to_dict()
+
+
+@dataclasses.dataclass
+class Group:
+    """A protocol: a model trained with one set of settings, one row per variant."""
+    model: str
+    key: str                 # "cpu", "gpu", or the label of another protocol
+    label: str
+    table: bool              # a protocol of recipes/table.toml
+    optimizer: str           # which published numbers apply
+    device: str = "cpu"      # "cpu"/"cuda": which step-time ratios apply
+    names: set = dataclasses.field(default_factory=set)   # other groups: config files,
+    epochs: int = 0                                       # epochs and settings that differ
+    diff: str = ""                                        # from the config file
+
+
+@dataclasses.dataclass
+class Row:
+    group: Group
+    variant: str
+    rule: str
+    plain: bool              # the plain rule (variant == rule): published numbers and
+                             # step-time ratios apply
+    data: str | None = None
+    runs: list[Run] = dataclasses.field(default_factory=list)
+    running: list[Run] = dataclasses.field(default_factory=list)
+
+
+def table_configs(table: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """(protocol, model, row) -> the training settings recipes.table_runs gives that row."""
+    out = {}
+    for proto in table["protocols"]:
+        for it in items(table, proto, seeds=[0]):
+            out[(proto, it.model, it.row)] = _training(item_config(table, proto, it).to_dict())
+    return out
+
+
+def classify(run: Run, table: dict[str, Any], expected) -> tuple[Group, str, str, bool]:
+    """(group, variant label, rule, plain) of a run.
+
+    A run of a table protocol is the row whose settings it has.  Any other run joins the group
+    of the runs with the same protocol settings (everything but the rule and its variant
+    settings: options and optimizer hyperparameters), so that e.g. a target-propagation run
+    with its own tuned Adam sits beside the bp run of the same net, epochs and data protocol;
+    its variant names the settings that differ from its config file (a run of a table row
+    with changed protocol settings: from the row's)."""
+    cfg = run.config
+    model, train = cfg["model"], _training(cfg)
+    for (proto, m, row), want in expected.items():
+        if m == model and train == want:
+            rule = table["rows"][row]["rule"]
+            return table_group(table, proto, model), row, rule, row == rule
+    m = re.fullmatch(r"table-([^/]+)/([^/]+)/(.+)-s\d+", cfg.get("name", ""))
+    row = m and expected.get((m[1], model, m[3]))
+    ref = row if row else _config_file_values(cfg.get("config_name", ""))
+    diff = {k: _changed(v, ref.get(k)) for k, v in train.items()
+            if ref.get(k) != v and k not in ("rule", "epochs")}
+    proto_diff = {k: v for k, v in diff.items() if k not in VARIANT_KEYS}
+    var_diff = {k: v for k, v in diff.items() if k in VARIANT_KEYS}
+    opts = {k: v for k, v in var_diff.pop("rule_options", {}).items() if k != "seed"}
+    base = m[3] if row else cfg["rule"]
+    variant = base + (f" {_fmt_value(opts)}" if opts else "")
+    variant += "".join(f", {k} {_fmt_value(v)}" for k, v in sorted(var_diff.items()))
+    key = json.dumps({k: v for k, v in train.items() if k not in VARIANT_KEYS and k != "rule"},
+                     sort_keys=True, default=str)
+    group = Group(model, key, "", False, cfg["optimizer"])
+    group.names = {cfg.get("config_name") or "(none: recipe defaults)"}
+    group.epochs = cfg["epochs"]
+    group.diff = "".join(f", {k} {_fmt_value(v)}" for k, v in sorted(proto_diff.items()))
+    return group, variant, cfg["rule"], variant == base == cfg["rule"]
+
+
+def table_group(table: dict[str, Any], proto: str, model: str) -> Group:
+    spec = table["protocols"][proto]
+    config = spec["configs"][model]
+    return Group(model, proto, f"{proto}: config {config}", True,
+                 load_config(config).optimizer, spec.get("device", "cpu"))
+
+
+def build_rows(runs: list[Run], table: dict[str, Any]) -> list[Row]:
+    """Rows of every table protocol (all of them, run or not) then of the other groups."""
+    expected = table_configs(table)
+    rows: dict[tuple, Row] = {}
+    groups: dict[tuple, Group] = {}
+    for proto, spec in table["protocols"].items():
+        for model in spec["configs"]:
+            if model not in MODELS:
+                continue
+            g = groups[(model, proto)] = table_group(table, proto, model)
+            for it in items(table, proto, models=[model], seeds=[0]):
+                rule = table["rows"][it.row]["rule"]
+                rows[(model, proto, it.row, None)] = Row(g, it.row, rule, it.row == rule)
+    for run in runs:
+        if run.config["model"] not in MODELS:
+            continue
+        group, variant, rule, plain = classify(run, table, expected)
+        if (group.model, group.key) in groups:      # one Group object per protocol
+            known = groups[(group.model, group.key)]
+            if not group.table:
+                known.names |= group.names
+                known.diff = min(known.diff, group.diff, key=len)
+            group = known
+        groups[(group.model, group.key)] = group
+        data = run.info["data"]
+        key = (group.model, group.key, variant, data)
+        if key not in rows:
+            empty = rows.get((group.model, group.key, variant, None))
+            if empty is not None and empty.data is None:   # the first data copy of a table row
+                del rows[(group.model, group.key, variant, None)]
+                empty.data = data
+                rows[key] = empty
+            else:
+                rows[key] = Row(group, variant, rule, plain, data)
+        row = rows[key]
+        seeds = {r.info["seed"] for r in row.runs}
+        if run.final is None:
+            row.running.append(run)
+        elif run.info["seed"] not in seeds:     # one run per seed: the first by path
+            row.runs.append(run)
+    for g in groups.values():
+        if not g.table:
+            names = sorted(g.names)
+            g.label = (f"config{'s' if len(names) > 1 else ''} {', '.join(names)}; "
+                       f"{g.epochs} epochs{g.diff}")
+    order = {m: i for i, m in enumerate(MODELS)}
+    protos = {p: i for i, p in enumerate(table["protocols"])}
+    rowpos = {r: i for i, r in enumerate(table["rows"])}
+    return sorted(rows.values(), key=lambda r: (
+        order[r.group.model], not r.group.table, protos.get(r.group.key, 0), r.group.label,
+        rowpos.get(r.variant, len(rowpos)), r.variant, r.data or ""))
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def accuracies(row: Row) -> list[float]:
+    return [100 * r.final["test_acc"] for r in row.runs]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt_acc(values: list[float]) -> str:
+    if not values:
+        return NOT_RUN
+    m, sd = mean_sd(values)
+    return f"{m:.2f}" if sd is None else f"{m:.2f} ± {sd:.2f}"
+
+
+def bp_row(row: Row, rows: list[Row]) -> Row | None:
+    """The ``bp`` row of the same model, protocol and data copy, if it has runs."""
+    return next((r for r in rows if r.group.model == row.group.model
+                 and r.group.key == row.group.key and r.variant == "bp"
+                 and r.data == row.data and r.runs), None)
+
+
+def fmt_gap(row: Row, rows: list[Row]) -> str:
+    if not row.runs:
+        return "—"
+    if row.variant == "bp":
+        return "ref"
+    bp = bp_row(row, rows)
+    if bp is None:
+        return "—"
+    gap = statistics.fmean(accuracies(row)) - statistics.fmean(accuracies(bp))
+    return f"{gap:+.2f}"
+
+
+def step_ratio(row: Row, step_times: list[dict[str, Any]]) -> tuple[str, Path | None]:
+    device = row.group.device
+    if row.runs:
+        device = "cuda" if any(r.info["device"].startswith("cuda") for r in row.runs) else "cpu"
+    if not row.plain:
+        return "—", None
+    for st in step_times:
+        if st["model"] == row.group.model and st["device"] == device and row.rule in st["ratios"]:
+            return f"{st['ratios'][row.rule]:.2f}", st["path"]
+    return "—", None
+
+
+def published_for(row: Row, pub: dict[str, Any]) -> list[dict[str, Any]]:
+    if not row.plain:
+        return []
+    found = [e for e in pub.get("result", []) if e["model"] == row.group.model
+             and e["rule"] == row.rule]
+    same = [e for e in found if e.get("optimizer") == row.group.optimizer]
+    return same or found
+
+
+def fmt_published(entries: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{e['accuracy']:.2f} ({e['epochs']} ep, {e['optimizer']}, "
+                     f"[{e['source']}](#{e['source']}))" for e in entries) or "—"
+
+
+def _distinct(values) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values))
+
+
+def cells(row: Row, rows: list[Row], step_times, pub) -> dict[str, str]:
+    """Every cell of a row, by column name (see COLUMNS)."""
+    ratio, _ = step_ratio(row, step_times)
+    out = {"rule": f"`{row.variant}`", "test acc %": fmt_acc(accuracies(row)),
+           "gap to bp": fmt_gap(row, rows), "ratio": ratio,
+           "published %": fmt_published(published_for(row, pub))}
+    if not row.runs:
+        state = NOT_RUN
+        if row.running:
+            last = row.running[0].epochs
+            state = (f"unfinished (epoch {last[-1]['epoch'] if last else 0}/"
+                     f"{row.running[0].config['epochs']})")
+        out["test acc %"] = state
+        out.update({k: "—" for k in ("epochs", "img/s", "device", "data", "seeds")})
+        return out
+    finals = [r.final for r in row.runs]
+    out["epochs"] = _distinct(f["epoch"] for f in finals)
+    out["img/s"] = f"{statistics.fmean(f['images_per_s'] for f in finals):.0f}"
+    out["device"] = _distinct(f["device"] for f in finals)
+    out["data"] = row.data or "—"
+    out["seeds"] = ", ".join(str(s) for s in sorted(f["seed"] for f in finals))
+    return out
+
+
+COLUMNS = ("rule", "test acc %", "gap to bp", "epochs", "img/s", "ratio", "device", "data",
+           "seeds", "published %")
+HEADER = ("| rule | test acc % | gap to bp (points) | epochs | img/s | step time / plain "
+          "| device | data | seeds | published % (epochs, optimizer, source) |\n"
+          "|---|---:|---:|---:|---:|---:|---|---|---|---|")
+
+
+def table_markdown(rows: list[Row], all_rows: list[Row], step_times, pub) -> str:
+    lines = [HEADER]
+    for row in rows:
+        c = cells(row, all_rows, step_times, pub)
+        lines.append("| " + " | ".join(c[k] for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:80]
+
+
+def figure_paths(group: Group, figures: Path) -> dict[str, Path]:
+    base = figures / group.model / slug(group.key if group.table else group.label)
+    return {"curves": base.with_name(base.name + "-curves.png"),
+            "alignment": base.with_name(base.name + "-alignment.png")}
+
+
+def plot_alignment_summary(rows: list[Row], path: Path, title: str) -> Path | None:
+    """Per layer, the angle between each variant's weight update and backprop's gradient,
+    mean of the last 3 alignment records of its first run; None when no run logged any."""
+    from .plots import plt, save_figure
+    lines = []
+    for row in rows:
+        recs = [r["alignment"].get("update_angle") or {} for r in
+                (row.runs[0].alignment if row.runs else [])]
+        recs = [r for r in recs if r][-3:]
+        if recs:
+            layers = list(recs[-1])
+            lines.append((row.variant, layers, [statistics.fmean(r.get(n, float("nan"))
+                                                                 for r in recs)
+                                                for n in layers]))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, layers, values) in enumerate(lines):
+        ax.plot(range(len(layers)), values, marker="o", color=f"C{i % 10}",
+                ls="-" if i < 10 else "--", label=label, ms=3)
+    longest = max(lines, key=lambda t: len(t[1]))[1]
+    ax.set_xticks(range(len(longest)), longest, rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("angle(rule update, BP gradient) (deg)")
+    ax.axhline(90, color="grey", lw=0.8, ls=":")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_accuracy_curves(rows: list[Row], path: Path, title: str) -> Path:
+    """One line per variant (its first run): validation accuracy per epoch (test accuracy
+    where the run has no validation set), the final test accuracy as a star.  (Per-run
+    figures with training accuracy: :func:`recipes.plots.plot_curves`, beside each log.)"""
+    from .plots import MaxNLocator, plt, save_figure
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, row in enumerate(rows):
+        recs, color, ls = row.runs[0].epochs, f"C{i % 10}", "-" if i < 10 else "--"
+        key = "val_acc" if any(r.get("val_acc") is not None for r in recs) else "test_acc"
+        pts = [(r["epoch"], 100 * r[key]) for r in recs if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), ls, color=color, marker="." if len(pts) < 3 else None,
+                    label=f"{row.variant}: {100 * row.runs[0].final['test_acc']:.1f}")
+        ax.plot(row.runs[0].final["epoch"], 100 * row.runs[0].final["test_acc"], "*",
+                color=color, markersize=9)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation accuracy (%); star: final test")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="test %",
+              title_fontsize=7)
+    return save_figure(fig, path, dpi=110)
+
+
+def write_figures(groups: dict[str, list[Row]], figures: Path) -> None:
+    for rows in groups.values():
+        g = rows[0].group
+        done = [r for r in rows if r.runs]
+        if not done:
+            continue
+        paths = figure_paths(g, figures)
+        title = f"{MODELS[g.model]} - {g.label}"
+        plot_accuracy_curves(done, paths["curves"], title)
+        plot_alignment_summary(done, paths["alignment"], title)
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _groups(rows: list[Row]) -> dict[str, list[Row]]:
+    out: dict[str, list[Row]] = {}
+    for r in rows:
+        out.setdefault((r.group.model, r.group.key), []).append(r)
+    return out
+
+
+def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
+           figures: Path, figures_exist=None) -> str:
+    """The text of RESULTS.md; paths relative to ``root`` (RESULTS.md's folder)."""
+    exists = figures_exist or (lambda p: p.is_file())
+    rel = lambda p: Path(os.path.relpath(Path(p).resolve(), root.resolve())).as_posix()  # noqa: E731
+    out = ["# Results: CIFAR-10, every rule",
+           "",
+           "Generated by `python -m recipes.report` from the training logs under `results/` "
+           "(do not edit by hand; `python -m recipes.report --check` tells whether this file "
+           "is up to date).  Test accuracy in percent on the 10,000 test images after the last "
+           "epoch: the mean over seeds, ± the sample standard deviation where there are 2+.  "
+           "Gap: points to `bp` of the same protocol and data copy.  Step time / plain: "
+           "`recipes.step_time` ratio of a training step to the unwrapped model on the same "
+           "kind of device (source files listed under each table).  \"not run\": the table "
+           "has this row but no finished log yet.  Compare rules only against `bp` on the "
+           "same data copy: the JPEG-q75 copy scores 1-3 points below the official files.",
+           "",
+           "Runs: `python -m recipes.table_runs --protocol cpu` (one at a time, resumable) or "
+           "`bash recipes/gpu_table.sh` (every row in parallel on one GPU); rows and "
+           "rule-specific settings: `recipes/table.toml`; protocols: "
+           + ", ".join(f"`{p}` ({', '.join(f'`recipes/configs/{c}.toml`' for c in s['configs'].values())})"
+                       for p, s in table["protocols"].items()) + "."]
+    groups = _groups(rows)
+    for model, title in MODELS.items():
+        out += ["", f"## {title}"]
+        mine = [(k, v) for k, v in groups.items() if k[0] == model]
+        others = [(k, v) for k, v in mine if not v[0].group.table]
+        for i, (key, grows) in enumerate(mine):
+            g = grows[0].group
+            if not g.table and i == len(mine) - len(others):
+                out += ["", f"### Other runs ({title})", "",
+                        "Runs outside the table protocols (mostly short), grouped by what "
+                        "was trained: model, epochs, schedule, batch, augmentation, split "
+                        "(named by their config files; settings that differ from the config "
+                        "file as it is now are named).  A row names the settings its runs "
+                        "changed (rule options, optimizer hyperparameters) from their config "
+                        "file."]
+            head = "###" if g.table else "####"
+            n_done = sum(1 for r in grows if r.runs)
+            out += ["", f"{head} {'Protocol ' if g.table else ''}{g.label}"
+                    + (f" ({n_done} of {len(grows)} rows run)" if g.table else ""), ""]
+            out.append(table_markdown(grows, rows, step_times, pub))
+            sources = sorted({rel(p) for r in grows for p in [step_ratio(r, step_times)[1]]
+                              if p is not None})
+            notes = []
+            if sources:
+                notes.append("step-time ratios: " + ", ".join(f"`{s}`" for s in sources))
+            logs = [rel(run.path) for r in grows for run in r.runs + r.running]
+            if logs and not g.table:
+                notes.append("logs: " + ", ".join(f"`{s}`" for s in logs))
+            figs = figure_paths(g, figures)
+            shown = [f"[{k}]({rel(p)})" for k, p in figs.items() if exists(p)]
+            if shown:
+                notes.append("figures: " + ", ".join(shown))
+            if notes:
+                out += [""] + [f"* {n}" for n in notes]
+    out += ["", "## Published numbers", ""]
+    for key, src in pub["sources"].items():
+        out.append(f"* <a id=\"{key}\"></a>**{key}**: {src['cite']}. {src['where']}. "
+                   f"Protocol: {src['protocol']}.")
+    return "\n".join(out) + "\n"
+
+
+def readme_block(rows: list[Row], pub, table: dict[str, Any]) -> str:
+    """The short headline table for README.md: each table row's accuracy per protocol."""
+    protos = list(table["protocols"])
+    head = ["rule"]
+    for model, title in MODELS.items():
+        head += [f"{title}, {p}" for p in protos] + [f"{title}, published"]
+    lines = [BEGIN,
+             "Test accuracy (%) on CIFAR-10 of each rule in the table protocols (mean over "
+             "seeds); generated by `python -m recipes.report` from the logs -- gaps, "
+             "spreads, speed, devices and the short runs: [RESULTS.md](RESULTS.md).",
+             "",
+             "| " + " | ".join(head) + " |",
+             "|---|" + "---:|" * (len(head) - 1)]
+    by_key = {(r.group.model, r.group.key, r.variant): r for r in rows if r.group.table}
+    for label in table["rows"]:
+        cells_ = [f"`{label}`"]
+        for model in MODELS:
+            for p in protos:
+                r = by_key.get((model, p, label))
+                cells_.append("—" if r is None else fmt_acc(accuracies(r))
+                              if r.runs else NOT_RUN)
+            r = next((by_key[(model, p, label)] for p in protos
+                      if (model, p, label) in by_key), None)
+            pubs = published_for(r, pub) if r is not None else []
+            cells_.append(" / ".join(f"{e['accuracy']:.2f}" for e in pubs) or "—")
+        lines.append("| " + " | ".join(cells_) + " |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def replace_block(text: str, block: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise ConfigError(f"README has no {BEGIN} ... {END} block for the results table")
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    return text[:start] + block + text[stop:]
+
+
+# ----------------------------------------------------------------------------- run summary
+
+
+def run_summary(run_dirs: list[Path]) -> str:
+    """Markdown: one row per run folder (rule, data, device, epochs, seed, accuracies, img/s),
+    then per run the last logged per-layer alignment."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+    rows = ["| run | rule | data | device | epochs | seed | train acc % | val acc % | "
+            "test acc % | img/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    layers = []
+    for d in run_dirs:
+        recs = read_jsonl(d / "log.jsonl")
+        if not any("device" in r for r in recs):
+            continue
+        run = Run(d / "log.jsonl", recs)
+        f = run.final or (run.epochs[-1] if run.epochs else None)
+        if f is None:
+            continue
+        info = run.info
+        rows.append(f"| {d.name} | {run.config['rule']} | {info['data']} | {info['device']} | "
+                    f"{f['epoch']}{'' if run.final else ' (running)'} | {info['seed']} | "
+                    f"{pct(f.get('train_acc'))} | {pct(f.get('val_acc'))} | "
+                    f"{pct(f.get('test_acc'))} | {f.get('images_per_s') or 0:.0f} |")
+        if run.alignment:
+            last = run.alignment[-1]
+            a = last["alignment"]
+            layers.append(f"\n**{d.name}** (step {last['step']}, epoch {last['epoch']}): "
+                          "angles in degrees\n\n| layer | angle(B, W) | angle(rule grad, BP "
+                          "grad) | sign concordance |\n|---|---|---|---|")
+            for n in a.get("update_angle") or a.get("feedback_angle"):
+                fa, ua = a.get("feedback_angle", {}).get(n), a.get("update_angle", {}).get(n)
+                sc = a.get("sign_concordance", {}).get(n)
+                layers.append(f"| {n} | {'-' if fa is None else f'{fa:.1f}'} | "
+                              f"{'-' if ua is None else f'{ua:.1f}'} | "
+                              f"{'-' if sc is None else f'{sc:.3f}'} |")
+    return "\n".join(rows + layers) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def build(results: Path, out: Path, readme: Path | None, figures: Path, *, write_figs: bool,
+          table_path: Path = TABLE, published: Path = PUBLISHED) -> tuple[str, str | None]:
+    """(RESULTS.md text, README.md text or None); figures written when ``write_figs``."""
+    table = load_table(table_path)
+    rows = build_rows(load_runs(results), table)
+    pub, step_times = load_published(published), load_step_times(results)
+    if write_figs:
+        write_figures(_groups(rows), figures)
+    text = render(rows, step_times, pub, table, out.parent, figures)
+    new_readme = None
+    if readme is not None and readme.is_file():
+        new_readme = replace_block(readme.read_text(), readme_block(rows, pub, table))
+    return text, new_readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(REPO / "results"), help="folder of the logs")
+    p.add_argument("--out", default=str(REPO / "RESULTS.md"), help="the table file")
+    p.add_argument("--readme", default=str(REPO / "README.md"),
+                   help=f"file whose {BEGIN} ... {END} block gets the headline table "
+                        "('' for none)")
+    p.add_argument("--figures", help="figure folder (default <results>/figures)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if --out or the README block is stale")
+    p.add_argument("--no-figures", action="store_true", help="do not (re)draw the figures")
+    p.add_argument("--table", default=str(TABLE), help="the table definition")
+    p.add_argument("--published", default=str(PUBLISHED), help="published numbers")
+    p.add_argument("--runs", nargs="+", metavar="RUN_DIR",
+                   help="print a markdown summary of these run folders and exit")
+    a = p.parse_args(argv)
+    if a.runs:
+        print(run_summary([Path(d) for d in a.runs if (Path(d) / "log.jsonl").is_file()]),
+              end="")
+        return 0
+    results, out = Path(a.results), Path(a.out)
+    readme = Path(a.readme) if a.readme else None
+    figures = Path(a.figures) if a.figures else results / "figures"
+    try:
+        text, new_readme = build(results, out, readme, figures,
+                                 write_figs=not (a.check or a.no_figures),
+                                 table_path=Path(a.table), published=Path(a.published))
+    except ConfigError as e:
+        p.exit(2, f"error: {e}\n")
+    if a.check:
+        stale = [str(path) for path, new in ((out, text), (readme, new_readme))
+                 if new is not None and (not path.is_file() or path.read_text() != new)]
+        if stale:
+            print(f"stale: {', '.join(stale)}; run python -m recipes.report", file=sys.stderr)
+            return 1
+        print(f"{out} is up to date with the logs in {results}")
+        return 0
+    out.write_text(text)
+    if new_readme is not None and new_readme != readme.read_text():
+        readme.write_text(new_readme)
+    print(f"wrote {out}" + (f" and the table in {readme}" if new_readme is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

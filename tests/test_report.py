@@ -1,0 +1,205 @@
+"""RESULTS.md from training logs (recipes.report) and the table runner (recipes.table_runs):
+every cell of a table built from small synthetic logs -- mean and spread over seeds, gap to bp
+of the same protocol and data copy, "not run", step-time ratio, published number -- the
+README block, --check, and a real 1-epoch run that goes from table_runs into the report."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from localopt.recipes import report, table_runs
+from localopt.recipes.synthetic import synthetic_arrays, write_imagefolder
+
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_data_env")
+
+TABLE = table_runs.load_table()
+JPEG = "CIFAR-10, JPEG-q75 copy"
+
+
+def write_log(results: Path, protocol: str, model: str, row: str, seed: int, test_acc: float,
+              *, data: str = JPEG, device: str = "cpu (2 cores, 1 torch threads)",
+              images_per_s: float = 1000.0, folder: str | None = None, angle: float = 0.0,
+              **settings) -> Path:
+    """A log in recipes.train's format for one run of a table row (``settings`` change its
+    config, as --settings of table_runs does), with one per-layer alignment record (as
+    recipes.train writes them: no run name) after each epoch."""
+    it = table_runs.Item(model, row, seed)
+    cfg = table_runs.item_config(TABLE, protocol, it, settings=settings).to_dict()
+    common = {"run": cfg["name"], "model": model, "rule": cfg["rule"], "seed": seed,
+              "data": data, "device": device, "git": {"commit": None, "dirty": None}}
+    epochs = [{"event": "epoch", "epoch": e, "step": 10 * e, "lr": cfg["lr"], "train_loss": 1.0,
+               "train_acc": test_acc + 0.1, "val_loss": 1.0, "val_acc": test_acc - 0.01 * e,
+               "test_loss": 1.0 if e == cfg["epochs"] else None,
+               "test_acc": test_acc if e == cfg["epochs"] else None, "epoch_time_s": 2.0,
+               "images_per_s": images_per_s, **common, "config": cfg}
+              for e in range(1, cfg["epochs"] + 1)]
+    final = {"event": "final", **{k: epochs[-1][k] for k in ("epoch", "train_loss", "train_acc",
+                                                            "val_loss", "val_acc", "test_loss",
+                                                            "test_acc")},
+             "train_time_s": 2.0 * cfg["epochs"], "images_per_s": images_per_s,
+             "best_val_acc": test_acc, **common, "config": cfg, "run_dir": "runs/x"}
+    path = (results / model / (folder or protocol) / f"{row}-s{seed}" / "log.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps = [{"event": "step", "epoch": e["epoch"], "step": e["step"], "alignment": {
+        "update_angle": {"1": angle, "3": angle / 2, "5": 0.0}}} for e in epochs]
+    recs = [{"event": "start", "epoch": 0, **common, "config": cfg},
+            *[r for pair in zip(epochs, steps) for r in pair], final]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def table_rows(text: str, heading: str) -> dict[str, dict[str, str]]:
+    """The markdown table under the first heading that starts with ``heading``: rule -> cells
+    (of its first row: a rule's rows on other data copies follow it)."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.lstrip("#").strip().startswith(heading))
+    rows = {}
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0].strip("`"), dict(zip(report.COLUMNS, cells)))
+    return rows
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    res = tmp_path / "results"
+    for seed, acc in ((0, 0.50), (1, 0.54)):
+        write_log(res, "cpu", "mlp3x1024", "bp", seed, acc, images_per_s=1000 + 200 * seed)
+    write_log(res, "cpu", "mlp3x1024", "fa", 0, 0.45, angle=80.0)
+    write_log(res, "cpu", "mlp3x1024", "dtp", 0, 0.40)
+    write_log(res, "cpu", "mlp3x1024", "fa", 1, 0.47, data="CIFAR-10, official copy",
+              folder="cpu-official")
+    # not the protocol (3 epochs): another group, with its own bp
+    write_log(res, "cpu", "mlp3x1024", "bp", 0, 0.30, folder="short", epochs=3)
+    write_log(res, "cpu", "mlp3x1024", "drtp", 0, 0.20, folder="short", epochs=3)
+    step_time = res / "step_time" / "mlp3x1024_cpu.json"
+    step_time.parent.mkdir(parents=True)
+    step_time.write_text(json.dumps({"model": "mlp3x1024", "device": "cpu (2 cores)",
+                                     "ratio_to_plain": {"plain": 1.0, "bp": 1.02, "fa": 1.1}}))
+    return res
+
+
+def _build(results: Path, tmp_path: Path) -> str:
+    text, _ = report.build(results, tmp_path / "RESULTS.md", None, results / "figures",
+                           write_figs=False)
+    return text
+
+
+def test_every_cell_of_the_protocol_table(results, tmp_path):
+    rows = table_rows(_build(results, tmp_path), "Protocol cpu: config mlp_cpu")
+    assert list(rows) == table_runs.rows_for(TABLE, "mlp3x1024")   # every row, table order
+    bp, fa, dtp = rows["bp"], rows["fa"], rows["dtp"]
+    sd = statistics.stdev([50.0, 54.0])
+    assert bp["test acc %"] == f"52.00 ± {sd:.2f}" and bp["seeds"] == "0, 1"
+    assert bp["gap to bp"] == "ref" and bp["img/s"] == "1100" and bp["epochs"] == "20"
+    assert bp["ratio"] == "1.02" and bp["data"] == JPEG and bp["device"].startswith("cpu")
+    assert bp["published %"].startswith("58.68 (~500 ep, adam")
+    assert fa["test acc %"] == "45.00" and fa["gap to bp"] == "-7.00" and fa["ratio"] == "1.10"
+    assert fa["published %"].startswith("58.03")
+    assert dtp["test acc %"] == "40.00" and dtp["gap to bp"] == "-12.00"
+    for label in ("usf", "kp", "drl"):                 # no log: "not run", nothing typed
+        assert rows[label]["test acc %"] == "not run"
+        assert all(rows[label][k] == "—" for k in ("gap to bp", "epochs", "img/s", "seeds"))
+    assert rows["dfa"]["published %"].startswith("52.20")     # published even when not run
+    assert rows["usf"]["published %"] == "—"
+    # the same protocol on another data copy is its own row, with no bp to compare to
+    other = [l for l in _build(results, tmp_path).splitlines() if "official copy" in l]
+    assert len(other) == 1 and "| 47.00 | — |" in other[0]
+    gpu = table_rows(_build(results, tmp_path), "Protocol gpu: config mlp_gpu")
+    assert {c["test acc %"] for c in gpu.values()} == {"not run"}
+
+
+def test_runs_outside_the_protocols_are_grouped_with_their_own_bp(results, tmp_path):
+    text = _build(results, tmp_path)
+    rows = table_rows(text, "config mlp_cpu; 3 epochs")
+    assert rows["bp"]["test acc %"] == "30.00" and rows["drtp"]["gap to bp"] == "-10.00"
+    assert rows["drtp"]["epochs"] == "3"
+    assert "results/mlp3x1024/short/drtp-s0/log.jsonl" in text
+    resnet = table_rows(text, "Protocol cpu: config resnet20_cpu")
+    assert resnet["dfa"]["published %"].startswith("54.06 (250 ep, sgd")  # the SGD number
+    assert resnet["dfa-stage"]["published %"] == "—"            # module-wise: not DFA's
+
+
+def test_readme_block_and_check(results, tmp_path, capsys):
+    out, readme = tmp_path / "RESULTS.md", tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{report.BEGIN}\nold\n{report.END}\nafter\n")
+    args = ["--results", str(results), "--out", str(out), "--readme", str(readme)]
+    assert report.main([*args, "--check"]) == 1             # nothing written yet: stale
+    assert report.main([*args, "--no-figures"]) == 0
+    assert report.main([*args, "--check"]) == 0
+    block = readme.read_text()
+    assert block.startswith("# x\n\nbefore\n") and block.endswith(f"{report.END}\nafter\n")
+    bp_line = next(l for l in block.splitlines() if l.startswith("| `bp` |"))
+    assert bp_line.split("|")[2].strip().startswith("52.00")     # MLP, cpu
+    assert bp_line.split("|")[3].strip() == "not run"            # MLP, gpu
+    assert bp_line.split("|")[4].strip() == "58.68"              # MLP, published
+    write_log(results, "cpu", "mlp3x1024", "usf", 0, 0.44)      # a new log: stale again
+    assert report.main([*args, "--check"]) == 1
+    assert "stale" in capsys.readouterr().err
+
+
+def test_figures_are_written_and_linked(results, tmp_path):
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out), "--readme", ""]) == 0
+    for kind in ("curves", "alignment"):
+        png = results / "figures" / "mlp3x1024" / f"cpu-{kind}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+        assert f"[{kind}](results/figures/mlp3x1024/cpu-{kind}.png)" in out.read_text()
+    runs = report.build_rows(report.load_runs(results), TABLE)
+    fa = next(r for r in runs if r.group.key == "cpu" and r.variant == "fa" and r.runs)
+    assert [a["alignment"]["update_angle"]["1"] for a in fa.runs[0].alignment] == [80.0] * 20
+
+
+def test_a_real_run_from_table_runs_into_the_report(tmp_path):
+    data = write_imagefolder(tmp_path / "tiny.tar.gz", synthetic_arrays(n_train=48, n_test=16))
+    res = tmp_path / "results"
+    settings = (f'{{epochs = 1, val_size = 16, batch_size = 8, eval_batch_size = 16, '
+                f'data = "{data}", threads = 1}}')
+    args = ["--protocol", "cpu", "--models", "mlp3x1024", "--rules", "bp,kp", "--seeds", "0",
+            "--out-dir", str(tmp_path / "runs"), "--results", str(res), "--no-progress"]
+    with pytest.raises(SystemExit):                           # never into the committed results
+        table_runs.main([*args[:8], "--settings", settings])
+    assert table_runs.main([*args, "--settings", settings]) == 0
+    logs = {p.parent.name: p for p in res.glob("mlp3x1024/cpu/*/log.jsonl")}
+    assert set(logs) == {"bp-s0", "kp-s0"}
+    finals = {k: [json.loads(l) for l in p.read_text().splitlines()][-1] for k, p in logs.items()}
+    assert "LocalAdam" in json.loads(logs["kp-s0"].read_text().splitlines()[0])["optimizer"]
+    text = _build(res, tmp_path)
+    # 1 epoch is not the protocol: the runs are listed as the rows they were, with their change
+    rows = table_rows(text, "config mlp_cpu; 1 epochs")
+    for label in ("bp", "kp"):
+        assert rows[label]["test acc %"] == f"{100 * finals[label + '-s0']['test_acc']:.2f}"
+        assert rows[label]["epochs"] == "1" and rows[label]["data"].startswith("CIFAR-10, Image")
+    assert table_rows(text, "Protocol cpu: config mlp_cpu")["bp"]["test acc %"] == "not run"
+
+
+def test_run_summary_lists_each_run_with_its_last_alignment(results, capsys):
+    fa = results / "mlp3x1024" / "cpu" / "fa-s0"
+    assert report.main(["--runs", str(fa), str(results / "nothing-here")]) == 0
+    out = capsys.readouterr().out
+    assert "| fa-s0 | fa | CIFAR-10, JPEG-q75 copy |" in out and "| 45.00 | 1000 |" in out
+    assert "**fa-s0** (step 200, epoch 20)" in out and "| 1 | - | 80.0 | - |" in out
+
+
+def test_benchmark_variants_name_rules_with_options():
+    from localopt.recipes.benchmark import parse_variants
+    from localopt.recipes.common import ConfigError
+    v = parse_variants('{bp = {rule = "bp"}, stage = {rule = "dfa", rule_options = '
+                       '{modules = ["layers.0"]}}}')
+    assert v == {"bp": {"rule": "bp", "rule_options": {}},
+                 "stage": {"rule": "dfa", "rule_options": {"modules": ["layers.0"]}}}
+    for bad in ('{x = {rules = "bp"}}', '{x = "bp"}', '{x = {rule = "bp", lr = 1}}', "{x ="):
+        with pytest.raises(ConfigError, match="--variants"):
+            parse_variants(bad)
+
+
+def test_committed_results_md_is_up_to_date_with_the_logs():
+    """RESULTS.md and README.md's table are regenerated whenever a log, the table or the
+    published numbers change (python -m recipes.report)."""
+    assert report.main(["--check"]) == 0
