@@ -1,6 +1,7 @@
 """``build``: cut a (wrapped) model into stages, one per process, and run a schedule."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -114,7 +115,10 @@ class PipelineStep:
             from ..optim import LocalOptimizer
             if self._next_site_weight is not None:
                 params = params + [self._next_site_weight]
-            return LocalOptimizer(self.model, optimizer, params=params, **kwargs)
+            with warnings.catch_warnings():  # the ranks hold different stages: no data-parallel
+                warnings.filterwarnings(      # group to average the learned feedback over
+                    "ignore", message="localopt: torch.distributed runs", category=UserWarning)
+                return LocalOptimizer(self.model, optimizer, params=params, **kwargs)
         return optimizer(params, **kwargs)
 
     def step(self, x: Tensor | None, y: Tensor | None) -> Tensor | None:
