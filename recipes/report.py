@@ -124,7 +124,8 @@ def load_published(path: Path = PUBLISHED) -> dict[str, Any]:
 
 
 def load_step_times(results: Path) -> list[dict[str, Any]]:
-    """``recipes.step_time`` JSON files under ``results``: {path, model, device, ratios}."""
+    """``recipes.step_time`` JSON files under ``results``: {path, model, device, ratios},
+    those with the most ratios first (then by path)."""
     out = []
     for path in sorted(results.rglob("*.json")):
         try:
@@ -135,7 +136,8 @@ def load_step_times(results: Path) -> list[dict[str, Any]]:
             out.append({"path": path, "model": data["model"],
                         "device": "cuda" if str(data.get("device", "")).startswith("cuda")
                         else "cpu", "ratios": data["ratio_to_plain"]})
-    return out
+    # the file that measured the most rules first: one table's ratios from one measurement
+    return sorted(out, key=lambda st: -len(st["ratios"]))
 
 
 # ----------------------------------------------------------------------------- grouping
