@@ -23,15 +23,16 @@ images/s = steps x batch / (end of the last timed step on any process - start of
 on any process), with no barrier between steps.  Per stage the recipe records the idle
 fraction (1 - time inside forward/backward/communication calls and the optimizer step,
 over that window), the median forward/backward time per micro-batch, and a timeline of
-the middle step.  The measured costs drive :func:`localopt.pipeline.timeline.simulate`,
+two steps of the steady state.  The measured costs drive :func:`localopt.pipeline.timeline.simulate`,
 first for the measured ``S`` (its error against the measurement is recorded), then for the
 stage counts of ``--simulate`` under the assumption of ``--deepen``.
 
 The split (``--split auto``, default) balances measured per-module costs: a one-process
 profile (one micro-batch of the ``K = 4`` size) times the forward and backward of every
 module of the model's sequence, and each family of schedules gets the contiguous cut that
-minimises its slowest stage (backprop: forward + backward; direct rules: forward + the
-rule's backward; ``zb``: 4 stages, the V placement's busiest process).  Process count
+minimises its slowest stage (backprop: forward + backward; layer-wise direct rules:
+forward + weight gradients, module-wise ones as backprop; ``zb``: ``2 S`` stages, the V
+placement's busiest process).  Process count
 ``S`` = ``--stages``; the processes run on 127.0.0.1 (gloo) with ``--threads`` torch
 threads each.
 """
@@ -269,19 +270,14 @@ def _ping(nbytes: int, reps: int) -> float:
 
 
 def measure_link(sizes: list[int], reps: int = 20) -> dict[str, float]:
-    """Latency and per-byte cost of a message on this process group, fitted (least squares)
-    to ping-pong times of the given sizes."""
+    """Latency (the smallest message's one-way time) and per-byte cost (the slope to the
+    largest) of a message on this process group, from ping-pong times of ``sizes``."""
     if dist.get_world_size() < 2:
         return {"latency": 0.0, "per_byte": 0.0, "sizes": [], "times": []}
-    for s in sizes[:1]:
-        _ping(s, 3)
+    _ping(sizes[0], 3)
     ts = [_ping(s, reps) for s in sizes]
-    mx, my = sum(sizes) / len(sizes), sum(ts) / len(ts)
-    var = sum((s - mx) ** 2 for s in sizes)
-    slope = sum((s - mx) * (t - my) for s, t in zip(sizes, ts)) / var if var else 0.0
-    slope = max(slope, 0.0)
-    return {"latency": max(my - slope * mx, 0.0), "per_byte": slope, "sizes": sizes,
-            "times": ts}
+    slope = max(0.0, (ts[-1] - ts[0]) / (sizes[-1] - sizes[0]))
+    return {"latency": ts[0], "per_byte": slope, "sizes": sizes, "times": ts}
 
 
 def _measure(args, label: str, M: int, plan: dict) -> dict[str, Any]:

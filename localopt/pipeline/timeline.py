@@ -12,8 +12,9 @@ or produced by :func:`simulate`.
 Simulation
 ----------
 :func:`simulate` replays a schedule's dependency graph with given per-stage costs, for ``S``
-stages and ``M`` micro-batches, and returns the makespan of one training step, images/s,
-the idle fraction of every stage and the simulated events.  Each stage is one worker (one
+stages, ``M`` micro-batches and one or more consecutive training steps (a stage starts the
+next step after its own optimizer step, with no barrier), and returns the makespan per
+step, images/s, the idle fraction of every stage and the simulated events.  Each stage is one worker (one
 process, one thread) that runs its operations one at a time; a message (activation,
 gradient, output error ``e``) sent at the end of an operation arrives ``latency +
 bytes * per_byte`` later and costs the sender nothing (the transfer overlaps compute).
