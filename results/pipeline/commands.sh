@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The runs behind results/pipeline/ (this 2-core CPU, one torch thread per process), in order;
+# then README.md from the JSON files.  Run on a quiet machine (load average < 1.5).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=results/pipeline
+uptime
+# throughput: S = 2 processes, K = 2, 4, 8, every schedule; simulation of S = 4..32
+python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 2,4,8 \
+    --schedules gpipe,1f1b,zb,dfa,drtp --batch 128 --steps 20 --warmup 5 --threads 1 \
+    --json $OUT/mlp3x1024_S2.json --timeline $OUT --simulate 4,8,16,32
+python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 2,4,8 \
+    --schedules gpipe,1f1b,zb,dfa,drtp --batch 64 --steps 8 --warmup 3 --threads 1 \
+    --json $OUT/resnet20_S2.json --timeline $OUT --simulate 4,8,16,32
+# accuracy: pipelined dfa vs the same loop in one process (MLP, 2 epochs); a short ResNet-20 run
+python -m recipes.pipeline --model mlp3x1024 --stages 2 --schedules dfa --microbatches 4 \
+    --epochs 2 --json $OUT/accuracy_mlp3x1024_S2.json
+python -m recipes.pipeline --model mlp3x1024 --stages 1 --schedules dfa --microbatches 4 \
+    --epochs 2 --json $OUT/accuracy_mlp3x1024_S1.json
+python -m recipes.pipeline --model resnet20 --stages 2 --schedules dfa --microbatches 4 \
+    --epochs 1 --max-steps 100 --json $OUT/accuracy_resnet20_S2.json
+python -m recipes.pipeline --report $OUT
+uptime
