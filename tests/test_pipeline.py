@@ -26,6 +26,7 @@ CASES = [
     ("bp", "gpipe", SPLIT, {}),
     ("fa", "1f1b", SPLIT, {}),
     ("bp", "zb", ["3", "5", "7"], {}),
+    ("kp", "gpipe", SPLIT, {}),                        # learned feedback on torch's schedule
     ("dfa", "direct", SPLIT, {}),
     ("dfa", "direct", SPLIT, {"modules": ["5"]}),      # module-wise: BP inside stage 0
     ("drtp", "direct", SPLIT, {}),
@@ -46,7 +47,7 @@ def _optimizer(model_or_pipe, rule: str, params=None):
     kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
     if isinstance(model_or_pipe, lp.PipelineStep):
         return model_or_pipe.optimizer(torch.optim.SGD, **kw)
-    if rule == "dkp":   # the one-process reference, built inside a 2-process run
+    if localopt.sites(model_or_pipe)[0].rule.learns_feedback:   # one-process reference
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return localopt.optim.LocalOptimizer(model_or_pipe, torch.optim.SGD, **kw)
