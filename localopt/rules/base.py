@@ -90,6 +90,10 @@ class Rule:
     #: :class:`localopt.optim.LocalOptimizer` steps the tensors of :meth:`mirrored` with the
     #: weights' optimizer algorithm and hyperparameters; otherwise it calls :meth:`feedback_step`
     mirrors_update: ClassVar[bool] = False
+    #: True when the input gradient of a site is computed from the model output error (direct
+    #: feedback): the mechanism hands :meth:`route` an alias of the site's input instead of
+    #: calling :meth:`backward` (see :func:`localopt.mechanism.from_output`)
+    from_output: ClassVar[bool] = False
 
     def select(self, name: str, module: nn.Module) -> bool:
         """Extra per-module selection on top of ``wraps`` and include/exclude (default: all);
@@ -116,6 +120,11 @@ class Rule:
         return None
 
     def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor | None:
+        raise NotImplementedError
+
+    def route(self, site: Site, alias: Tensor, payload: Any) -> None:
+        """:attr:`from_output` rules, per forward: the site's input ``alias``, whose gradient
+        the rule's :func:`~localopt.mechanism.from_output` at the model output will send."""
         raise NotImplementedError
 
     def feedback_shape(self, site: Site) -> tuple[int, ...] | None:

@@ -8,8 +8,12 @@ Where the signal enters
 ``localopt.wrap(model, "dfa")`` hooks each selected layer (``nn.Linear``/``nn.ConvNd``) -- or,
 with ``modules=[...]``, each named module -- and the model itself:
 
-* a hook on the **model output** ``z`` stores ``e = dL/dz`` (shape ``(N, K)``, or ``(N, *P, K)`` for per-position outputs such as tokens
-  ``(N, T, K)``) before any hooked layer runs its backward.  ``loss.backward()`` is unchanged;
+* the **model output** ``z`` is routed through :func:`~localopt.mechanism.from_output`: the
+  first step of the backward receives ``e = dL/dz`` (shape ``(N, K)``, or ``(N, *P, K)`` for
+  per-position outputs such as tokens ``(N, T, K)``), computes every hooked layer's signal
+  and sends it to that layer's input as an ordinary autograd gradient -- no tensor hooks and
+  no state between forward and backward, so ``torch.compile`` traces the model into one graph
+  (after the first forward, which draws ``B``).  ``loss.backward()`` is unchanged;
 * a hooked layer ``y = f_W(x)`` receiving the error ``delta = dL/dy`` computes its exact
   *local* parameter gradients from ``delta`` (autograd, as for every rule), and sends
   backward, as the gradient of its input ``x``, the direct projection (dense mode)::
@@ -69,7 +73,7 @@ in channel mode (then a broadcast) -- a 3x3 convolution with 64 output channels 
 fewer.  What remains is the weight gradient, the exact backward of activations/norms, and the
 hooks' per-layer Python overhead; so DFA beats BP where compute dominates (CPU) and is on par
 with BP-through-hooks where kernel launches dominate (small models on a GPU).  Measured
-ratios: ``results/notes/direct_feedback.md``.
+ratios: ``results/direct/README.md``.
 
 Scaling
 -------
@@ -110,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..mechanism import CONV_TYPES, LAYER_TYPES, Site
+from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, from_output
 from .base import (FeedbackRule, Rule, check_choice, init_feedback, register_rule,
                    selector_matches)
 
@@ -120,28 +124,15 @@ _INITS = ("uniform", "normal")
 _MODES = ("dense", "channel")
 
 
-class _Slot:
-    """What one forward pass shares with its backward: the captured signal source."""
-
-    __slots__ = ("src", "out", "targets")
-
-    def __init__(self) -> None:
-        self.src: Tensor | None = None
-        self.out: Tensor | None = None
-        self.targets: Tensor | None = None
-
-    def clear(self) -> None:
-        self.src = self.out = self.targets = None
-
-
 class _State:
-    """Per-wrapping state: the current forward's slot, lazily drawn feedback, targets."""
+    """Per-wrapping state: the current forward's routed inputs, lazily drawn feedback,
+    targets."""
 
     def __init__(self, model: nn.Module, sites: list[Site], generator: torch.Generator) -> None:
         self.model = model
         self.sites = sites
         self.generator = generator
-        self.slot: _Slot | None = None
+        self.routed: list[tuple[Site, Tensor, Any]] | None = None
         self.pending: dict[Site, tuple[torch.Size, torch.device]] = {}
         self.targets: Tensor | None = None
         self.hook_ids: list[tuple[str, int]] = []
@@ -166,6 +157,7 @@ class DirectRule(Rule):
     binary = False
     #: per-rule: the source needs the model output (drtp with target="ce")
     needs_output = False
+    from_output = True
 
     def __init__(self, *, feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
                  output: "int | str | None" = None, modules: Any = None,
@@ -272,31 +264,23 @@ class DirectRule(Rule):
                 getattr(model, dict_name).pop(hid, None)
         self._state = None
 
-    # -- root hooks: open a slot per forward, capture the output error ----------------------
+    # -- root hooks: collect the routed inputs of a forward, route them from the output ------
     def _root_pre_hook(self, model: nn.Module, args: tuple) -> None:
-        st = self._state
-        st.slot = _Slot() if torch.is_grad_enabled() else None
+        self._state.routed = [] if torch.is_grad_enabled() else None
 
-    def _root_hook(self, model: nn.Module, args: tuple, out: Any) -> None:
+    def _root_hook(self, model: nn.Module, args: tuple, out: Any) -> Any:
         st = self._state
-        slot, st.slot = st.slot, None
-        if slot is None:
-            return
+        routed, st.routed = st.routed, None
+        if routed is None:
+            return None
         z = self._select_output(model, out)
         if st.pending:
             self._materialize(z)
-        if z.requires_grad:
-            if self.needs_output:
-                slot.out = z.detach()
-            # A tensor hook (not an extra autograd node: no copy, no in-place conflict) runs
-            # as soon as dL/dz is known, before the backward of any layer upstream of z.
-            z.register_hook(lambda e: self._capture(slot, e))
-
-    def _capture(self, slot: _Slot, e: Tensor) -> None:
-        slot.src = self.source(slot, e)
-        slot.out = None
-        # Drop the signal when this backward pass ends: nothing outlives the step.
-        torch.autograd.Variable._execution_engine.queue_callback(slot.clear)
+        if not (routed and z.requires_grad):
+            return None
+        sites, aliases, payloads = zip(*routed)
+        send = _Send(self, sites, payloads, z.detach() if self.needs_output else None)
+        return _replace_output(out, self.output, from_output(z, send, list(aliases)))
 
     def _select_output(self, model: nn.Module, out: Any) -> Tensor:
         key, where = self.output, f"{type(model).__name__} output"
@@ -326,17 +310,16 @@ class DirectRule(Rule):
                                    f"shapes {tuple(prev[0])} and {tuple(x.shape)} in one pass; "
                                    f"rule {self.name!r} needs one input shape per layer")
             st.pending[site] = (x.shape, x.device)
-        return st.slot, x.shape, x.dtype
+        return x.shape, x.dtype
 
-    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
-        slot, shape, dtype = payload
-        src = None if slot is None else slot.src
-        if src is None:
-            raise RuntimeError(
-                f"localopt: rule {self.name!r}: layer '{site.name}' ran its backward before the "
-                "model output error was captured. The loss must be computed from the output of "
-                "the wrapped model's forward (named by output=...), and the layer must be run "
-                "inside that forward")
+    def route(self, site: Site, alias: Tensor, payload: Any) -> None:
+        routed = self._state.routed
+        if routed is not None:  # else run outside the model's forward: its backward raises
+            routed.append((site, alias, payload))
+
+    def send(self, site: Site, src: Tensor, payload: Any) -> Tensor:
+        """The gradient of the site's input: the projection ``src @ B`` (in backward)."""
+        shape, dtype = payload
         return self._project(site, src, site.buffer("feedback"), shape).to(dtype)
 
     # -- the projection ----------------------------------------------------------------------
@@ -440,9 +423,35 @@ class DirectRule(Rule):
         return tuple(B.shape) if B.numel() else None
 
     # -- the signal ---------------------------------------------------------------------------
-    def source(self, slot: _Slot, e: Tensor) -> Tensor:
-        """The vector projected to every layer, from the captured output error ``e``."""
+    def source(self, e: Tensor, out: Tensor | None) -> Tensor:
+        """The vector projected to every layer, from the output error ``e`` (and the detached
+        output ``out`` when :attr:`needs_output`)."""
         return e
+
+
+class _Send:
+    """The backward of :func:`~localopt.mechanism.from_output` for one forward: the signal of
+    every routed input, from the output error ``e``."""
+
+    def __init__(self, rule: DirectRule, sites: tuple, payloads: tuple,
+                 out: Tensor | None) -> None:
+        self.rule, self.sites, self.payloads, self.out = rule, sites, payloads, out
+
+    def __call__(self, e: Tensor) -> tuple[Tensor, ...]:
+        src = self.rule.source(e, self.out)
+        return tuple(self.rule.send(s, src, p) for s, p in zip(self.sites, self.payloads))
+
+
+def _replace_output(out: Any, key: "int | str | None", z: Tensor) -> Any:
+    """The model output with the tensor named by ``key`` (all of it when None) replaced."""
+    if key is None:
+        return z
+    if isinstance(out, (dict, list)):
+        out[key] = z  # the container was just built by the forward
+        return out
+    items = list(out)
+    items[key] = z
+    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
 
 
 @register_rule
@@ -500,7 +509,7 @@ class DRTP(DirectRule):
         self.target = target
         self.needs_output = target == "ce"
 
-    def source(self, slot: _Slot, e: Tensor) -> Tensor:
+    def source(self, e: Tensor, out: Tensor | None) -> Tensor:
         K = e.shape[-1]
         R = e.numel() // K
         st = self._state
@@ -517,8 +526,7 @@ class DRTP(DirectRule):
                                    "indices or one-hot/soft targets shaped like the output)")
             y = y.to(device=e.device, dtype=e.dtype)
         else:
-            z = slot.out
-            y = torch.softmax(z.float(), -1) - R * e.float()
+            y = torch.softmax(out.float(), -1) - R * e.float()
             torch._assert_async(((y > -1e-3) & (y < 1 + 1e-3)).all(),
                                 "localopt: rule 'drtp' (target='ce') recovered targets outside "
                                 "[0, 1] from the output error: the loss is not mean-reduced "

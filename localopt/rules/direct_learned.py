@@ -39,13 +39,13 @@ class DKP(LearnsFeedback, DFA):
         self.check_synced(site)
         return super().forward(site, x, out) + (x.detach(),)
 
-    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
+    def send(self, site: Site, src: Tensor, payload: Any) -> Tensor:
         *base, x = payload
-        dx = super().backward(site, delta, tuple(base))
+        dx = super().send(site, src, tuple(base))
         B = site.buffer("feedback")
         with torch.enable_grad():
             Bv = B.detach().requires_grad_()
-            proj = self._project(site, base[0].src.detach(), Bv, x.shape)
+            proj = self._project(site, src.detach(), Bv, x.shape)
             g = torch.autograd.grad(proj, Bv, x.to(proj.dtype))[0].to(B.dtype)
         B.grad = g if B.grad is None else B.grad.add_(g)
         return dx

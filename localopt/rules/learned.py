@@ -48,7 +48,14 @@ class LearnsFeedback:
             s.weight_version = None if w is None else w._version
 
     def check_synced(self, site: Site) -> None:
-        """Called in forward: warn once if the weight changed without a feedback update."""
+        """Called in forward: warn once if the weight changed without a feedback update.
+
+        Skipped while ``torch.compile`` traces the forward (a version counter cannot be read
+        in a graph; reading it would break the graph at every layer): the check runs in eager
+        forwards, so the first steps of a run -- or any eager forward -- still catch a plain
+        torch optimizer."""
+        if torch.compiler.is_compiling():
+            return
         w = anchor(site)
         if w is not None and w._version != site.weight_version and not self._warned:
             self._warned = True

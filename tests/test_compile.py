@@ -1,0 +1,127 @@
+"""torch.compile of wrapped models: no graph break, and the same gradients as eager.
+
+Graph breaks are counted with ``torch._dynamo.explain`` (no code generation: fast); the
+gradient checks compile with the ``aot_eager`` backend -- dynamo plus AOTAutograd's joint
+forward/backward graph, which is where a rule's substituted backward must survive tracing --
+and one check with inductor, the default backend.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import localopt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NO_BREAK_RULES = ["bp", "fa", "usf", "frsf", "kp", "wm", "dfa", "bdfa", "drtp"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(),
+                         nn.Linear(12, 4))
+
+
+class ResNetLet(nn.Module):
+    """Conv, BatchNorm, in-place ReLU, a residual addition, pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.relu(self.stem(x))
+        h = self.relu(self.bn(self.conv(h)) + h)
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+def one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    for p in model.parameters():
+        p.grad = None
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("rule", NO_BREAK_RULES)
+def test_compiled_forward_has_no_graph_break(rule):
+    torch.manual_seed(0)
+    model = localopt.wrap(mlp(), rule, seed=0)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # learned feedback without LocalOptimizer: irrelevant
+        one_step(model, x, y)            # direct rules draw B in their first forward
+    ex = torch._dynamo.explain(model)(x)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason for r in ex.break_reasons]
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_root_hooks_trace_into_the_forward_graph(rule):
+    # torch.compile runs the hooks of a user-defined root module as separate frames unless
+    # dynamo wraps the top frame; traced together, the whole model is one graph
+    torch.manual_seed(0)
+    model = localopt.wrap(ResNetLet(), rule, seed=0)
+    x, y = torch.randn(2, 3, 6, 6), torch.randint(0, 5, (2,))
+    one_step(model, x, y)
+    with torch._dynamo.config.patch(wrap_top_frame=True):
+        ex = torch._dynamo.explain(model)(x)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason for r in ex.break_reasons]
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "kp"])
+def test_compiled_gradients_equal_eager(rule):
+    torch.manual_seed(0)
+    eager = localopt.wrap(ResNetLet(), rule, seed=3)
+    compiled_model = localopt.wrap(ResNetLet(), rule, seed=3)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(3):  # the first step draws dfa's B inside the compiled call
+            x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
+            want, got = one_step(eager, x, y), one_step(compiled, x, y)
+            for a, b in zip(want, got):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            with torch.no_grad():  # same update on both: the next step sees new weights
+                for p, q in zip(eager.parameters(), compiled_model.parameters()):
+                    p.sub_(0.1 * p.grad)
+                    q.sub_(0.1 * q.grad)
+    if rule == "dfa":  # the substituted input gradient really is e @ B, not backprop's
+        localopt.unwrap(eager)
+        bp = one_step(eager, x, y)
+        assert not torch.allclose(bp[0], got[0])
+
+
+def test_inductor_dfa_matches_eager():
+    torch.manual_seed(0)
+    model = localopt.wrap(mlp(), "dfa", seed=0)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    want = one_step(model, x, y)
+    got = one_step(torch.compile(model), x, y)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_dfa_still_raises_without_the_output_error():
+    torch.manual_seed(0)
+    model = localopt.wrap(mlp(), "dfa", seed=0)
+    x = torch.randn(3, 6, requires_grad=True)
+    one_step(model, x, torch.tensor([0, 1, 2]))
+    h = model[0](x)  # a layer run outside the model's forward: no output error reaches it
+    with pytest.raises(RuntimeError, match="inside that forward"):
+        torch.compile(model[2], backend="aot_eager")(torch.tanh(model[1](h))).sum().backward()
