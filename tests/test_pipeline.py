@@ -8,6 +8,8 @@ import os
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -215,6 +217,31 @@ def test_split_mlp_and_nested_sequential():
     assert _names(stages) == [["0", "1.0", "1.1"], ["1.2", "2"]]
     x = torch.randn(4, 12)
     assert torch.equal(stages[1](stages[0](x)), nested(x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_any_ordered_split_partitions_the_sequence_and_composes(data):
+    """Split points anywhere in a nested Sequential: the stages are a partition of the opened
+    sequence, in order, and compose to the model's forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(),
+                          nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 4)),
+                          nn.Tanh(), nn.Linear(4, 3))
+    opened = ["0", "1", "2", "3.0", "3.1", "3.2", "4", "5"]
+    cuts = data.draw(st.lists(st.integers(1, len(opened) - 1), unique=True, max_size=4))
+    split = [opened[k] for k in sorted(cuts)]
+    stages = lp.split_stages(model, split)
+    assert len(stages) == len(split) + 1
+    assert [n for st_ in stages for n in st_.names] == \
+        (opened if any(c.startswith("3.") for c in split) else
+         ["0", "1", "2", "3", "4", "5"])
+    assert [st_.names[0] for st_ in stages[1:]] == split
+    x = torch.randn(3, 2, 3)
+    h = x
+    for st_ in stages:
+        h = st_(h)
+    assert torch.equal(h, model(x))
 
 
 def test_resnet_sequence_composes_to_forward():
