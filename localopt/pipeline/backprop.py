@@ -39,6 +39,19 @@ def stages_of_rank(schedule: str, rank: int, world: int) -> tuple[int, ...]:
     return (rank,)
 
 
+class _OwnOutput(nn.Module):
+    """A stage whose output, when it is a view (a flatten after pooling), is copied: torch's
+    zero-bubble backward detaches stage outputs in place, which autograd refuses on views."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.stage(x)
+        return out.clone() if isinstance(out, Tensor) and out._base is not None else out
+
+
 class TorchRunner:
     """This rank's stage(s) under one of torch's schedules."""
 
@@ -55,7 +68,7 @@ class TorchRunner:
         from torch.distributed import pipelining as pp
         if N in self._cache:
             return self._cache[N]
-        pstages = [pp.PipelineStage(m, i, self.S, self.device, group=self.group)
+        pstages = [pp.PipelineStage(_OwnOutput(m), i, self.S, self.device, group=self.group)
                    for m, i in zip(self.stages, self.indices)]
         for st, i in zip(pstages, self.indices):
             self._instrument(st, i)
