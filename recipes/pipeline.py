@@ -349,7 +349,7 @@ def _train(args, plan: dict) -> dict[str, Any]:
         M = _csv(args.microbatches, int)[0]
         model, pipe = _build(args, label, M, plan, dflt["model_options"])
         opt = pipe.optimizer(torch.optim.Adam, lr=args.lr or dflt["lr"], eps=dflt["eps"])
-        hist = _train_loop(args, pipe.step, pipe.predict, opt, splits, norm,
+        hist = _train_loop(args, model, pipe.step, pipe.predict, opt, splits, norm,
                            is_last=dist.get_rank() == dist.get_world_size() - 1
                            if label != "zb" else dist.get_rank() == 0)
         everyone: list[Any] = [None] * dist.get_world_size()
@@ -361,13 +361,16 @@ def _train(args, plan: dict) -> dict[str, Any]:
     return out
 
 
-def _train_loop(args, step_fn, predict_fn, opt, splits, norm, is_last: bool) -> dict:
+def _train_loop(args, model, step_fn, predict_fn, opt, splits, norm, is_last: bool) -> dict:
+    """Epochs of shuffled batches (seeded by (seed, epoch), the same on every rank), then the
+    test set in eval mode (BatchNorm running statistics) on the last stage."""
     train, test = splits["train"], splits["test"]
     n, bs = len(train), args.batch
     hist: dict[str, Any] = {"epochs": []}
     for epoch in range(1, args.epochs + 1):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=gen)
+        model.train()
         t0 = time.perf_counter()
         loss_sum, seen, curve = 0.0, 0, []
         nsteps = n // bs if not args.max_steps else min(n // bs, args.max_steps)
@@ -384,8 +387,10 @@ def _train_loop(args, step_fn, predict_fn, opt, splits, norm, is_last: bool) -> 
                     curve.append([k, float(loss)])
         elapsed = time.perf_counter() - t0
         correct, tot = 0, 0
+        model.eval()
         for i in range(0, len(test), 1000):
-            out = predict_fn(norm(test.x[i:i + 1000]))
+            with torch.no_grad():
+                out = predict_fn(norm(test.x[i:i + 1000]))
             if out is not None:
                 correct += int((out.argmax(1) == test.y[i:i + 1000]).sum())
                 tot += len(out)
@@ -419,16 +424,10 @@ def _train_single(args) -> dict[str, Any]:
         opt = torch.optim.Adam(model.parameters(), lr=args.lr or dflt["lr"], eps=dflt["eps"])
 
         def step(x, y):
-            model.train()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             return loss.detach()
-
-        @torch.no_grad()
-        def predict(x):
-            model.eval()
-            return model(x)
-        hist = _train_loop(args, step, predict, opt, splits, norm, is_last=True)
+        hist = _train_loop(args, model, step, model, opt, splits, norm, is_last=True)
         out["runs"].append({"label": label, "M": 1, "optimizer": dict(
             name="adam", lr=args.lr or dflt["lr"], eps=dflt["eps"]), **hist})
     return out

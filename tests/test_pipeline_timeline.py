@@ -46,11 +46,26 @@ def test_1f1b_has_the_gpipe_bubble_and_order(S, extra):
         assert kinds.index("backward") == min(M, S - s)
 
 
-def test_latency_adds_one_hop_per_boundary_each_way():
-    S, M, L = 3, 4, 0.25
-    r = simulate([StageCost(1.0, 1.0, act_bytes=100)] * S, "gpipe", M,
-                 link=CommCost(latency=L, per_byte=0.001))
-    assert r.makespan == pytest.approx(2 * (M + S - 1) + 2 * (S - 1) * (L + 0.1))
+def test_messages_posted_early_cost_one_hop_per_boundary():
+    """drtp (receives posted at the step start): stage s starts s hops later, then runs F, D
+    back to back: makespan 2M + (S-1)(F + latency + bytes * per_byte)."""
+    S, M = 3, 4
+    r = simulate([StageCost(1.0, 9.0, direct=1.0, act_bytes=100)] * S, "drtp", M,
+                 link=CommCost(latency=0.25, per_byte=0.001))
+    assert r.makespan == pytest.approx(2 * M + (S - 1) * 1.35)
+
+
+def test_late_receives_meet_the_sender_as_in_gloo():
+    """torch's GPipe posts each receive when it needs it, and a gloo transfer starts only when
+    both sides are there: S=2, M=2, F=B=1, delay d.  Stage 1: F0 at 1+d, posts F1's receive
+    at 2+d, act_1 (sent at 2) arrives 2+2d.  Stage 0 waits for both sends before posting B0's
+    receive (2+2d); grad_0 leaves stage 1 at 4+2d, arrives 4+3d; B1's receive is posted at
+    5+3d, grad_1 (sent 5+2d) arrives 5+4d: makespan 6+4d."""
+    d = 0.25
+    r = simulate([StageCost(1.0, 1.0)] * 2, "gpipe", 2, link=CommCost(latency=d))
+    assert r.makespan == pytest.approx(6 + 4 * d)
+    b0 = [e.start for e in r.events if e.stage == 0 and e.kind == "backward"]
+    assert b0 == pytest.approx([4 + 3 * d, 5 + 4 * d])
 
 
 @FAST

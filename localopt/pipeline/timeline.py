@@ -46,7 +46,7 @@ the costs of more stages from measured ones.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
@@ -131,31 +131,85 @@ class _Op:
     key: tuple                     # (step, virtual stage, kind, microbatch)
     rank: int
     duration: float
-    deps: list                     # [(key, delay)]
     kind: str                      # event kind
+    deps: list = field(default_factory=list)    # inputs: [(key, delay)]
+    sent: list = field(default_factory=list)    # sends that must be delivered before: [key]
+    post_after_sent: bool = False  # the input's recv is posted only after those deliveries
 
 
-def _run(ops: dict, order: Mapping[int, Any], nranks: int) -> tuple[list[tuple], float]:
+def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
+         ) -> tuple[list[tuple], float]:
     """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a policy
     ``policy(t, arrived) -> key`` that names rank ``r``'s next op when it becomes free at time
-    ``t`` (``arrived(key)``: whether that op's inputs are there by ``t``).  A rank's next op
-    starts when the rank is free and its inputs have arrived.  Decisions are taken in time
-    order, so a policy sees exactly the messages that have arrived by then.
+    ``t`` (``arrived(key)``: whether that op's inputs are there by ``t``).  Decisions are taken
+    in time order, so a policy sees exactly the messages that have arrived by then.
+
+    Messages meet as in gloo: a transfer starts when the sender has sent *and* the receiver
+    has posted its receive (``recv="late"``: when the receiving rank is ready for the op that
+    needs it, as torch's single-stage schedules post them; ``"early"``: when the receiving
+    rank starts the step, as localopt's direct schedule and torch's zero-bubble runtime do),
+    and is delivered ``delay`` later; a send's completion is that delivery.
     Returns (records (rank, kind, microbatch, start, end), makespan)."""
     end: dict[tuple, float] = {}
+    post: dict[tuple, float] = {}                   # when the rank became ready for the op
+    step_start: dict[tuple, float] = {}             # (rank, step) -> when it began the step
     free = [0.0] * nranks
     pos = {r: 0 for r in range(nranks)}
     todo = {r: sum(op.rank == r for op in ops.values()) for r in range(nranks)}
     nxt: dict[int, tuple | None] = {r: None for r in range(nranks)}
+    inputs = {k: {d: delay for d, delay in op.deps} for k, op in ops.items()}
+    consumers: dict[tuple, list] = {k: [] for k in ops}
+    for k, op in ops.items():
+        for d, _ in op.deps:
+            if ops[d].rank != op.rank:
+                consumers[d].append(k)
     records: list[tuple] = []
 
-    def arrival(key: tuple) -> float | None:
+    def delivered(src: tuple, dst: tuple) -> float | None:
+        """When the message of ``src`` for ``dst`` arrives (None: not known yet)."""
+        delay = inputs[dst][src]
+        if src not in end:
+            return None
+        if ops[src].rank == ops[dst].rank:
+            return end[src] + delay
+        if recv == "early":
+            posted = step_start.get((ops[dst].rank, dst[0]))
+        else:
+            posted = posted_at(dst)
+        return None if posted is None else max(end[src], posted) + delay
+
+    def sends_done(key: tuple) -> float | None:
         t = 0.0
-        for k, delay in ops[key].deps:
-            if k not in end:
-                return None
-            t = max(t, end[k] + delay)
+        for src in ops[key].sent:
+            for dst in consumers[src]:
+                a = delivered(src, dst)
+                if a is None:
+                    return None
+                t = max(t, a)
         return t
+
+    def posted_at(key: tuple) -> float | None:
+        if key not in post:
+            return None
+        if not ops[key].post_after_sent:
+            return post[key]
+        done = sends_done(key)
+        return None if done is None else max(post[key], done)
+
+    def arrival(key: tuple) -> float | None:
+        t = sends_done(key)
+        if t is None:
+            return None
+        for src in inputs[key]:
+            a = delivered(src, key)
+            if a is None:
+                return None
+            t = max(t, a)
+        return t
+
+    def ready_for(r: int, key: tuple) -> None:
+        post[key] = free[r]
+        step_start.setdefault((r, key[0]), free[r])
 
     while any(todo.values()):
         best = None                                  # (time, rank, is_decision)
@@ -164,6 +218,7 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int) -> tuple[list[tuple],
                 continue
             if nxt[r] is None and not callable(order[r]):
                 nxt[r] = order[r][pos[r]]
+                ready_for(r, nxt[r])
             if nxt[r] is None:                       # a policy decides when the rank is free
                 cand = (free[r], r, True)
             else:
@@ -178,8 +233,15 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int) -> tuple[list[tuple],
             raise RuntimeError(f"pipeline simulation deadlocked; waiting ops: {stuck}")
         t, r, decide = best
         if decide:
-            nxt[r] = order[r](t, lambda k: k in end or (arrival(k) is not None
-                                                         and arrival(k) <= t))
+            def arrived(k: tuple, t: float = t, r: int = r) -> bool:
+                if k in end:
+                    return True
+                post.setdefault(k, t)                 # (early receives: posted already)
+                step_start.setdefault((r, k[0]), t)
+                a = arrival(k)
+                return a is not None and a <= t
+            nxt[r] = order[r](t, arrived)
+            ready_for(r, nxt[r])
             continue
         key, op = nxt[r], ops[nxt[r]]
         if t > free[r]:
@@ -313,22 +375,22 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
             r = rank_of[v]
             for i in range(M):
                 fd = [((k, v - 1, "F", i), delay(v - 1, v, vc[v - 1].act_bytes))] if v else []
-                ops[(k, v, "F", i)] = _Op((k, v, "F", i), r, c.forward, fd, "forward")
+                ops[(k, v, "F", i)] = _Op((k, v, "F", i), r, c.forward, "forward", fd)
                 back = [((k, v, "F", i), 0.0)]
                 if schedule in ("gpipe", "1f1b", "zb"):
                     kind = "I" if schedule == "zb" else "B"
                     if v < V - 1:
                         back.append(((k, v + 1, kind, i), delay(v + 1, v, c.act_bytes)))
                     dur = c.input_part if schedule == "zb" else c.backward
-                    ops[(k, v, kind, i)] = _Op((k, v, kind, i), r, dur, back, "backward")
+                    ops[(k, v, kind, i)] = _Op((k, v, kind, i), r, dur, "backward", back)
                     if schedule == "zb":
                         ops[(k, v, "W", i)] = _Op((k, v, "W", i), r, c.weight_part,
-                                                  [((k, v, "I", i), 0.0)], "backward_weight")
+                                                  "backward_weight", [((k, v, "I", i), 0.0)])
                 else:
                     if schedule == "direct" and v < V - 1:
                         back.append(((k, V - 1, "F", i), e_link.time(e_bytes)))
-                    ops[(k, v, "D", i)] = _Op((k, v, "D", i), r, c.direct_part, back,
-                                              "backward")
+                    ops[(k, v, "D", i)] = _Op((k, v, "D", i), r, c.direct_part, "backward",
+                                              back)
         mine: dict[int, list] = {r: [] for r in range(S)}
         for key, op in ops.items():
             if key[0] == k:
@@ -336,6 +398,8 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
         for r in range(S):
             if schedule == "gpipe":
                 seq = [(k, r, "F", i) for i in range(M)] + [(k, r, "B", i) for i in range(M)]
+                ops[seq[M]].sent = seq[:M]              # forward sends waited, then B recvs
+                ops[seq[M]].post_after_sent = True
             elif schedule == "1f1b":
                 w = min(M, S - r)
                 seq, f = [(k, r, "F", i) for i in range(w)], w
@@ -344,6 +408,12 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
                     if f < M:
                         seq.append((k, r, "F", f))
                         f += 1
+                for n in range(2, len(seq)):            # torch's waits on earlier sends
+                    cur, prev, prev2 = seq[n], seq[n - 1], seq[n - 2]
+                    if cur[2] != prev[2]:                # 1B1F: the send of the op before is
+                        ops[cur].sent = [prev] + ([prev2] if prev2[2] == prev[2] else [])
+                    else:                                # fused with this op's receive
+                        ops[cur].sent = [prev2]          # warm-up / cool-down: one op later
             elif schedule == "zb":
                 seq = [(k, *a) for a in zb_rows[r]]
                 if k == 0 and sorted(seq) != sorted(mine[r]):
@@ -354,8 +424,9 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
             else:
                 seq = None
             cost = sum(vc[v].step for v in range(V) if rank_of[v] == r)
-            skey = (k, r, "S", -1)
-            ops[skey] = _Op(skey, r, cost, [(key, 0.0) for key in mine[r]], "step")
+            skey = (k, r, "S", -1)                      # every send delivered, then the update
+            ops[skey] = _Op(skey, r, cost, "step", [(key, 0.0) for key in mine[r]],
+                            sent=list(mine[r]))
             if seq is None:
                 order.setdefault(r, []).append(_DirectPolicy(k, r, M, skey))
             else:
@@ -365,7 +436,7 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
     for key, op in ops.items():                       # a stage's next step starts after its
         if key[0] > 0:                                # own optimizer step
             op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
-    records, total = _run(ops, order, S)
+    records, total = _run(ops, order, S, "late" if schedule in ("gpipe", "1f1b") else "early")
     records = [rec for rec in records if not (rec[1] == "step" and rec[4] == rec[3])]
     Event = _event_type()
     events = sorted((Event(r, kind, mb, start, end) for r, kind, mb, start, end in records),
