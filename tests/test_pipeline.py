@@ -137,6 +137,14 @@ def _worker_exact():
         nets.append(CifarResNet(8, num_classes=5))
     pipe = lp.build(nets[0], ["layers.1", "layers.2", "fc"], "zb", microbatches=M,
                     example=xi[:1], timeout=30)
+    for net in nets:
+        net.eval()
+    logits = pipe.predict(xi)             # through the V placement: ranks 0 -> 1 -> 1 -> 0
+    with torch.no_grad():
+        out["resnet_predict"] = None if logits is None else \
+            (logits - nets[1](xi)).abs().max().item()
+    for net in nets:
+        net.train()
     opt = torch.optim.SGD(pipe.parameters(), lr=0.1)
     opt.zero_grad()
     pipe.step(xi, y)
@@ -212,6 +220,7 @@ def test_zero_bubble_on_a_resnet_with_batchnorm_and_a_view_output(exact):
     for res in exact:
         n, diff = res["resnet_zb"]
         assert n > 4 and diff < 1e-5, res["resnet_zb"]
+    assert exact[0]["resnet_predict"] < 1e-5 and exact[1]["resnet_predict"] is None
 
 
 def test_predict_is_the_model_output(exact):
