@@ -775,6 +775,15 @@ def _finish_throughput(res: dict, args, plan: dict, command: str) -> None:
     stem = Path(args.json).stem if args.json else args.model
     if args.timeline:
         d = Path(args.timeline)
+        k_one = min(panels, key=lambda m: (abs(m - 4), m))   # one figure per schedule at K~4
+        for label, ev in panels[k_one].items():
+            ips = next(r["images_per_s"] for r in runs if r["M"] == k_one and r["label"] == label)
+            f = d / f"{stem}_timeline_{label}_K{k_one}.png"
+            plot_timelines({f"{label}: {ips:.0f} img/s (measured)": ev}, f,
+                           title=f"{args.model}, S={args.stages} processes, K={k_one} "
+                                 f"micro-batches of {args.batch // k_one}: two steps of the "
+                                 "steady state")
+            files[f"timeline_{label}_K{k_one}"] = str(f)
         for M, pan in panels.items():
             f = d / f"{stem}_timeline_K{M}.png"
             ips = {r["label"]: r["images_per_s"] for r in runs if r["M"] == M}

@@ -207,3 +207,24 @@ def test_recipe_two_processes_smoke(tmp_path):
     assert main(["--report", str(tmp_path)]) == 0
     text = (tmp_path / "README.md").read_text()
     assert "--schedules gpipe,dfa" in text and "| dfa | 2 |" in text
+
+
+def test_split_balances_the_slowest_stage_and_the_v_placement():
+    from localopt.recipes.pipeline import best_split
+    cost, ok = [6.0, 0.1, 3.0, 0.1, 3.0, 0.1], [True] * 6
+    assert best_split(cost, ok, 2) == [2]                  # 6.1 | 6.2
+    assert best_split(cost, [True, True, False, True, True, True], 2) == [1]   # 6 | 6.3
+    # V placement (processes 0,1,1,0): the first and last stage share a process
+    assert best_split([1.0] * 8, [True] * 8, 4, [0, 1, 1, 0]) == [2, 4, 6]
+    with pytest.raises(ValueError, match="cannot cut"):
+        best_split([1.0, 1.0], [True, False], 3)
+
+
+def test_speedups_are_over_the_fastest_backprop_schedule():
+    from localopt.recipes.pipeline import speedups
+    rows = [{"S": 8, "M": 8, "label": "gpipe", "images_per_s": 100.0},
+            {"S": 8, "M": 8, "label": "zb", "images_per_s": 125.0},
+            {"S": 8, "M": 8, "label": "dfa", "images_per_s": 200.0}]
+    (s,) = speedups(rows)
+    assert (s["label"], s["over"]) == ("dfa", "zb")
+    assert s["speedup"] == pytest.approx(1.6) and s["over_gpipe"] == pytest.approx(2.0)
