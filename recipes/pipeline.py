@@ -153,7 +153,6 @@ def profile_units(model_name: str, batch: int, steps: int = 8, warmup: int = 3,
                 for key, v in zip(keys, (t1 - t0, t2 - t1, ti, tw)):
                     t[key][k].append(v)
     return {"units": [nm for nm, _ in seq], "candidate": [_candidate(m) for _, m in seq],
-            "input_is_view": [t._base is not None for t in ins],
             "input_bytes_per_sample": in_bytes, "batch": batch,
             **{key: [statistics.median(v) for v in t[key]] for key in keys}}
 
@@ -199,11 +198,8 @@ def plan_splits(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if fam == "zb":
             place = list(range(S)) + list(range(S - 1, -1, -1))          # V: 0,1,..,1,0
-            # torch's zero-bubble backward detaches stage outputs in place, which fails on a
-            # view (e.g. a flatten before the classifier): no stage begins at a view input
-            ok = [c and not v for c, v in zip(cand, prof["input_is_view"])]
             splits[fam] = (_csv(args.split_zb) if args.split_zb else
-                           [names[k] for k in best_split(bp, ok, 2 * S, place)])
+                           [names[k] for k in best_split(bp, cand, 2 * S, place)])
         elif explicit is not None:
             splits[fam] = explicit
         else:
