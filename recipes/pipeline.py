@@ -558,14 +558,21 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
         costs = stage_costs(run, label, _boundary_bytes(plan, label, mb))
         e_bytes = mb * NUM_CLASSES * 4
         kw = dict(link=link, e_bytes=e_bytes, batch=args.batch, steps=4)
-        if label == "zb":
-            sim = simulate(costs[::2][:S], "zb", M, virtual_costs=costs, **kw)
-        else:
-            sim = simulate(costs, _sim_schedule(label), M, **kw)
+
+        def sim_of(cs, **over):
+            if label == "zb":
+                return simulate(cs[::2][:S], "zb", M, virtual_costs=cs, **{**kw, **over})
+            return simulate(cs, _sim_schedule(label), M, **{**kw, **over})
+        sim = sim_of(costs)
         err = sim.images_per_s / run["images_per_s"] - 1
+        # what decides it: the same costs with free messages, and with perfectly balanced stages
+        free = sim_of(costs, link=CommCost(), e_bytes=0.0)
+        balanced = sim_of(deepen(costs, len(costs), "finer"))
         check.append({"label": label, "M": M, "measured_images_per_s": run["images_per_s"],
                       "simulated_images_per_s": sim.images_per_s, "error": err,
-                      "simulated_idle_fraction": sim.idle_fraction})
+                      "simulated_idle_fraction": sim.idle_fraction,
+                      "simulated_free_messages_images_per_s": free.images_per_s,
+                      "simulated_balanced_images_per_s": balanced.images_per_s})
         by_key[(label, M)] = (costs, kw, sim)
     for (label, M), (costs, kw, _) in by_key.items():
         for S2 in _csv(args.simulate, int) if args.simulate else []:
@@ -647,7 +654,7 @@ def _meta(args, command: str) -> dict[str, Any]:
             "warmup": args.warmup, "threads": args.threads, "command": command,
             "max_steps_per_epoch": args.max_steps or None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average": list(os.getloadavg())}
+            "load_average": args.load_before, "load_average_after": list(os.getloadavg())}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -694,6 +701,7 @@ def _under_torchrun() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.load_before = list(os.getloadavg())          # 1, 5, 15 min (recorded in the JSON)
     if args.report:
         path = write_report(Path(args.report))
         print(f"wrote {path}")
@@ -836,8 +844,9 @@ def write_report(d: Path, headline_k: int = 4, headline_s: int = 8) -> Path:
                   f"model {m.get('model')}, S = {m.get('stages')} processes, batch "
                   f"{m.get('batch')}, device {m.get('device')}, torch {m.get('torch')}, commit "
                   f"{git.get('commit', '?')}{' (dirty)' if git.get('dirty') else ''}, "
-                  f"{m.get('date')}, load average before the run "
-                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average', []))}.", ""]
+                  f"{m.get('date')}; load average (1, 5, 15 min) before the run "
+                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average', []))}, after "
+                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average_after', []))}.", ""]
         if "simulation" in res:
             lines += _report_throughput(res, m)
         else:
@@ -896,8 +905,9 @@ def _report_throughput(res: dict, m: dict) -> list[str]:
     L = [f"Timed: {m.get('steps')} steps after {m.get('warmup')} warm-up steps per row. "
          f"Splits ({res.get('split_how')}): " +
          "; ".join(f"{k}: {v}" for k, v in res["splits"].items()) + ".", "",
-         "| schedule | K | images/s | idle per stage | fwd ms/mb per stage | bwd ms/mb per "
-         "stage | simulated images/s (error) |", "|---|---:|---:|---|---|---|---|"]
+         "| schedule | K | images/s | idle per process | fwd ms/mb per stage | bwd ms/mb per "
+         "stage | simulated images/s (error) | simulated, free messages | simulated, "
+         "balanced stages |", "|---|---:|---:|---|---|---|---|---:|---:|"]
     check = {(c["label"], c["M"]): c for c in res["simulation"]["check"]}
     for r in sorted(res["runs"], key=lambda r: (r["M"], r["label"])):
         c = check.get((r["label"], r["M"]))
@@ -907,8 +917,23 @@ def _report_throughput(res: dict, m: dict) -> list[str]:
         fw = ", ".join(_ms(s["forward"]) for s in r["stage_costs"])
         L.append(f"| {r['label']} | {r['M']} | {r['images_per_s']:.0f} | "
                  f"{_pcts(r['idle_fraction'])} | {fw} | {bw} | "
-                 + (f"{c['simulated_images_per_s']:.0f} ({100 * c['error']:+.1f}%)" if c
-                    else "") + " |")
+                 + (f"{c['simulated_images_per_s']:.0f} ({100 * c['error']:+.1f}%) | "
+                    f"{c['simulated_free_messages_images_per_s']:.0f} | "
+                    f"{c['simulated_balanced_images_per_s']:.0f}" if c else " | ") + " |")
+    L += ["", "Where each process's time goes (ms per step: compute = forward + backward, "
+          "communication calls, optimizer step, blocked waiting for a message, the rest = "
+          "schedule overhead between calls):", "",
+          "| schedule | K | " + " | ".join(f"process {i}: compute / comm / optimizer / wait / "
+                                          f"overhead" for i in range(m.get("stages", 2)))
+          + " |", "|---|---:|" + "---|" * m.get("stages", 2)]
+    for r in sorted(res["runs"], key=lambda r: (r["M"], r["label"])):
+        cells = []
+        for p in r.get("per_process", []):
+            comp = p["busy_per_step"] - p["comm_calls_per_step"] - p["optimizer_step"]
+            cells.append(" / ".join(_ms(x) for x in (comp, p["comm_calls_per_step"],
+                                                       p["optimizer_step"], p["wait_per_step"],
+                                                       p["overhead_per_step"])))
+        L.append(f"| {r['label']} | {r['M']} | " + " | ".join(cells) + " |")
     link = res["link"]
     L += ["", f"Messages (ping-pong fit): latency {1e6 * link['latency']:.0f} us, "
           f"{1e9 * link['per_byte']:.2f} ns/byte.  zb: backward = input gradient + weight "
