@@ -49,10 +49,11 @@ from .table_runs import TABLE, item_config, items, load_table
 PUBLISHED = Path(__file__).resolve().parent / "published.toml"
 MODELS = {"mlp3x1024": "3x1024 tanh MLP", "resnet20": "ResNet-20"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-#: config keys that do not change what is trained (machine, outputs, bookkeeping)
+#: config keys that do not change what is trained (machine, outputs, bookkeeping; the seed
+#: is a row's spread)
 NOT_TRAINING = {"name", "config_name", "reference", "rules", "data", "download", "device",
-                "threads", "channels_last", "out_dir", "log_every", "diagnostics_every",
-                "eval_batch_size", "test_every_epoch", "seed"}
+                "threads", "channels_last", "ddp", "out_dir", "log_every",
+                "diagnostics_every", "eval_batch_size", "test_every_epoch", "seed"}
 #: of the training keys, those that make a rule variant (the rest make the protocol)
 VARIANT_KEYS = ("rule_options", "feedback_options", "lr", "momentum", "nesterov", "betas", "eps",
                 "alpha")
