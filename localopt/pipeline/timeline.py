@@ -504,41 +504,31 @@ LABELS = {"forward": "forward", "backward": "backward", "backward_weight": "weig
           "send": "send", "recv": "recv", "step": "optimizer step", "wait": "waiting (idle)"}
 
 
-def _draw(ax, events: Sequence, t0: float, title: str | None, rows: int | None = None) -> float:
-    from matplotlib.patches import Patch
-
-    events = [e for e in events]
-    n = rows if rows is not None else (max(e.stage for e in events) + 1 if events else 1)
+def _draw(ax, events: Sequence, t0: float, title: str | None, rows: int) -> float:
+    """One panel: a hatched (idle) bar per row, a box per event on top; returns its span."""
     tmax = max((e.end for e in events), default=t0) - t0
-    for s in range(n):
+    for s in range(rows):
         ax.barh(s, tmax * 1e3, left=0, height=0.8, color="white", edgecolor="#BBBBBB",
                 hatch="///", linewidth=0.5, zorder=0)
     for e in events:
         if e.kind == "wait":                          # idle: the hatched background shows
             continue
         x0, w = (e.start - t0) * 1e3, (e.end - e.start) * 1e3
-        color = COLORS.get(e.kind, "#C44E52")
         h = 0.8 if e.kind not in ("send", "recv") else 0.35
-        ax.barh(e.stage, w, left=x0, height=h, color=color, edgecolor="black",
-                linewidth=0.4, zorder=2)
+        ax.barh(e.stage, w, left=x0, height=h, color=COLORS.get(e.kind, "#C44E52"),
+                edgecolor="black", linewidth=0.4, zorder=2)
         if e.microbatch is not None and e.microbatch >= 0 and e.kind not in ("send", "recv") \
                 and tmax > 0 and w / (tmax * 1e3) > 0.012:
             ax.text(x0 + w / 2, e.stage, str(e.microbatch), ha="center", va="center",
                     fontsize=7, zorder=3, color="white" if e.kind == "forward" else "black")
-    ax.set_yticks(range(n))
-    ax.set_yticklabels([f"stage {s}" for s in range(n)])
-    ax.set_ylim(n - 0.5, -0.5)
-    ax.set_xlabel("time (ms)")
-    if title:
-        busy = idle_fractions(events, n, tmax if tmax > 0 else None, t0)
-        ax.set_title(f"{title}   (idle: {', '.join(f'{100 * b:.0f}%' for b in busy)})",
-                     fontsize=9, loc="left")
-    kinds = [k for k in COLORS if any(e.kind == k for e in events)]
-    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=LABELS[k]) for k in kinds]
-    handles.append(Patch(facecolor="white", edgecolor="#BBBBBB", hatch="///",
-                         label=LABELS["wait"]))
-    ax.legend(handles=handles, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0),
-              ncol=len(handles), frameon=False, borderaxespad=0.1)
+    ax.set_yticks(range(rows))
+    ax.set_yticklabels([f"stage {s}" for s in range(rows)])
+    ax.set_ylim(rows - 0.5, -0.5)
+    if title is not None:
+        idle = idle_fractions(events, rows, tmax if tmax > 0 else None, t0)
+        text = (", ".join(f"{100 * b:.0f}%" for b in idle) if rows <= 4 else
+                f"{100 * sum(idle) / rows:.0f}% per stage on average")
+        ax.set_title(f"{title}   (idle: {text})", fontsize=9, loc="left")
     return tmax
 
 
@@ -559,18 +549,27 @@ def plot_timelines(panels: Mapping[str, Sequence], path: Path | str,
     panels = {k: list(v) for k, v in panels.items()}
     rows = [max((e.stage for e in ev), default=0) + 1 for ev in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
-                             figsize=(11, 0.4 + sum(0.45 * r + 0.7 for r in rows)),
+                             figsize=(11, 0.9 + sum(0.45 * r + 0.7 for r in rows)),
                              gridspec_kw={"height_ratios": [r + 1.2 for r in rows]})
+    from matplotlib.patches import Patch
+
     tmax = 0.0
     for ax, (label, ev), n in zip(axes[:, 0], panels.items(), rows):
         t0 = min((e.start for e in ev), default=0.0)
         tmax = max(tmax, _draw(ax, ev, t0, label, n))
-    for ax in axes[:-1, 0]:
-        ax.set_xlabel("")
+    axes[-1, 0].set_xlabel("time (ms)")
     axes[0, 0].set_xlim(0, tmax * 1e3 * 1.02 if tmax > 0 else 1)
+    used = {e.kind for ev in panels.values() for e in ev}
+    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=LABELS[k])
+               for k in COLORS if k in used]
+    handles.append(Patch(facecolor="white", edgecolor="#BBBBBB", hatch="///",
+                         label=LABELS["wait"]))
+    height = fig.get_size_inches()[1]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
+               frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - (0.3 / height if title else 0)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
