@@ -81,7 +81,7 @@ def _owned_state(model, pipe):
     names = [n for n, p in model.named_parameters() if id(p) in ids]
     stages = pipe.module if isinstance(pipe.module, nn.ModuleList) else [pipe.module]
     mods = {id(m) for st in stages for part in st.parts for m in part.modules()}
-    firsts = {id(st.first_module()[1]) for st in stages if st.index > 0}
+    firsts = {id(m) for st in stages if st.index > 0 for _, m in st.entry()}
     bufs = []
     for n, m in model.named_modules():
         if m._buffers.get("localopt_feedback") is None or not m.localopt_feedback.numel():
@@ -340,3 +340,17 @@ def test_direct_schedule_needs_a_hooked_module_at_each_stage_start():
     model = _model("dfa", {"modules": ["3"]})        # stage 1 begins at '5', not hooked
     with pytest.raises(ValueError, match="stage 1 begins with '5'"):
         lp.build(model, SPLIT, "direct", example=torch.zeros(1, 12))
+
+
+def test_direct_schedule_accepts_a_hooked_sequential_at_a_stage_start(monkeypatch):
+    """Module-wise dfa naming a whole nn.Sequential: that module reads the stage input, so the
+    set-up checks pass and build() goes on to the process group (missing here)."""
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(),
+                          nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 5))
+    localopt.wrap(model, "dfa", modules=["2"], seed=0)
+    with pytest.raises(lp.PipelineError, match="torchrun"):
+        lp.build(model, ["2"], "direct", example=torch.zeros(1, 12))
+    with pytest.raises(ValueError, match="stage 1 begins with '2.0'"):
+        lp.build(model, ["2.0"], "direct", example=torch.zeros(1, 12))

@@ -132,6 +132,8 @@ def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), timeou
     All processes are joined within ``timeout`` seconds; when one fails, the others get
     ``grace`` seconds to fail on their own (a pipeline peer errors out by its timeouts), then
     everything still running is killed, and a ``RuntimeError`` reports each rank's error.
+    The processes are daemonic (none outlives the caller), so ``fn`` cannot start processes of
+    its own (e.g. ``DataLoader(num_workers > 0)``); use torchrun for that.
     """
     import multiprocessing as mp
     import queue as queue_mod

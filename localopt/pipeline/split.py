@@ -43,13 +43,16 @@ class Stage(nn.Module):
             x = m(x)
         return x
 
-    def first_module(self) -> tuple[str, nn.Module]:
-        """The module that reads the stage input (descending into leading Sequentials)."""
+    def entry(self) -> list[tuple[str, nn.Module]]:
+        """The modules that receive the stage input as their input, outermost first: the
+        first module, and while it is an ``nn.Sequential``, its first child."""
         name, m = self.names[0], self.parts[0]
+        chain = [(name, m)]
         while isinstance(m, nn.Sequential) and len(m) > 0:
             child, m = next(iter(m.named_children()))
             name = f"{name}.{child}"
-        return name, m
+            chain.append((name, m))
+        return chain
 
     def extra_repr(self) -> str:
         return f"index={self.index}, modules={self.names}"

@@ -241,8 +241,8 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
     if direct:   # before any communication: a refused set-up fails fast on every rank
         sites = {id(s.module): s for s in _sites(model)}
         for s in range(1, S):
-            name, first = stages[s].first_module()
-            if id(first) not in sites:
+            if _entry_site(stages[s], sites) is None:
+                name, first = stages[s].entry()[-1]
                 raise ValueError(
                     f"localopt.pipeline: schedule='direct': stage {s} begins with '{name}' "
                     f"({type(first).__name__}), which rule {rule.name!r} does not hook, so the "
@@ -274,9 +274,9 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
                              ": call build() with the same arguments on every rank")
     shapes = _shape_pass(model, stages, example.to(device), direct)
     for s in range(1, S if direct else 0):
-        name, first = stages[s].first_module()
-        if sites[id(first)].buffer("feedback").numel() == 0:
-            raise ValueError(f"localopt.pipeline: schedule='direct': '{name}' (first module "
+        site = _entry_site(stages[s], sites)
+        if site.buffer("feedback").numel() == 0:
+            raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
                              f"of stage {s}) has no feedback matrix (its input needs no "
                              "gradient): split after a module with parameters")
     recorder = Recorder(record)
@@ -288,7 +288,7 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
         s = indices[0]
         next_site = None
         if s < S - 1:
-            next_site = sites[id(stages[s + 1].first_module()[1])]
+            next_site = _entry_site(stages[s + 1], sites)
             w = getattr(next_site.module, "weight", None)
             next_weight = w if isinstance(w, nn.Parameter) else next(
                 next_site.module.parameters(), None)
@@ -301,6 +301,11 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
                              recorder)
     return PipelineStep(model, mine, indices, S, schedule, microbatches, runner, link, recorder,
                         group, rule, shapes, device, next_weight)
+
+
+def _entry_site(stage: Stage, sites: dict):
+    """The outermost hooked module that reads the stage input (None if there is none)."""
+    return next((sites[id(m)] for _, m in stage.entry() if id(m) in sites), None)
 
 
 def _sites(model: nn.Module):
