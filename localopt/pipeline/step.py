@@ -214,6 +214,8 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
             ``drtp``, ``dkp``, module-wise ``dfa``; every stage ``s >= 1`` must begin with a
             module the rule hooks: :mod:`localopt.pipeline.direct`).
         microbatches: ``M``, micro-batches per step (the batch must divide into them).
+            BatchNorm statistics are those of each micro-batch, as in a single-process run
+            with gradient accumulation over the same micro-batches.
         loss_fn: ``loss_fn(output, y)`` of one micro-batch, mean-reduced; the step's gradient
             is that of the mean over micro-batches.
         example: an input batch (any size; only its per-sample shape and dtype matter), run once
