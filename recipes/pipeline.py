@@ -960,14 +960,18 @@ def _report_throughput(res: dict, m: dict) -> list[str]:
 
 
 def _report_training(res: dict, m: dict) -> list[str]:
-    L = [f"Data: {res.get('data')}; {m.get('epochs')} epochs, train on all 50,000 images, "
+    cap = m.get("max_steps_per_epoch")
+    L = [f"Data: {res.get('data')}; {m.get('epochs')} epoch(s) of "
+         + (f"at most {cap} steps" if cap else "all 50,000 training images")
+         + f" (batch {m.get('batch')}, Adam {res['runs'][0]['optimizer']['lr']:.3g}), "
          "test on the 10,000 test images after every epoch.", "",
-         "| schedule | K | epoch | train loss | test acc % | images/s |",
-         "|---|---:|---:|---:|---:|---:|"]
+         "| schedule | K | epoch | train loss (epoch mean) | batch loss along the epoch | "
+         "test acc % | images/s |", "|---|---:|---:|---:|---|---:|---:|"]
     for r in res["runs"]:
         for e in r["epochs"]:
+            curve = ", ".join(f"{loss:.2f} (step {k})" for k, loss in e.get("loss_curve", [])[:8])
             L.append(f"| {r['label']} | {r['M']} | {e['epoch']} | {e['train_loss']:.4f} | "
-                     f"{100 * e['test_acc']:.2f} | {e['images_per_s']:.0f} |")
+                     f"{curve} | {100 * e['test_acc']:.2f} | {e['images_per_s']:.0f} |")
     return L + [""]
 
 

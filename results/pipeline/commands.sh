@@ -18,6 +18,6 @@ python -m recipes.pipeline --model mlp3x1024 --stages 2 --schedules dfa --microb
 python -m recipes.pipeline --model mlp3x1024 --stages 1 --schedules dfa --microbatches 4 \
     --epochs 2 --json $OUT/accuracy_mlp3x1024_S1.json
 python -m recipes.pipeline --model resnet20 --stages 2 --schedules dfa --microbatches 4 \
-    --epochs 1 --max-steps 100 --json $OUT/accuracy_resnet20_S2.json
+    --batch 64 --epochs 1 --max-steps 150 --json $OUT/accuracy_resnet20_S2.json
 python -m recipes.pipeline --report $OUT
 uptime
