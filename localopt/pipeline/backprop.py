@@ -144,9 +144,16 @@ class TorchRunner:
             except PipelineError:
                 raise
             except RuntimeError as exc:
-                raise PipelineError(f"localopt.pipeline: rank holding stages {self.indices} "
-                                    f"failed in torch's {self.schedule!r} schedule (a peer rank "
-                                    f"may have died or timed out): {exc}") from exc
+                world = self.S // len(self.indices)
+                owner = {i: r for r in range(world)
+                         for i in stages_of_rank(self.schedule, r, world)}
+                me = owner[self.indices[0]]
+                peers = sorted({owner[j] for i in self.indices for j in (i - 1, i + 1)
+                                if j in owner and owner[j] != me})
+                raise PipelineError(
+                    f"localopt.pipeline: rank {me} (stages {self.indices}) failed in torch's "
+                    f"{self.schedule!r} schedule; its peer rank(s) {peers} may have died, failed "
+                    f"or timed out (see their errors): {exc}") from exc
         if not last:
             return None
         return torch.stack([loss.detach() for loss in losses]).mean()
