@@ -845,8 +845,11 @@ def write_report(d: Path, headline_k: int = 4, headline_s: int = 8) -> Path:
                   f"{m.get('batch')}, device {m.get('device')}, torch {m.get('torch')}, commit "
                   f"{git.get('commit', '?')}{' (dirty)' if git.get('dirty') else ''}, "
                   f"{m.get('date')}; load average (1, 5, 15 min) before the run "
-                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average', []))}, after "
-                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average_after', []))}.", ""]
+                  f"{', '.join(f'{x:.2f}' for x in m.get('load_average', []))}"
+                  + (f", after {', '.join(f'{x:.2f}' for x in m['load_average_after'])}"
+                     if m.get("load_average_after") else "") + ".", ""]
+        if m.get("note"):
+            lines += [f"Note: {m['note']}.", ""]
         if "simulation" in res:
             lines += _report_throughput(res, m)
         else:
@@ -894,8 +897,9 @@ def _headline(files: list, K: int, S_sim: int) -> list[str]:
         for f, res in acc:
             for r in res["runs"]:
                 e = r["epochs"][-1]
+                k = r["M"] if res["meta"]["stages"] > 1 else "-"
                 L.append(f"| {res['meta']['model']} | {r['label']} | {res['meta']['stages']} | "
-                         f"{r['M']} | {e['epoch']} | {100 * e['test_acc']:.2f} | "
+                         f"{k} | {e['epoch']} | {100 * e['test_acc']:.2f} | "
                          f"{e['train_loss']:.4f} | {e['images_per_s']:.0f} | `{f.name}` |")
         L.append("")
     return L

@@ -12,7 +12,8 @@ python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 2,4,8 \
 python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 2,4,8 \
     --schedules gpipe,1f1b,zb,dfa,drtp --batch 64 --steps 8 --warmup 3 --threads 1 \
     --json $OUT/resnet20_S2.json --timeline $OUT --simulate 4,8,16,32
-# accuracy: pipelined dfa vs the same loop in one process (MLP, 2 epochs); a short ResNet-20 run
+# accuracy: pipelined dfa vs the same loop in one process (MLP, 2 epochs; the committed files
+# are of a run at 06:10-06:16 UTC on the shared machine, see their note); a short ResNet-20 run
 python -m recipes.pipeline --model mlp3x1024 --stages 2 --schedules dfa --microbatches 4 \
     --epochs 2 --json $OUT/accuracy_mlp3x1024_S2.json
 python -m recipes.pipeline --model mlp3x1024 --stages 1 --schedules dfa --microbatches 4 \
