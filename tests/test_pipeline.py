@@ -45,7 +45,7 @@ def _model(rule: str, opts: dict, reference: bool = False) -> nn.Module:
     return model
 
 
-def _optimizer(model_or_pipe, rule: str, params=None):
+def _optimizer(model_or_pipe):
     kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
     if isinstance(model_or_pipe, lp.PipelineStep):
         return model_or_pipe.optimizer(torch.optim.SGD, **kw)
@@ -101,9 +101,9 @@ def _worker_exact():
     for rule, schedule, split, opts in CASES:
         model = _model(rule, opts)
         pipe = lp.build(model, split, schedule, microbatches=M, example=x[:1], timeout=30)
-        opt = _optimizer(pipe, rule)
+        opt = _optimizer(pipe)
         ref = _model(rule, opts, reference=True)
-        ref_opt = _optimizer(ref, rule)
+        ref_opt = _optimizer(ref)
         if rule == "dfa" and not opts:   # before training: every rank's model is the same
             logits = pipe.predict(x)
             out["predict"] = None if logits is None else (logits - model(x)).abs().max().item()
