@@ -17,6 +17,13 @@ After two warm-up steps each, rounds of all variants are interleaved so that mac
 hits every variant alike; the median step time of each is reported with its ratio to
 ``plain``.  ``--diagnostics RULE`` also times one ``localopt.diagnostics.report`` call on that
 variant's model.  ``--json`` writes the result.
+
+``--compile`` times every variant's model -- ``plain`` included -- through
+``torch.compile(model)`` (forward and its backward; the optimizer step stays eager), after
+three warm-up steps (the first compiles, and the direct rules' first forward draws their
+feedback, which compiles once more).
+
+    python -m recipes.step_time --model mlp3x1024 --rules bp,fa,dfa,kp --compile --threads 1
 """
 from __future__ import annotations
 
@@ -71,8 +78,9 @@ def build(base: torch.nn.Module, spec: str, optimizer: str = "sgd", lr: float = 
 def measure(model_name: str, variants: list[str], batch: int = 64, steps: int = 20,
             rounds: int = 3, device: str = "auto", optimizer: str = "sgd", lr: float = 1e-3,
             feedback_lr: float = 1e-4, noise: float = 0.05, diagnostics: str | None = None,
-            seed: int = 0, feedback_optimizer: str = "sgd") -> dict:
-    """Median seconds per step of ``plain`` and each variant, and the ratios to ``plain``."""
+            seed: int = 0, feedback_optimizer: str = "sgd", compile: bool = False) -> dict:
+    """Median seconds per step of ``plain`` and each variant, and the ratios to ``plain``
+    (``compile``: each model run through ``torch.compile``)."""
     dev = pick_device(device)
     if diagnostics is not None and diagnostics not in variants:
         raise ValueError(f"--diagnostics {diagnostics!r} is not one of the variants {variants}")
@@ -83,6 +91,12 @@ def measure(model_name: str, variants: list[str], batch: int = 64, steps: int = 
     y = torch.randint(0, 10, (batch,), generator=g).to(dev)
     built = {v: build(base, v, optimizer, lr, feedback_lr, noise, seed, feedback_optimizer)
              for v in ["plain"] + [v for v in variants if v != "plain"]}
+    if compile:  # one compiled entry per variant (and per feedback draw): lift dynamo's cap
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   4 * len(built))
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 16 * len(built))
+        built = {v: (torch.compile(model), opt) for v, (model, opt) in built.items()}
 
     def sync():
         if dev.type == "cuda":
@@ -95,7 +109,7 @@ def measure(model_name: str, variants: list[str], batch: int = 64, steps: int = 
         sync()
 
     for model, opt in built.values():  # warm-up: shape probes, allocator, lazy feedback
-        for _ in range(2):
+        for _ in range(3 if compile else 2):
             step(model, opt)
     times: dict[str, list[float]] = {v: [] for v in built}
     diag: list[float] = []
@@ -107,7 +121,9 @@ def measure(model_name: str, variants: list[str], batch: int = 64, steps: int = 
                 times[v].append(time.perf_counter() - t0)
         if diagnostics is not None:
             t0 = time.perf_counter()
-            localopt.diagnostics.report(built[diagnostics][0], F.cross_entropy, x, y)
+            model = built[diagnostics][0]
+            localopt.diagnostics.report(getattr(model, "_orig_mod", model), F.cross_entropy,
+                                        x, y)
             sync()
             diag.append(time.perf_counter() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
@@ -115,7 +131,8 @@ def measure(model_name: str, variants: list[str], batch: int = 64, steps: int = 
         med[f"diagnostics.report ({diagnostics}), per call"] = statistics.median(diag)
     return {"model": model_name, "batch": batch, "device": device_name(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "optimizer": f"{optimizer}(lr={lr})", "feedback_optimizer": feedback_optimizer,
+            "compile": compile, "optimizer": f"{optimizer}(lr={lr})",
+            "feedback_optimizer": feedback_optimizer,
             "feedback_lr": feedback_lr, "noise": noise,
             "steps_per_variant": len(times["plain"]), "rounds": rounds,
             "median_s": med, "ratio_to_plain": {v: t / med["plain"] for v, t in med.items()}}
@@ -139,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.05, help="target propagation")
     p.add_argument("--diagnostics", metavar="RULE", help="also time diagnostics.report on it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="time every model (plain included) through torch.compile")
     p.add_argument("--json", "--out", dest="json", help="also write the result to this file")
     a = p.parse_args(argv)
     if a.threads > 0:
@@ -146,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = measure(a.model, [r for r in a.rules.split(",") if r], a.batch, a.steps, a.rounds,
                       a.device, a.optimizer, a.lr, a.feedback_lr, a.noise, a.diagnostics, a.seed,
-                      a.feedback_optimizer)
+                      a.feedback_optimizer, a.compile)
     except ValueError as e:
         p.exit(2, f"error: {e}\n")
     print(f"{res['model']}, batch {res['batch']}, {res['device']}, {res['threads']} threads, "
+          f"{'torch.compile, ' if res['compile'] else ''}"
           f"{res['optimizer']}, median of {res['steps_per_variant']} steps "
           f"(forward+backward+optimizer step)")
     print(f"{'variant':<40}{'ms/step':>10}{'ratio to plain':>16}")

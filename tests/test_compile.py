@@ -107,6 +107,30 @@ def test_compiled_gradients_equal_eager(rule):
         assert not torch.allclose(bp[0], got[0])
 
 
+@pytest.mark.parametrize("rule", ["dfa", "kp"])
+def test_compiled_training_step_is_one_graph_as_for_the_plain_model(rule):
+    # dynamo stops at loss.backward() for any model (it is not traced; the backward then runs
+    # the graph compiled with the forward): the wrapped model adds nothing to that
+    counts = {}
+    for r in ("plain", rule):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = mlp() if r == "plain" else localopt.wrap(mlp(), r, seed=0)
+        x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+
+        def step(x, y):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step(x, y)
+        ex = torch._dynamo.explain(step)(x, y)
+        counts[r] = (ex.graph_count, ex.graph_break_count)
+    assert counts[rule] == counts["plain"] == (1, 0)
+
+
 def test_inductor_dfa_matches_eager():
     torch.manual_seed(0)
     model = localopt.wrap(mlp(), "dfa", seed=0)
