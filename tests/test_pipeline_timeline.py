@@ -184,7 +184,8 @@ def test_recipe_two_processes_smoke(tmp_path):
     out = tmp_path / "tiny.json"
     cmd = [sys.executable, "-m", "localopt.recipes.pipeline", "--model", "mlp3x1024",
            "--model-options", '{"hidden": [16, 16]}', "--stages", "2", "--microbatches", "2",
-           "--schedules", "gpipe,dfa", "--steps", "2", "--warmup", "1", "--batch", "8",
+           "--schedules", "gpipe,dfa", "--split", "3", "--steps", "2", "--warmup", "1",
+           "--batch", "8",
            "--json", str(out), "--timeline", str(tmp_path), "--simulate", "4",
            "--timeout", "30", "--run-timeout", "100"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
