@@ -4,7 +4,7 @@
     localopt.wrap(model, "fa")     # install a rule by hooks; the training loop is unchanged
     localopt.unwrap(model)         # exact backprop again
 """
-from . import diagnostics, optim, rules
+from . import diagnostics, distributed, optim, rng, rules
 from .mechanism import Site, input_grad
 from .rules import FeedbackRule, Rule, available_rules, register_rule
 from .rules.direct import set_targets
@@ -16,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback",
            "available_rules", "register_rule", "Rule", "FeedbackRule", "Site", "input_grad",
            "set_targets",
-           "Summary", "UNSUPPORTED_TYPES", "diagnostics", "optim", "rules"]
+           "Summary", "UNSUPPORTED_TYPES", "diagnostics", "distributed", "optim", "rng", "rules"]

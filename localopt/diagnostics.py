@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .mechanism import Site
 from .rules.base import FeedbackRule
+from .rng import preserved_streams
 from .wrap import sites as _sites
 
 __all__ = ["angle", "feedback_angles", "sign_concordance", "update_angles",
@@ -58,7 +59,8 @@ def _name(s: Site) -> str:
 
 def _feedback_pairs(model: nn.Module) -> list[tuple[Site, Tensor, Tensor]]:
     rows = []
-    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad():
+    with torch.random.fork_rng(devices=_cuda_devices(model)), torch.no_grad(), \
+            preserved_streams(_sites(model)):
         for s in _sites(model):
             if isinstance(s.rule, FeedbackRule):
                 rows.append((s, s.rule.feedback(s), s.module.weight))
@@ -96,7 +98,7 @@ def _preserved(model: nn.Module, site_list: list[Site]):
     for buf, _ in pending:
         buf.grad = None
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
+        with torch.random.fork_rng(devices=_cuda_devices(model)), preserved_streams(site_list):
             yield
     finally:
         with torch.no_grad():

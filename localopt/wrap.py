@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import rng
 from .mechanism import Site
 from .rules import FeedbackRule, Rule, make_rule
 from .rules.base import selector_matches
@@ -97,6 +98,13 @@ def feedback_seed(seed: int) -> int:
     return (int(seed) * 0x9E3779B97F4A7C15 + 0x10CA1) % 2**63
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    t = next(iter(module.parameters()), None)
+    if t is None:
+        t = next(iter(module.buffers()), None)
+    return torch.device("cpu") if t is None else t.device
+
+
 def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = None,
          exclude: Selector = None, unsupported: str = "error", seed: int | None = None,
          **options: Any) -> nn.Module:
@@ -112,9 +120,11 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
             module is an error.
         unsupported: ``"error"`` (default) or ``"bp"``: what to do with weight-transporting
             layers no rule covers (:data:`UNSUPPORTED_TYPES`).
-        seed: seed for the random feedback drawn at wrap time (default: torch's global RNG);
-            mixed by :func:`feedback_seed`, so it never repeats the weights drawn from the
-            same seed.
+        seed: seed of all the rule's randomness: the feedback drawn at wrap time and the
+            random streams of rules that draw later (:mod:`localopt.rng`); mixed by
+            :func:`feedback_seed`, so it never repeats the weights drawn from the same seed.
+            ``None`` (default): one draw of torch's global RNG, the only global draw a rule
+            ever makes.
         **options: the rule's options (see its docstring).
 
     On any error the model is left exactly as it was.
@@ -145,12 +155,16 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
             raise RuntimeError(f"localopt: module '{n}' already has attribute(s) {clash}, which "
                                "localopt reserves for its state")
 
-    generator = torch.Generator().manual_seed(feedback_seed(seed)) if seed is not None else None
+    base_seed = feedback_seed(rng.draw_seed() if seed is None else seed)
+    generator = torch.Generator().manual_seed(base_seed)
     site_list = [Site(m, n, rule_obj) for n, m in picked]
     record = _Wrapping(rule_obj, site_list, kept_bp)
     try:
-        for s in site_list:
+        for k, s in enumerate(site_list):
             rule_obj.setup(s, generator)
+            if rule_obj.random_stream:  # the rule's own random stream (localopt.rng)
+                s.register_buffer(rng.BUFFER, rng.stream_state(base_seed, k,
+                                                                _device_of(s.module)))
             s.install()
         h = model.register_load_state_dict_pre_hook(_check_checkpoint)
         record.root_hook_ids.append(("_load_state_dict_pre_hooks", h.id))
@@ -227,7 +241,8 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
             )
     for m, b, shape in materialise:  # lazily-sized feedback: allocate, load_state_dict fills it
         cur = m._buffers[b]
-        m._buffers[b] = torch.empty(shape, dtype=cur.dtype, device=cur.device)
+        with torch.no_grad():  # in place: the buffer keeps its identity (DDP, optimizers)
+            cur.set_(torch.empty(shape, dtype=cur.dtype, device=cur.device))
 
 
 def strip_feedback(state_dict: dict) -> dict:

@@ -90,6 +90,8 @@ class Config:
     threads: int = 0                    # torch.set_num_threads when > 0
     channels_last: bool = True          # on CUDA only
     amp: str = "none"                   # "bf16": autocast the forward pass to bfloat16
+    ddp: int = 0                        # > 1: DistributedDataParallel on this many processes
+                                        # (spawned on 127.0.0.1; torchrun sets its own)
     # outputs
     out_dir: str = "runs"
     log_every: int = 50                 # steps between progress-bar metric updates (one sync)
@@ -112,6 +114,8 @@ class Config:
                 raise ConfigError(f"{flag(key)} {getattr(self, key)}: must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
+        if self.ddp < 0:
+            raise ConfigError(f"--ddp {self.ddp}: must be >= 0 (a number of processes)")
         if self.schedule == "step" and not self.milestones:
             raise ConfigError("--schedule step needs --milestones (epochs, e.g. 100,150,200)")
         return self
@@ -254,13 +258,16 @@ def apply_rule(model: nn.Module, cfg: Config) -> nn.Module:
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """The one place optimizers are built (rules that learn feedback add their params here)."""
+    """The one place optimizers are built (rules that learn feedback add their params here).
+    ``model`` may be wrapped in ``DistributedDataParallel``: the feedback optimizers then
+    average what the feedback learns over its ranks."""
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     import localopt
+    inner = localopt.distributed.unwrap_parallel(model)
 
     def build(cls, **kwargs):  # rules that learn their feedback do it in LocalOptimizer's step
-        if localopt.is_wrapped(model) and localopt.rules.target_prop.is_target_prop(model):
+        if localopt.is_wrapped(inner) and localopt.rules.target_prop.is_target_prop(inner):
             fb = dict(cfg.feedback_options)
             fb_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
             name = fb.pop("feedback_optimizer", "sgd")
@@ -275,7 +282,7 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
                                                  fb_cls[name], **fb, **kwargs)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"--feedback-options {cfg.feedback_options}: {e}") from None
-        if localopt.is_wrapped(model) and localopt.sites(model)[0].rule.learns_feedback:
+        if localopt.is_wrapped(inner) and localopt.sites(inner)[0].rule.learns_feedback:
             return localopt.optim.LocalOptimizer(model, cls, params, **kwargs)
         return cls(params, **kwargs)
     if o == "sgd":

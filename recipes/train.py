@@ -7,6 +7,12 @@
 Writes ``<out_dir>/<name>/``: ``log.jsonl`` (one JSON record per epoch, plus ``start`` and
 ``final`` records), ``checkpoint.pt`` (after every epoch; ``--resume`` continues from it
 exactly), ``curves.png``.
+
+Data parallel (``DistributedDataParallel``): ``--ddp N`` spawns N processes on 127.0.0.1, or
+launch with ``torchrun --nproc-per-node N -m recipes.train ...``.  Each rank trains on its
+contiguous shard of every batch (``--batch-size`` is the global batch; the shards are cut
+after augmentation, so the data are those of the single-process run); rank 0 evaluates,
+logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -18,12 +24,17 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
+
+from localopt import rng as localopt_rng
+from localopt.distributed import unwrap_parallel
 
 from .common import (Config, ConfigError, add_config_args, append_jsonl, apply_rule,
                      build_model, config_from_args, device_name, git_commit, loss_fn,
@@ -36,7 +47,47 @@ from .plots import plot_curves
 
 #: settings a resumed run may change; everything else comes from the checkpoint
 RESUME_MAY_CHANGE = ("epochs", "device", "threads", "data", "download", "out_dir", "log_every",
-                     "eval_batch_size")
+                     "eval_batch_size", "ddp")
+#: timeout of every collective of a data-parallel run (rank 0 evaluates while the others wait)
+DDP_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass
+class Ranks:
+    """This process's place in a data-parallel run (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def sum_(self, *tensors: torch.Tensor) -> None:
+        """Sum tensors over the ranks, in place."""
+        if self.world > 1:
+            for t in tensors:
+                torch.distributed.all_reduce(t)
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def current_ranks() -> Ranks:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(),
+                     int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return Ranks()
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -77,7 +128,9 @@ def _epoch_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Gen
 
 def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: Normalizer,
                 channels_last: bool, device: torch.device, log_path: Path, global_step: int,
-                progress: bool | None) -> tuple[dict[str, float], int]:
+                progress: bool | None, ranks: Ranks | None = None
+                ) -> tuple[dict[str, float], int]:
+    ranks = ranks or Ranks()
     model.train()
     criterion = loss_fn(cfg.loss)
     gen = _epoch_generator(cfg, epoch, device)
@@ -91,13 +144,18 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
-               disable=None if progress is None else not progress, dynamic_ncols=True)
+               disable=(None if progress is None else not progress) if ranks.main else True,
+               dynamic_ncols=True)
+    shard = bs // ranks.world
     t0 = time.perf_counter()
     for step in range(steps):
         idx = perm[step * bs:(step + 1) * bs]
         x, y = split.x[idx], split.y[idx]
         if cfg.augment:
             x = random_crop_flip(x, gen, padding=cfg.crop_padding)
+        if ranks.world > 1:  # this rank's shard of the (augmented) global batch
+            x = x[ranks.rank * shard:(ranks.rank + 1) * shard]
+            y = y[ranks.rank * shard:(ranks.rank + 1) * shard]
         x = _prepare(x, norm, channels_last)
         with _autocast(cfg, device):
             out = model(x)
@@ -110,8 +168,8 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
-        if cfg.diagnostics_every and global_step % cfg.diagnostics_every == 0:
-            extra = step_diagnostics(model, cfg, global_step, x, y)
+        if cfg.diagnostics_every and global_step % cfg.diagnostics_every == 0 and ranks.main:
+            extra = step_diagnostics(unwrap_parallel(model), cfg, global_step, x, y)
             if extra:
                 append_jsonl(log_path, {"event": "step", "epoch": epoch, "step": global_step,
                                         **extra})
@@ -125,6 +183,9 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     bar.close()
+    seen_t = torch.tensor(float(seen), device=device)
+    ranks.sum_(loss_sum, correct, seen_t)   # the whole batch's metrics on every rank
+    seen = int(seen_t.item())
     if not math.isfinite(loss_sum.item()):
         print(f"warning: epoch {epoch}: training loss is not finite", file=sys.stderr)
     return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen,
@@ -153,6 +214,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
           stop_after: int | None = None) -> dict[str, Any] | None:
     """Run (or continue) one training run; returns the ``final`` log record, or None when
     ``stop_after`` (an epoch number) ended this invocation before ``cfg.epochs``."""
+    ranks = current_ranks()
+    if ranks.world > 1 and cfg.batch_size % ranks.world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {ranks.world} "
+                          "data-parallel processes (each trains on an equal shard)")
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
     ckpt = None
@@ -171,12 +236,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         if not overwrite:
             raise ConfigError(f"{run_dir} already holds a run: pass --resume to continue it, "
                               "--overwrite to start again, or another --name")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        ranks.barrier()   # every rank has checked before rank 0 deletes
+        if ranks.main:
+            shutil.rmtree(run_dir)
+    if ranks.main:        # only rank 0 writes the run folder
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cuda" and ranks.world > 1:
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if arrays is None and ranks.main:
+        arrays = load_cifar10(cfg.data or None, cfg.download)
+    ranks.barrier()       # rank 0 decoded (and cached) the data; the others read the cache
     if arrays is None:
         arrays = load_cifar10(cfg.data or None, cfg.download)
     splits = make_splits(arrays, cfg.protocol, device, cfg.val_size, cfg.split_seed)
@@ -184,6 +258,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     torch.manual_seed(cfg.seed)
     model = apply_rule(build_model(cfg, len(arrays.classes), device), cfg)
+    inner = model
+    if ranks.world > 1:   # the start-up broadcast makes every rank rank 0's model and streams
+        model = torch.nn.parallel.DistributedDataParallel(
+            inner, device_ids=[device.index] if device.type == "cuda" else None)
+        if not ranks.main:  # each rank's own dropout masks
+            torch.manual_seed(localopt_rng.mix(cfg.seed, ranks.rank))
     channels_last = device.type == "cuda" and cfg.channels_last
     opt = make_optimizer(model, cfg)
     steps_per_epoch = (len(splits["train"]) // cfg.batch_size if cfg.drop_last
@@ -194,11 +274,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     start_epoch, global_step = 0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        inner.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_ranks", [])
+        _set_rng_state(per_rank[ranks.rank] if len(per_rank) == ranks.world else ckpt["rng"])
         start_epoch, global_step = ckpt["epoch"], ckpt["global_step"]
+    if not ranks.main:
+        pass
+    elif ckpt is not None:
         # drop what an interrupted epoch may have logged after the checkpoint
         kept = [r for r in read_jsonl(log_path) if r.get("epoch", 0) <= start_epoch
                 and r.get("event") != "final"]
@@ -210,14 +294,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         append_jsonl(log_path, {"event": "start", "epoch": 0, **common, "parameters": n_params,
                                 "protocol": cfg.protocol, "config": cfg.to_dict(),
                                 "optimizer": repr(opt)})
-    print(f"[{cfg.run_name()}] {cfg.model} + {cfg.rule} on {arrays.description} "
-          f"({len(splits['train'])} train, {cfg.protocol} protocol), {device_name(device)}",
-          file=sys.stderr)
+    say = (lambda text: print(text, file=sys.stderr)) if ranks.main else (lambda text: None)
+    say(f"[{cfg.run_name()}] {cfg.model} + {cfg.rule} on {arrays.description} "
+        f"({len(splits['train'])} train, {cfg.protocol} protocol), {device_name(device)}"
+        + (f", {ranks.world} data-parallel processes" if ranks.world > 1 else ""))
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
         tr, global_step = train_epoch(model, opt, sched, splits["train"], cfg, epoch, norm,
-                                      channels_last, device, log_path, global_step, progress)
+                                      channels_last, device, log_path, global_step, progress,
+                                      ranks)
+        rng_ranks = ranks.gather(_rng_state())   # a collective: before rank 0 goes its own way
+        if not ranks.main:
+            if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+                return None
+            continue
         rec: dict[str, Any] = {"event": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
                                "train_loss": tr["loss"], "train_acc": tr["acc"],
                                "val_loss": None, "val_acc": None,
@@ -229,15 +320,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         if cfg.test_every_epoch or epoch == cfg.epochs:
             evals.append("test")
         for name in evals:
-            m = evaluate(model, splits[name], cfg, norm, channels_last, device)
+            m = evaluate(inner, splits[name], cfg, norm, channels_last, device)
             rec[f"{name}_loss"], rec[f"{name}_acc"] = m["loss"], m["acc"]
         rec["eval_time_s"] = time.perf_counter() - t_eval
         rec.update(common)
         rec["config"] = cfg.to_dict()
         append_jsonl(log_path, rec)
-        _save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(),
-                         scheduler=sched.state_dict(), rng=_rng_state(), epoch=epoch,
-                         global_step=global_step, config=cfg.to_dict())
+        _save_checkpoint(ckpt_path, model=inner.state_dict(), optimizer=opt.state_dict(),
+                         scheduler=sched.state_dict(), rng=rng_ranks[0], rng_ranks=rng_ranks,
+                         epoch=epoch, global_step=global_step, config=cfg.to_dict())
         shown = " ".join(f"{k}={rec[k]:.4f}" for k in ("train_loss", "train_acc", "val_acc",
                                                          "test_acc") if rec[k] is not None)
         print(f"[{cfg.run_name()}] epoch {epoch}/{cfg.epochs} {shown} lr={lr:.3g} "
@@ -247,6 +338,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                   "with --resume", file=sys.stderr)
             return None
 
+    if not ranks.main:
+        return None
     epochs = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
     last = epochs[-1]
     final = {"event": "final", **{k: last[k] for k in ("epoch", "train_loss", "train_acc",
@@ -283,21 +376,68 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(__doc__)
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        final = train(cfg, resume=args.resume, overwrite=args.overwrite,
-                      progress=False if args.no_progress else None, stop_after=args.stop_after)
-    except (ConfigError, DataNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
+def _backend(cfg: Config) -> str:
+    return "nccl" if pick_device(cfg.device).type == "cuda" else "gloo"
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> None:
+    final = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                  progress=False if args.no_progress else None, stop_after=args.stop_after)
     if final is None:
-        return 0
+        return
     shown = ", ".join(f"{k} {final[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc")
                       if final[k] is not None)
     print(f"{final['run']}: {shown} after {final['epoch']} epochs "
           f"({final['images_per_s']:.0f} img/s on {final['device']}); log in {final['run_dir']}")
+
+
+def _ddp_process(rank: int, world: int, port: int, args: argparse.Namespace,
+                 cfg: Config) -> None:
+    """One process of ``--ddp N``: join the group on 127.0.0.1 and train."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.distributed.init_process_group(_backend(cfg), init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=world, timeout=DDP_TIMEOUT)
+    try:
+        _run(args, cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(__doc__)
+    args = parser.parse_args(argv)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        cfg = config_from_args(args)
+        if torchrun:  # launched by torchrun: the group comes from its environment
+            torch.distributed.init_process_group(_backend(cfg), timeout=DDP_TIMEOUT)
+            try:
+                _run(args, cfg)
+            finally:
+                torch.distributed.destroy_process_group()
+        elif cfg.ddp > 1:
+            import torch.multiprocessing as mp
+            if cfg.batch_size % cfg.ddp:
+                raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --ddp "
+                                  f"{cfg.ddp} (each process trains on an equal shard)")
+            try:
+                mp.start_processes(_ddp_process, args=(cfg.ddp, _free_port(), args, cfg),
+                                   nprocs=cfg.ddp, start_method="spawn")
+            except mp.ProcessRaisedException as e:
+                parser.exit(1, f"error: a data-parallel process failed:\n{e}\n")
+        else:
+            _run(args, cfg)
+    except (ConfigError, DataNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
     return 0
 
 

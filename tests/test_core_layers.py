@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import localopt
+from localopt.rng import preserved_streams
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
        torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
@@ -41,12 +42,10 @@ def _with_weight(layer, B):
 
 
 def _feedback_used(rule, layer):
-    """The B the rule uses on its next forward (brsf: by replaying the RNG)."""
+    """The B the rule uses on its next forward (brsf: by replaying its random stream)."""
     site = localopt.sites(layer)[0]
-    state = torch.get_rng_state()
-    B = site.rule.feedback(site)
-    torch.set_rng_state(state)
-    return B
+    with preserved_streams([site]):
+        return site.rule.feedback(site)
 
 
 def _check_layer(layer, x, dtype, rule):

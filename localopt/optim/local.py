@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .. import distributed
+
 __all__ = ["LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional"]
 
 _CLASSES: dict[tuple[type, type], type] = {}
@@ -43,10 +45,19 @@ class LocalOptimizer(Optimizer):
     are buffers in ``model.state_dict()``.  A plain torch ``state_dict`` (e.g. from a BP run)
     loads too: the feedback learning then starts afresh.
 
+    Data parallelism: with a ``DistributedDataParallel``-wrapped ``model`` (or an explicit
+    ``process_group``), what the feedback learns from each rank's data (``bfa``, ``bidfa``,
+    ``dkp``) is averaged over the ranks before the feedback update, so the feedback stays
+    identical on every rank (:mod:`localopt.distributed`); for ``dkp`` one step then equals the
+    single-process step on the concatenated batch.
+
     Args:
-        model: a model wrapped by :func:`localopt.wrap`.
+        model: a model wrapped by :func:`localopt.wrap`, or that model wrapped in
+            ``DistributedDataParallel``.
         optimizer: a ``torch.optim.Optimizer`` subclass (default ``torch.optim.SGD``).
         params: parameters or param groups for it (default ``model.parameters()``).
+        process_group: the data-parallel group to average the learned feedback over (default:
+            that of a DDP-wrapped ``model``; none otherwise).
         **kwargs: the optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The result is an instance of ``LocalOptimizer`` *and* of ``optimizer`` (a subclass
@@ -75,9 +86,10 @@ class LocalOptimizer(Optimizer):
             _CLASSES[(cls, optimizer)] = sub
         return super().__new__(sub)
 
-    def __init__(self, model: nn.Module, optimizer: type = torch.optim.SGD, params=None,
-                 **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, optimizer: type = torch.optim.SGD, params=None, *,
+                 process_group=None, **kwargs: Any) -> None:
         from ..wrap import is_wrapped, sites
+        outer, model = model, distributed.unwrap_parallel(model)
         if not isinstance(model, nn.Module) or not is_wrapped(model):
             raise ValueError(f"localopt: {type(self).__name__} needs a model wrapped by "
                              "localopt.wrap(model, rule); got "
@@ -90,6 +102,8 @@ class LocalOptimizer(Optimizer):
                              f"trains rule(s) {list(self.rule_names)}, but the model is wrapped "
                              f"with {self._rule.name!r}; use localopt.optim.LocalOptimizer")
         super().__init__(model.parameters() if params is None else params, **kwargs)
+        self._group = (distributed.find_group(outer, process_group)
+                       if self._rule.feedback_from_data else None)
         self._feedback_steps = 0
         self._mirror: Optimizer | None = None
         self._mirror_sites: list[list] = []
@@ -142,6 +156,8 @@ class LocalOptimizer(Optimizer):
         self._feedback_steps += 1
         rule = self._rule
         if rule.learns_feedback:
+            if self._group is not None:  # data parallel: the mean of the ranks' signals
+                distributed.average_(self._pending_feedback_grads(), self._group)
             if rule.mirrors_update:
                 if self._mirror is not None:
                     self._mirror_step()
@@ -149,6 +165,20 @@ class LocalOptimizer(Optimizer):
                 rule.feedback_step(self._sites, self._feedback_steps)
             rule.synced(self._sites)
         return loss
+
+    def _pending_feedback_grads(self) -> list[Tensor]:
+        """The pending feedback signals, in site order: the ``.grad`` of every ``localopt_*``
+        buffer that holds one, and the least-squares normalisers (``site.feedback_norm``)."""
+        out = []
+        for s in self._sites:
+            for b in s.buffer_names:
+                g = s.module._buffers[b].grad
+                if g is not None:
+                    out.append(g)
+            norm = getattr(s, "feedback_norm", None)
+            if norm is not None:
+                out.append(norm)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .. import distributed
 from ..rules.target_prop import target_prop_rule
 
 __all__ = ["TargetProp"]
@@ -71,6 +72,15 @@ class TargetProp(Optimizer):
             Counted in :meth:`state_dict`; :attr:`in_warmup` tells whether the next step is one.
             A learning-rate scheduler stepped during the warm-up still advances.
 
+    Randomness (the feedback noise, dropout in replayed blocks) comes from each block's own
+    stream (``localopt_rng``, saved with the model; :mod:`localopt.rng`), never from torch's
+    global RNG.  Data parallelism: with a ``DistributedDataParallel``-wrapped ``model`` (or
+    ``process_group=``) each rank draws its own noise for its data shard, and the feedback
+    gradients of every iteration -- and, with ``retarget``, the recomputed block gradients --
+    are averaged over the ranks (:mod:`localopt.distributed`), so weights and feedback stay
+    identical on every rank.  Targets use each rank's own loss gradient: with a batch-mean
+    loss, ``beta``'s batch size is the per-rank one.
+
     The feedback weights are buffers of the model (``model.state_dict()``); :meth:`state_dict`
     holds the task optimizer's state plus ``"target_prop"``: the feedback optimizer's state.
     ``last_feedback_loss``: the per-block feedback losses of the last iteration of the last
@@ -83,8 +93,10 @@ class TargetProp(Optimizer):
                  feedback_iters: int | Sequence[int] = 1,
                  noise: float | Sequence[float] = 0.1,
                  feedback_options: dict[str, Any] | None = None, retarget: bool | None = None,
-                 feedback_warmup: int = 0, **kwargs: Any) -> None:
-        self.rule = target_prop_rule(model)
+                 feedback_warmup: int = 0, process_group=None, **kwargs: Any) -> None:
+        self.rule = target_prop_rule(distributed.unwrap_parallel(model))
+        self._group = distributed.find_group(model, process_group)
+        self._rank = distributed.rank(self._group)
         if isinstance(optimizer, Optimizer):
             if params is not None or kwargs:
                 raise TypeError("localopt: TargetProp: give params/optimizer arguments only with "
@@ -150,7 +162,9 @@ class TargetProp(Optimizer):
             return
         self._train_feedback(tr)
         if self.retarget and not self.in_warmup:  # warm-up steps leave the weights alone
-            self.rule.retarget(tr)
+            done = self.rule.retarget(tr, salt=self._rank)
+            # data parallel: the re-targeted gradients came from this rank's shard only
+            distributed.average_([p.grad for p in done], self._group)
 
     def _train_feedback(self, tr) -> None:
         self._sync()
@@ -164,10 +178,12 @@ class TargetProp(Optimizer):
                 for g, b in live:
                     bufs = self.rule.feedback_params(b)
                     P = {k: v.detach().requires_grad_() for k, v in bufs.items()}
-                    losses.append(self.rule.feedback_loss(b, tr, P, g["noise"]))
+                    losses.append(self.rule.feedback_loss(b, tr, P, g["noise"],
+                                                          salt=self._rank))
                     leaves += list(P.values())
                     targets += list(bufs.values())
                 grads = torch.autograd.grad(torch.stack(losses).sum(), leaves)
+                distributed.average_(list(grads), self._group)  # data parallel: all shards
                 for t, gr in zip(targets, grads):
                     t.grad = gr
                 self.feedback.step()

@@ -90,6 +90,13 @@ class Rule:
     #: :class:`localopt.optim.LocalOptimizer` steps the tensors of :meth:`mirrored` with the
     #: weights' optimizer algorithm and hyperparameters; otherwise it calls :meth:`feedback_step`
     mirrors_update: ClassVar[bool] = False
+    #: True when the rule draws random numbers after wrap (per step, or lazily at the first
+    #: forward): :func:`localopt.wrap` then gives each site its own stream, the buffer
+    #: ``localopt_rng`` (:mod:`localopt.rng`) -- a rule never draws from torch's global RNG
+    random_stream: ClassVar[bool] = False
+    #: True when the feedback's gradient comes from the local data (``bfa``'s reconstruction,
+    #: ``dkp``'s ``e^T x``): under data parallelism the optimizer averages it over the ranks
+    feedback_from_data: ClassVar[bool] = False
     #: True when the input gradient of a site is computed from the model output error (direct
     #: feedback): the mechanism hands :meth:`route` an alias of the site's input instead of
     #: calling :meth:`backward` (see :func:`localopt.mechanism.from_output`)
@@ -228,12 +235,12 @@ def init_feedback(init: str, weight: Tensor, generator: torch.Generator | None,
     ``init``: ``"xavier"`` (Glorot-uniform, BioTorch's default), ``"kaiming"`` (He-uniform),
     ``"uniform"`` (U(-0.5, 0.5), Lillicrap et al. 2016), ``"normal"`` (N(0, 1/fan_in)).
     ``match_norm`` rescales B to the Frobenius norm of ``weight``.  Drawn in float32 on the CPU
-    from ``generator`` (or torch's global CPU RNG), so the draw does not depend on the device;
-    ``on_device=True`` draws directly on ``weight.device`` from its global RNG instead (for
-    rules that redraw every step).
+    from ``generator`` (a CPU generator), so the draw does not depend on the device;
+    ``on_device=True`` draws directly on ``weight.device`` from ``generator``, a generator of
+    that device (for rules that redraw every step).
     """
     device = weight.device if on_device else torch.device("cpu")
-    B = FEEDBACK_INITS[init](weight, None if on_device else generator, device)
+    B = FEEDBACK_INITS[init](weight, generator, device)
     if match_norm:
         B = B * (weight.detach().float().norm().to(device) / B.norm().clamp_min(1e-12))
     return B.to(device=weight.device, dtype=weight.dtype)

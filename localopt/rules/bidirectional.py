@@ -51,6 +51,7 @@ class BFA(LearnsFeedback, FeedbackRule):
     """
 
     name = "bfa"
+    feedback_from_data = True
 
     def __init__(self, *, lr: float = 0.5, decay: float = 0.0, init: str = "xavier") -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)

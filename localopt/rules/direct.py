@@ -57,11 +57,13 @@ Feedback shapes and memory (float32, 4 bytes per entry)
   that ResNet-50 layer); a 224x224 timm ``resnet50`` with 1000 classes needs 94 MB in all.
 
 ``B`` is drawn lazily at the first forward pass with gradients (its shape depends on the
-input and output shapes), all pending layers at once in ``named_modules()`` order, from a
-generator seeded at wrap time (``seed=`` of :func:`localopt.wrap`, else one draw from torch's
-global RNG), so the draw is reproducible and independent of the device.  Before that the
-buffers ``localopt_feedback`` are empty placeholders; ``state_dict()`` works at any time and
-loading a checkpoint fills them (see :func:`localopt.wrap`).  ``max_feedback_mb`` (default
+input and output shapes), all pending layers at once, each on the CPU from its layer's own
+stream (``localopt_rng``, seeded at wrap time by ``seed=`` of :func:`localopt.wrap`; see
+:mod:`localopt.rng`), so the draw is reproducible, independent of the device, and the same
+on every data-parallel rank (``DistributedDataParallel`` broadcasts the stream at start-up).
+Before that the buffers ``localopt_feedback`` are empty placeholders, filled in place (same
+tensor); ``state_dict()`` works at any time and loading a checkpoint fills them (see
+:func:`localopt.wrap`).  ``max_feedback_mb`` (default
 1024) bounds the total; exceeding it is an error naming the largest layers.
 
 Cost
@@ -114,6 +116,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import rng
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, from_output
 from .base import (FeedbackRule, Rule, check_choice, init_feedback, register_rule,
                    selector_matches)
@@ -128,10 +131,9 @@ class _State:
     """Per-wrapping state: the current forward's routed inputs, lazily drawn feedback,
     targets."""
 
-    def __init__(self, model: nn.Module, sites: list[Site], generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, sites: list[Site]) -> None:
         self.model = model
         self.sites = sites
-        self.generator = generator
         self.routed: list[tuple[Site, Tensor, Any]] | None = None
         self.pending: dict[Site, tuple[torch.Size, torch.device]] = {}
         self.targets: Tensor | None = None
@@ -157,6 +159,7 @@ class DirectRule(Rule):
     binary = False
     #: per-rule: the source needs the model output (drtp with target="ce")
     needs_output = False
+    random_stream = True
     from_output = True
 
     def __init__(self, *, feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
@@ -196,7 +199,6 @@ class DirectRule(Rule):
         self.inside = inside
         self._inner: list[tuple[Site, nn.Module, str, str]] = []   # (outer, layer, name, buffer)
         self._inner_sites: list[Site] = []
-        self._generator: torch.Generator | None = None
         self._state: _State | None = None
 
     # -- selection (module-wise DFA) -------------------------------------------------------
@@ -212,7 +214,6 @@ class DirectRule(Rule):
         ref = next((t for t in site.module.parameters() if t.is_floating_point()), None)
         site.register_buffer("feedback", torch.empty(0) if ref is None else
                              ref.new_empty(0, requires_grad=False).detach())
-        self._generator = generator
         if self.inside == "fa":  # FA inside the module: B per inner layer, kept on the module
             for rel, layer in site.module.named_modules():
                 if rel and isinstance(layer, LAYER_TYPES):
@@ -239,10 +240,7 @@ class DirectRule(Rule):
                         f"it ({', '.join(repr(b) for b in inner[:3])}); name patterns match "
                         "sub-modules too ('layers.*' matches 'layers.0.conv1'): name the "
                         "modules exactly (e.g. 'layers.?') or by type")
-        gen = self._generator
-        if gen is None:
-            gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        state = _State(model, sites, gen)
+        state = _State(model, sites)
         h1 = model.register_forward_pre_hook(self._root_pre_hook)
         h2 = model.register_forward_hook(self._root_hook)
         state.hook_ids = [("_forward_pre_hooks", h1.id), ("_forward_hooks", h2.id)]
@@ -404,8 +402,9 @@ class DirectRule(Rule):
                 "(K x C per layer) or raise max_feedback_mb")
         for s, shp, fan in plans:
             cur = s.buffer("feedback")
-            B = self.draw(shp, self.scale / math.sqrt(fan), st.generator)
-            s.module._buffers[Site.BUFFER_PREFIX + "feedback"] = B.to(cur.device, cur.dtype)
+            B = self.draw(shp, self.scale / math.sqrt(fan), rng.generator(s))
+            with torch.no_grad():  # in place: the buffer keeps its identity (DDP, optimizers)
+                cur.set_(B.to(cur.device, cur.dtype))
         st.pending.clear()
 
     def draw(self, shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:

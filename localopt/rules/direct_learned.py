@@ -33,6 +33,7 @@ class DKP(LearnsFeedback, DFA):
     """
 
     name = "dkp"
+    feedback_from_data = True
     mirrors_update = True
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
@@ -80,6 +81,7 @@ class BiDFA(LearnsFeedback, DFA):
     """
 
     name = "bidfa"
+    feedback_from_data = True
 
     def __init__(self, *, lr: float = 0.5, decay: float = 0.0, feedback: str = "dense",
                  init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,

@@ -6,6 +6,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import rng
 from ..mechanism import Site
 from .base import FEEDBACK_INITS, FeedbackRule, _fans, check_choice, init_feedback, register_rule
 
@@ -58,11 +59,14 @@ class BRSF(FeedbackRule):
 
         B = |M_t| * sign(W),   M_t redrawn every forward pass (each mini-batch)
 
-    ``M_t`` is drawn on the layer's device from torch's global RNG with ``init``
-    (default ``"xavier"``, as BioTorch).
+    ``M_t`` is drawn with ``init`` (default ``"xavier"``, as BioTorch) on the layer's device,
+    by a device generator from the layer's own stream (``localopt_rng``, :mod:`localopt.rng`):
+    torch's global RNG is untouched, the stream is saved with the model, and every
+    data-parallel rank draws the same ``M_t``.
     """
 
     name = "brsf"
+    random_stream = True
 
     def __init__(self, *, init: str = "xavier") -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
@@ -70,7 +74,7 @@ class BRSF(FeedbackRule):
 
     def feedback(self, site: Site) -> Tensor:
         W = site.weight.detach()
-        M = init_feedback(self.init, W, None, on_device=True)
+        M = init_feedback(self.init, W, rng.generator(site, W.device), on_device=True)
         return M.abs_() * torch.sign(W)
 
 

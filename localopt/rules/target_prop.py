@@ -87,6 +87,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import rng
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, input_grad
 from .base import FEEDBACK_INITS, Rule, check_choice, init_feedback, register_rule
 
@@ -156,7 +157,9 @@ class _Block:
         s = self._shapes.get(key)
         if s is None:
             s = [key]
-            with torch.no_grad(), self.site.bypassed():
+            # private_global_rng: a Dropout in the chain must not consume global randomness
+            # (the first forward, and the first one after a resume, would differ)
+            with torch.no_grad(), self.site.bypassed(), rng.private_global_rng(x.device):
                 h = x[:1].detach()
                 for m in self.chain():
                     h = m(h)
@@ -211,6 +214,10 @@ def _unpool(m: nn.Module, h: Tensor, idx: Tensor, in_shape: tuple) -> Tensor:
     fn = {nn.MaxPool1d: F.max_unpool1d, nn.MaxPool2d: F.max_unpool2d,
           nn.MaxPool3d: F.max_unpool3d}[_base_pool(m)]
     return fn(h, idx, m.kernel_size, m.stride, m.padding, output_size=tuple(in_shape[1:]))
+
+
+def _randn_like(x: Tensor, generator: torch.Generator) -> Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def _undo(m: nn.Module, h: Tensor, in_shape: tuple) -> Tensor:
@@ -306,6 +313,8 @@ class TargetPropRule(Rule):
     name = ""
     wraps = LAYER_TYPES
     learns_feedback = True
+    random_stream = True
+    feedback_from_data = True
     #: feedback-training loss: "rec" (DTP), "drl" (Meulemans 2020), "ldrl" (Ernoult 2022)
     feedback_loss_kind = "rec"
     #: True: the penultimate target comes from the gradient through the top block (DTP)
@@ -612,16 +621,19 @@ class TargetPropRule(Rule):
         return r[:n] - r[n:]
 
     @torch.no_grad()
-    def retarget(self, tr: _Trace) -> None:
+    def retarget(self, tr: _Trace, salt: int = 0) -> list[Tensor]:
         """Recompute the targets of ``tr`` with the current feedback and put each non-top
         block's gradient of ``‖F_j(x_j) - x̂_{j+1}‖²/(2β)`` in ``.grad`` (replacing the one from
         the backward; one extra forward/backward per block).  Used by ``TargetProp(...,
         retarget=True)`` after the feedback step: the targets of a batch then use feedback
-        already trained on it, as in ScalingDTP."""
+        already trained on it, as in ScalingDTP.  Returns the parameters whose ``.grad`` it
+        replaced; randomness in the replayed blocks (dropout) comes from each block's stream
+        (``salt``: see :func:`localopt.rng.next_seed`)."""
         n = len(self._chain)
+        done: list[Tensor] = []
         for i in range(n - 1, 0, -1):
             if tr.x[i] is None or tr.t[i + 1] is None:
-                return
+                return done
             if not (self.gradient_top and i == n - 1):
                 tr.t[i] = tr.x[i] + self._difference(self._chain[i], tr, i)
         for j in range(n - 1):
@@ -629,16 +641,24 @@ class TargetPropRule(Rule):
             params = [p for p in b.module.parameters() if p.requires_grad]
             if x is None or t is None or not params:
                 continue
-            with torch.enable_grad():
+            with torch.enable_grad(), self._replaying(b, x.device, salt):
                 loss = (b.replay(x) - t).pow(2).sum() / (2 * self.beta)
                 grads = torch.autograd.grad(loss, params)
             for p, g in zip(params, grads):
                 p.grad = g
+            done += params
+        return done
+
+    def _replaying(self, b: _Block, device: torch.device, salt: int = 0):
+        """Context of a replay of block ``b`` (and the blocks above, for DRL): torch's global
+        RNG, which ``nn.Dropout`` draws from, is re-seeded from ``b``'s own stream and restored
+        afterwards, so replays never consume global randomness."""
+        return rng.private_global_rng(device, rng.next_seed(b.site, salt))
 
     def _exact_input_grad(self, b: _Block, delta: Tensor, x: Tensor) -> Tensor:
         if b.site.module is b.layer and b.site.fast:
             return input_grad(b.site, delta, b.layer.weight, x.shape)
-        with torch.enable_grad(), b.site.bypassed():
+        with torch.enable_grad(), b.site.bypassed(), self._replaying(b, x.device):
             xr = x.detach().requires_grad_()
             out = b.module(xr)
             return torch.autograd.grad(out, xr, delta.to(out.dtype))[0]
@@ -648,27 +668,32 @@ class TargetPropRule(Rule):
         tr, self._last_trace = self._last_trace, None
         return tr
 
-    def feedback_loss(self, b: _Block, tr: _Trace, P: dict[str, Tensor], noise: float) -> Tensor:
+    def feedback_loss(self, b: _Block, tr: _Trace, P: dict[str, Tensor], noise: float,
+                      salt: int = 0) -> Tensor:
         """The feedback loss of block ``b`` on the recorded forward ``tr`` (differentiable in
-        ``P``); see the module docstring."""
+        ``P``); see the module docstring.  Its noise (and the dropout of replayed blocks) comes
+        from ``b``'s own stream, varied by ``salt`` (the data-parallel rank: each rank's shard
+        gets its own noise); torch's global RNG is untouched."""
         x = tr.x[b.index]
         kind = self.feedback_loss_kind
-        if kind == "rec":
-            xn = x + noise * torch.randn_like(x)
-            with torch.no_grad():
-                yn = b.replay(xn)
-                z = self._aux_out(b, xn) if self._is_aux(b) else None
-            r = self.g(b, yn, P, b.shapes(x), z)
-            return (r - xn).pow(2).flatten(1).sum(1).mean()
-        if noise <= 0:
-            raise ValueError(f"localopt: rule {self.name!r}: the feedback loss needs noise > 0 "
-                             f"(block '{b.name}' has noise={noise})")
-        if kind == "drl":
-            return self._drl(b, tr, P, x, noise)
-        return self._ldrl(b, tr, P, x, noise)
+        gen = rng.generator(b.site, x.device, salt)
+        with self._replaying(b, x.device, salt):
+            if kind == "rec":
+                xn = x + noise * _randn_like(x, gen)
+                with torch.no_grad():
+                    yn = b.replay(xn)
+                    z = self._aux_out(b, xn) if self._is_aux(b) else None
+                r = self.g(b, yn, P, b.shapes(x), z)
+                return (r - xn).pow(2).flatten(1).sum(1).mean()
+            if noise <= 0:
+                raise ValueError(f"localopt: rule {self.name!r}: the feedback loss needs noise "
+                                 f"> 0 (block '{b.name}' has noise={noise})")
+            if kind == "drl":
+                return self._drl(b, tr, P, x, noise, gen)
+            return self._ldrl(b, tr, P, x, noise, gen)
 
-    def _drl(self, b, tr, P, x, noise):
-        eps = noise * torch.randn_like(x)
+    def _drl(self, b, tr, P, x, noise, gen):
+        eps = noise * _randn_like(x, gen)
         xn = x + eps
         with torch.no_grad():
             h = xn
@@ -690,10 +715,10 @@ class TargetPropRule(Rule):
         ri = x + out[:n] - out[n:]
         return (ri - xn).pow(2).flatten(1).sum(1).mean() / noise ** 2
 
-    def _ldrl(self, b, tr, P, x, noise):
+    def _ldrl(self, b, tr, P, x, noise, gen):
         y = tr.x[b.index + 1]
-        dx = noise * torch.randn_like(x)
-        dy = noise * torch.randn_like(y)
+        dx = noise * _randn_like(x, gen)
+        dy = noise * _randn_like(y, gen)
         rec = tr.idx[b.index]
         idx_n: dict = {} if rec else None
         with torch.no_grad():

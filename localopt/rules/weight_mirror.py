@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import rng
 from ..mechanism import Site
 from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
 from .learned import LearnsFeedback
@@ -38,8 +39,10 @@ class WM(LearnsFeedback, FeedbackRule):
 
     The mirror steps run inside :class:`localopt.optim.LocalOptimizer`'s ``step`` after the
     weights' update, every ``every`` optimizer steps, for the layers whose B is used (those
-    whose input needed a gradient in a forward pass so far -- not the first layer).  Noise is drawn on the layer's device
-    from torch's global RNG.
+    whose input needed a gradient in a forward pass so far -- not the first layer).  Noise is
+    drawn on the layer's device by a generator from the layer's own stream (``localopt_rng``,
+    :mod:`localopt.rng`), never torch's global RNG: it is saved with the model, and every
+    data-parallel rank draws the same noise, so B stays identical across ranks.
 
     Options:
         lr: mirror learning rate (default 0.01: B tracks W over ~100 mirror steps).
@@ -61,6 +64,7 @@ class WM(LearnsFeedback, FeedbackRule):
     """
 
     name = "wm"
+    random_stream = True
 
     def __init__(self, *, lr: float = 0.01, decay: float | None = None, samples: int = 64,
                  every: int = 1, warmup: int = 0, init: str = "xavier") -> None:
@@ -103,15 +107,19 @@ class WM(LearnsFeedback, FeedbackRule):
         decay = self.lr if self.decay is None else float(self.decay)
         for s in sites:
             B = s.buffer("feedback")
-            B.mul_(1.0 - decay).add_(mirror_estimate(s, self.samples).to(B.dtype), alpha=self.lr)
+            noise = rng.generator(s, B.device)
+            B.mul_(1.0 - decay).add_(mirror_estimate(s, self.samples, noise).to(B.dtype),
+                                     alpha=self.lr)
 
 
-def mirror_estimate(site: Site, samples: int) -> Tensor:
+def mirror_estimate(site: Site, samples: int, generator: torch.Generator | None = None) -> Tensor:
     """``(1/n) sum_i (W xi_i) xi_i^T`` for ``n`` standard-normal inputs of ``site``'s layer
-    (its receptive field, for a convolution): an unbiased estimate of ``W``."""
+    (its receptive field, for a convolution), drawn from ``generator`` (a generator of the
+    layer's device): an unbiased estimate of ``W``."""
     W = site.module.weight.detach()
     g = getattr(site.module, "groups", 1)
     Wg = W.reshape(g, W.shape[0] // g, -1)                      # (groups, out/g, in/g * k)
-    xi = torch.randn(samples, g, Wg.shape[-1], device=W.device, dtype=W.dtype)
+    xi = torch.randn(samples, g, Wg.shape[-1], device=W.device, dtype=W.dtype,
+                     generator=generator)
     y = torch.einsum("ngk,gok->ngo", xi, Wg)
     return torch.einsum("ngo,ngk->gok", y, xi).div_(samples).reshape(W.shape)

@@ -1,0 +1,108 @@
+"""The rules' own random streams: never torch's global RNG.
+
+A rule that draws random numbers after :func:`localopt.wrap` (``brsf``'s per-batch magnitudes,
+``wm``'s mirror noise, the direct rules' lazily drawn feedback, target propagation's feedback
+noise and block replays) draws them from a *stream* kept on each hooked module, the buffer
+``localopt_rng = [seed, draws]`` (int64):
+
+* ``seed`` is fixed at wrap time from ``wrap(seed=s)`` (with ``seed=None``: from one draw of
+  torch's global RNG -- the only global draw a rule ever makes), mixed with the site's index;
+* the ``k``-th draw of a site uses a fresh generator seeded with ``mix(seed, k)`` on the device
+  it draws on (a device generator: no host round trip), and the buffer's ``draws`` is advanced.
+
+So the global RNG -- data order, augmentation, dropout -- sees the same calls as in an
+unwrapped model, and the stream is part of ``model.state_dict()``: a checkpoint resumes the
+rule's randomness bit-exactly.  Being a buffer, it is also what ``DistributedDataParallel``'s
+start-up broadcast syncs, so every rank draws the same feedback and noise.
+
+The host keeps a copy of ``[seed, draws]`` so a draw costs no device read; it re-reads the
+buffer only when the buffer was replaced or written from outside (``load_state_dict``,
+``.to()``, a broadcast), detected by tensor identity and version counter.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["BUFFER", "draw_seed", "mix", "stream_state", "next_seed", "generator",
+           "private_global_rng", "preserved_streams"]
+
+#: the stream's buffer, registered as ``localopt_rng`` on each hooked module
+BUFFER = "rng"
+_MASK = (1 << 64) - 1
+
+
+def draw_seed() -> int:
+    """One draw of torch's global (CPU) RNG: the seed of ``wrap(seed=None)``."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu").item())  # also under a meta device context
+
+
+def mix(*values: int) -> int:
+    """A 63-bit hash of integers (splitmix64 steps): decorrelated seeds from (seed, index)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 29
+    return h >> 1
+
+
+def stream_state(seed: int, index: int, device=None) -> Tensor:
+    """Initial ``[seed, draws]`` of the stream of site ``index`` of a wrap seeded ``seed``."""
+    return torch.tensor([mix(seed, index), 0], dtype=torch.int64, device=device)
+
+
+def next_seed(site, salt: int = 0) -> int:
+    """Advance ``site``'s stream by one draw and return that draw's seed.  ``salt`` (e.g. the
+    data-parallel rank, for noise on a rank's own data shard) varies the seed without changing
+    the stream's state."""
+    buf = site.module._buffers["localopt_" + BUFFER]
+    cache = site.__dict__.get("_rng_cache")
+    if cache is None or cache[0] is not buf or cache[1] != buf._version:
+        seed, draws = (int(v) for v in buf.tolist())  # a host read only after outside changes
+    else:
+        seed, draws = cache[2], cache[3]
+    with torch.no_grad():
+        buf[1].fill_(draws + 1)
+    site._rng_cache = (buf, buf._version, seed, draws + 1)
+    return mix(seed, draws, salt) if salt else mix(seed, draws)
+
+
+def generator(site, device: torch.device | str = "cpu", salt: int = 0) -> torch.Generator:
+    """A generator on ``device`` for the next draw of ``site``'s stream (see :func:`next_seed`)."""
+    return torch.Generator(device=device).manual_seed(next_seed(site, salt))
+
+
+@contextlib.contextmanager
+def private_global_rng(device: torch.device, seed: int | None = None) -> Iterator[None]:
+    """Run code that draws from torch's *global* RNG (``nn.Dropout`` in a replayed block)
+    without touching the global stream: its state on the CPU and on ``device`` is saved,
+    re-seeded with ``seed`` (``None``: left as it is), and restored afterwards."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            for d in devices:
+                torch.cuda.default_generators[d].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def preserved_streams(sites) -> Iterator[None]:
+    """Leave the streams of ``sites`` as they were (for code that inspects a rule without
+    training it, e.g. :mod:`localopt.diagnostics`): what runs inside sees the draws the next
+    training step will see."""
+    key = "localopt_" + BUFFER
+    saved = [(s.module._buffers[key], s.module._buffers[key].clone())
+             for s in sites if key in s.module._buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
