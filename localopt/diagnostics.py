@@ -90,13 +90,22 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 @contextlib.contextmanager
 def _preserved(model: nn.Module, site_list: list[Site]):
-    """Restore non-feedback buffers and stash the feedback buffers' pending ``.grad``."""
+    """Restore non-feedback buffers and stash the pending feedback-learning signals (the
+    feedback buffers' ``.grad``, least-squares normalisers, target-propagation traces)."""
     feedback = {id(site.module._buffers[b]) for site in site_list for b in site.buffer_names}
     saved = [(buf, buf.clone()) for buf in model.buffers() if id(buf) not in feedback]
     pending = [(site.module._buffers[b], site.module._buffers[b].grad)
                for site in site_list for b in site.buffer_names]
     for buf, _ in pending:
         buf.grad = None
+    # the other feedback-learning signals of the backward passes since the last step
+    norms = [(site, getattr(site, "feedback_norm", None)) for site in site_list]
+    rule = site_list[0].rule if site_list else None
+    traces = (rule._traces, rule._last_trace) if hasattr(rule, "_traces") else None
+    for site, _ in norms:
+        site.feedback_norm = None
+    if traces is not None:
+        rule.clear_traces()
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model)), preserved_streams(site_list):
             yield
@@ -106,6 +115,10 @@ def _preserved(model: nn.Module, site_list: list[Site]):
                 buf.copy_(copy)
         for buf, g in pending:
             buf.grad = g
+        for site, n in norms:
+            site.feedback_norm = n
+        if traces is not None:
+            rule._traces, rule._last_trace = traces
 
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")

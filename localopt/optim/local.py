@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed
+from ..rules.learned import zero_feedback_grads
 
 __all__ = ["LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional"]
 
@@ -39,6 +40,16 @@ class LocalOptimizer(Optimizer):
     * other feedback-learning rules (``wm``, ``bfa``, ``bidfa``): ``rule.feedback_step`` with
       the rule's own hyperparameters (see the rule);
     * rules that learn nothing (``fa``, ``bp``, ...): just the optimizer.
+
+    Step semantics, as for ``.grad``: what the feedback learns from a batch (``dkp``'s
+    ``e^T x``, ``bfa``/``bidfa``'s reconstruction gradients; ``kp`` reads ``W.grad`` itself)
+    is accumulated by the batch's *backward* pass -- a forward alone (a validation pass
+    without ``torch.no_grad``, a skipped NaN batch) never changes the next step -- summed over
+    the backward passes before a step (gradient accumulation: micro-batches with losses
+    ``loss_i / k`` give the step of the whole batch), consumed by :meth:`step`, and discarded
+    by :meth:`zero_grad` (either ``set_to_none``) with the weights' gradients.  So a batch
+    whose backward ran but whose step is skipped leaves no trace after ``zero_grad()``.
+    (``model.zero_grad()`` clears only the parameters' ``.grad``: use the optimizer's.)
 
     ``state_dict()`` is the optimizer's, plus a ``"localopt"`` entry with the feedback
     learning's state (internal optimizer state, step count); the feedback weights themselves
@@ -179,6 +190,13 @@ class LocalOptimizer(Optimizer):
             if norm is not None:
                 out.append(norm)
         return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The optimizer's ``zero_grad``, plus: discard the feedback-learning signals
+        accumulated by the backward passes since the last step."""
+        super().zero_grad(set_to_none)
+        if self._rule.learns_feedback:
+            zero_feedback_grads(self._sites, set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()

@@ -81,6 +81,19 @@ class TargetProp(Optimizer):
     identical on every rank.  Targets use each rank's own loss gradient: with a batch-mean
     loss, ``beta``'s batch size is the per-rank one.
 
+    Step semantics, as for ``.grad``: a batch counts once its backward ran (a forward alone
+    never changes the next step); the samples of every backward since the last step are
+    accumulated -- the feedback step and ``retarget`` see them as one batch -- consumed by
+    :meth:`step`, and forgotten by :meth:`zero_grad`, so a skipped batch leaves no trace.
+    Loss scale: the targets ``x̂ = y - β ∂L/∂y`` are not linear in the loss, so a scaled
+    loss is not a scaled step.  What holds exactly: (1) with the loss multiplied by ``s``, the
+    targets are those of the unscaled loss with ``β s``, and every weight gradient is ``s``
+    times that run's (the feedback losses do not depend on the task loss); (2) micro-batches
+    whose losses are each their share of the whole batch's loss (``F.cross_entropy(z_i, y_i,
+    reduction="sum") / N``; for equal micro-batches the same as ``mean / k``) give the
+    targets, the gradients and the step -- feedback training included -- of the whole batch,
+    given the same feedback noise.
+
     The feedback weights are buffers of the model (``model.state_dict()``); :meth:`state_dict`
     holds the task optimizer's state plus ``"target_prop"``: the feedback optimizer's state.
     ``last_feedback_loss``: the per-block feedback losses of the last iteration of the last
@@ -206,7 +219,10 @@ class TargetProp(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The task optimizer's ``zero_grad``, plus: forget the samples recorded by the
+        backward passes since the last step (either ``set_to_none``)."""
         self.inner.zero_grad(set_to_none=set_to_none)
+        self.rule.clear_traces()
 
     def state_dict(self) -> dict[str, Any]:
         sd = self.inner.state_dict()

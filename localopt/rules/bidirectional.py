@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..mechanism import CONV_TYPES, Site, input_grad
 from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
-from .learned import LearnsFeedback, apply_feedback_grads
+from .learned import LearnsFeedback, accumulate_feedback_grad, apply_feedback_grads
 
 
 @register_rule
@@ -35,9 +35,12 @@ class BFA(LearnsFeedback, FeedbackRule):
     convolution (1 for Linear), which bounds the step's curvature so that any ``lr`` in
     ``(0, 2)`` is stable whatever the activity's scale (plain gradient descent on ``L_B``, as
     in the paper, diverges as soon as the activity grows).  The loss gradient is computed in
-    the forward pass from the tensors the layer already has (``x``, its output) and applied by
-    :class:`localopt.optim.LocalOptimizer` after the weights' step (accumulating over the
-    forward passes since the last step).  The minimiser of ``L_B`` is a least-squares inverse
+    the forward pass from the tensors the layer already has (``x``, its output), added to the
+    pending update by the backward pass (a forward without backward changes nothing), and
+    applied by :class:`localopt.optim.LocalOptimizer` after the weights' step.  Over several
+    backward passes before a step (gradient accumulation) the gradients and the normalisers
+    ``k ||y||^2`` are summed separately, so the step is exactly that of one batch holding
+    them all; it does not depend on the task loss, so scaling the loss leaves it unchanged.  The minimiser of ``L_B`` is a least-squares inverse
     of the layer on the data (``B = (W C W^T)^-1 W C`` for input covariance ``C``), which is
     aligned with W -- ``B`` equals ``W`` for an orthogonal W and white inputs.
 
@@ -73,10 +76,18 @@ class BFA(LearnsFeedback, FeedbackRule):
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
-        self._accumulate(site, x, out)
-        return super().forward(site, x, out)
+        # computed now (an in-place op after the layer may overwrite its output), accumulated
+        # by the backward pass: a forward alone leaves the next feedback step unchanged
+        return super().forward(site, x, out) + (self._recon(site, x, out),)
 
-    def _accumulate(self, site: Site, x: Tensor, out: Tensor) -> None:
+    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
+        *base, (g, norm) = payload
+        accumulate_feedback_grad(site, g, norm)
+        return super().backward(site, delta, tuple(base))
+
+    def _recon(self, site: Site, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dL_B/dB, k ||y||^2)`` of this batch: the step divides their sums over the
+        backward passes since the last step."""
         m, B = site.module, site.buffer("feedback")
         with torch.no_grad():
             y = out.detach()
@@ -85,9 +96,8 @@ class BFA(LearnsFeedback, FeedbackRule):
             k = 1.0
             if isinstance(m, CONV_TYPES):
                 k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
-            scale = 1.0 / (k * y.float().square().sum().clamp_min(1e-12))
-        g = _recon_grad(site, y, x.detach(), B).mul_(scale.to(B.dtype))
-        B.grad = g if B.grad is None else B.grad.add_(g)
+            norm = y.to(torch.promote_types(y.dtype, torch.float32)).square().sum().mul_(k)
+        return _recon_grad(site, y, x.detach(), B), norm
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         apply_feedback_grads(sites, self.lr, self.decay)

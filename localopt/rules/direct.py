@@ -97,15 +97,16 @@ The rules
   is not reproduced here.)
 * ``drtp`` -- direct random target projection (Frenkel, Lefebvre & Bol, *Learning without
   feedback*, Frontiers in Neuroscience 2021): the projected signal is the target, not the
-  error: ``dx = (-y* / R) @ B`` with ``y*`` the one-hot target and ``R`` the number of error
-  rows (``N``, or ``N*T``), i.e. the target part of the cross-entropy error
-  ``e = (softmax(z) - y*) / R``.  (Frenkel writes ``B^T y*``; ``B`` is symmetric random, so the
-  sign convention only fixes which of ``B``, ``-B`` is used.)  The output layer still trains on
-  its true gradient.  ``target="ce"`` (default) recovers ``y* = softmax(z) - R e`` from the
-  captured error, which holds when the loss is ``F.cross_entropy(z, y)`` on the named output
-  with mean reduction (soft labels / label smoothing give soft ``y*``); a ``y*`` outside
-  ``[0, 1]`` (another loss, sum reduction) raises.  ``target="given"``: call
-  ``localopt.set_targets(model, y)`` (class indices or ``(N, K)`` targets) before each backward.
+  error: ``dx = (-y* / c) @ B`` with ``y*`` the one-hot target and ``c`` the normaliser of the
+  cross-entropy error ``e = (softmax(z) - y*) / c`` (``c = R``, the number of error rows ``N``
+  or ``N*T``, for the plain batch mean; ``R k`` for ``loss / k``), i.e. the target part of the
+  error, so it scales with the loss like every gradient.  (Frenkel writes ``B^T y*``; ``B`` is
+  symmetric random, so the sign convention only fixes which of ``B``, ``-B`` is used.)  The
+  output layer still trains on its true gradient.  ``target="ce"`` (default) recovers ``y*``
+  and ``c`` from the captured error of a hard-label ``F.cross_entropy`` on the named output,
+  any reduction or scale (see :class:`DRTP`); another loss, or soft labels, raise.
+  ``target="given"``: call ``localopt.set_targets(model, y, scale=s)`` (class indices or
+  ``(N, K)`` targets; ``s`` the loss scale beyond the batch mean) before each backward.
 """
 from __future__ import annotations
 
@@ -491,9 +492,27 @@ class BDFA(DirectRule):
 @register_rule
 class DRTP(DirectRule):
     """Direct random target projection (Frenkel et al. 2021): the projected signal is the
-    target, ``dx = (-y*/R) @ B``.  Options as :class:`DFA`, plus ``target``: ``"ce"``
-    (default; ``y* = softmax(z) - R e``, valid for mean-reduced cross-entropy on the output)
-    or ``"given"`` (``localopt.set_targets(model, y)`` before each backward)."""
+    target, ``dx = (-y*/c) @ B``, ``y*`` the one-hot target and ``c`` the loss's normaliser.
+
+    Option ``target`` (besides those of :class:`DFA`):
+
+    * ``"ce"`` (default): for a hard-label cross-entropy loss on the output, with any
+      reduction and scale (``F.cross_entropy(z, y) / k`` for gradient accumulation, ``sum``
+      reduction, a loss scaler), read from the captured error ``e = (softmax(z) - y*) / c``:
+      ``y*`` is one-hot at each row's most negative error, and the batch's ``c`` is recovered
+      as ``sum p / sum e`` over the non-target entries (in float64; there ``e = p / c``
+      exactly up to rounding, also where ``p`` is nearly one-hot).  Rows whose error vanished
+      (``p`` one-hot in ``e``'s precision) carry no scale and are left out; when every row
+      has, ``c = R`` (the unscaled mean over the ``R`` error rows).  So the signal scales with
+      the loss, and micro-batches with losses ``mean / k`` accumulate to the whole batch's.
+      If ``softmax(z) - c e`` is not one-hot (another loss, or soft labels: label smoothing
+      and a loss scale cannot be told apart in ``e``) the backward raises.
+    * ``"given"``: ``localopt.set_targets(model, y, scale=s)`` before each backward (class
+      indices, or one-hot/soft targets of any loss); the signal is ``-s y* / R`` -- the
+      target part of ``s`` times a mean-reduced loss's error.  Pass the loss's scale as
+      ``s``: ``1/k`` for ``loss / k`` over ``k`` equal micro-batches (``n_i / N`` for a
+      micro-batch of ``n_i`` of ``N`` samples), ``R`` for a ``sum`` reduction.
+    """
 
     name = "drtp"
 
@@ -509,39 +528,64 @@ class DRTP(DirectRule):
         self.needs_output = target == "ce"
 
     def source(self, e: Tensor, out: Tensor | None) -> Tensor:
+        if self.target == "ce":
+            return _ce_target_signal(out, e)
         K = e.shape[-1]
         R = e.numel() // K
         st = self._state
-        if self.target == "given":
-            y, st.targets = (st.targets if st is not None else None), None
-            if y is None:
-                raise RuntimeError("localopt: rule 'drtp' with target='given': call "
-                                   "localopt.set_targets(model, y) before each backward")
-            if not torch.is_floating_point(y):
-                y = F.one_hot(y.long(), K)
-            if y.shape != e.shape:
-                raise RuntimeError(f"localopt: rule 'drtp': targets of shape {tuple(y.shape)} "
-                                   f"do not match the output {tuple(e.shape)} (give class "
-                                   "indices or one-hot/soft targets shaped like the output)")
-            y = y.to(device=e.device, dtype=e.dtype)
-        else:
-            y = torch.softmax(out.float(), -1) - R * e.float()
-            torch._assert_async(((y > -1e-3) & (y < 1 + 1e-3)).all(),
-                                "localopt: rule 'drtp' (target='ce') recovered targets outside "
-                                "[0, 1] from the output error: the loss is not mean-reduced "
-                                "cross-entropy on the output. Use target='given' with "
-                                "localopt.set_targets(model, y)")
-            y = y.to(e.dtype)
-        return y.mul(-1.0 / R)
+        given, st.targets = (st.targets if st is not None else None), None
+        if given is None:
+            raise RuntimeError("localopt: rule 'drtp' with target='given': call "
+                               "localopt.set_targets(model, y) before each backward")
+        y, scale = given
+        if not torch.is_floating_point(y):
+            y = F.one_hot(y.long(), K)
+        if y.shape != e.shape:
+            raise RuntimeError(f"localopt: rule 'drtp': targets of shape {tuple(y.shape)} "
+                               f"do not match the output {tuple(e.shape)} (give class "
+                               "indices or one-hot/soft targets shaped like the output)")
+        return y.to(device=e.device, dtype=e.dtype).mul(-scale / R)
 
 
-def set_targets(model: nn.Module, targets: Tensor) -> None:
+def _ce_target_signal(z: Tensor, e: Tensor) -> Tensor:
+    """``-y*/c`` from the output ``z`` and its error ``e = (softmax(z) - y*) / c`` under a
+    hard-label cross-entropy of any scale (see :class:`DRTP`); tensor ops only (no sync)."""
+    K = e.shape[-1]
+    R = e.numel() // K
+    e2 = e.detach().reshape(-1, K).double()
+    p = torch.softmax(z.detach().reshape(-1, K).double(), -1)
+    # the target: the most negative error; among ties (zeros where p rounded to one-hot or
+    # underflowed) the most probable class
+    t = torch.where(e2 == e2.amin(-1, keepdim=True), p, -1.0).argmax(-1, keepdim=True)
+    off = torch.ones_like(e2, dtype=torch.bool).scatter_(-1, t, False)
+    live = (e2 > 0).any(-1, keepdim=True)          # rows whose error did not vanish
+    num = torch.where(off & live, p, 0.0).sum()
+    den = torch.where(off & live, e2, 0.0).sum()
+    c = torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny),
+                    torch.full_like(den, float(R)))
+    onehot = torch.zeros_like(e2).scatter_(-1, t, 1.0)
+    tol = max(1e-3, 4 * torch.finfo(e.dtype).eps)
+    torch._assert_async((p - c * e2 - onehot).abs().amax() <= tol,
+                        "localopt: rule 'drtp' (target='ce'): softmax(z) - c e is not a one-hot "
+                        "target for any loss scale c: the loss is not hard-label cross-entropy "
+                        "on the output. Use target='given' with localopt.set_targets(model, y, "
+                        "scale=...)")
+    return onehot.div_(-c).to(e.dtype).reshape(e.shape)
+
+
+def set_targets(model: nn.Module, targets: Tensor, scale: float = 1.0) -> None:
     """Give ``drtp`` (``target="given"``) the targets of the next backward pass: class indices
-    ``(N,)``/``(N, T)`` or one-hot/soft targets shaped like the output."""
+    ``(N,)``/``(N, T)`` or one-hot/soft targets shaped like the output.  The hidden layers
+    receive ``-scale * y* / R`` (``R`` error rows): ``scale`` is the factor the loss carries
+    beyond a batch mean (``1/k`` for ``loss / k`` gradient accumulation over ``k``
+    micro-batches; see :class:`DRTP`)."""
     rec = model.__dict__.get("_localopt")
     if rec is None or not isinstance(rec.rule, DRTP) or rec.rule._state is None:
         raise ValueError("localopt.set_targets: this model is not wrapped with rule 'drtp'")
     if not isinstance(targets, Tensor):
         raise TypeError(f"localopt.set_targets: targets must be a Tensor, got "
                         f"{type(targets).__name__}")
-    rec.rule._state.targets = targets.detach()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"localopt.set_targets: scale={scale!r} must be a positive number")
+    rec.rule._state.targets = (targets.detach(), float(scale))

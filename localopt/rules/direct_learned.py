@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..mechanism import Site
 from .base import register_rule
 from .direct import DFA
-from .learned import LearnsFeedback, anchor, apply_feedback_grads
+from .learned import LearnsFeedback, accumulate_feedback_grad, anchor, apply_feedback_grads
 
 
 @register_rule
@@ -48,7 +48,7 @@ class DKP(LearnsFeedback, DFA):
             Bv = B.detach().requires_grad_()
             proj = self._project(site, src.detach(), Bv, x.shape)
             g = torch.autograd.grad(proj, Bv, x.to(proj.dtype))[0].to(B.dtype)
-        B.grad = g if B.grad is None else B.grad.add_(g)
+        accumulate_feedback_grad(site, g)
         return dx
 
     def mirrored(self, site: Site) -> list[tuple[Tensor, Tensor]]:
@@ -72,8 +72,11 @@ class BiDFA(LearnsFeedback, DFA):
 
     with ``||z||^2`` summed over the batch and ``P`` the number of input positions that share
     one projection (``feedback="channel"``; 1 for ``"dense"``), so any ``lr`` in ``(0, 2)`` is
-    stable.  The update accumulates over the forward passes since the last step and is applied
-    by :class:`localopt.optim.LocalOptimizer`.  ``B`` thus learns the linear read-out of each
+    stable.  It is computed once ``z`` is known, added to the pending update by the backward
+    pass (a forward without backward changes nothing; over several backward passes the
+    gradients and the normalisers are summed separately, so accumulation gives exactly the
+    step of one batch holding them all, whatever the loss scale) and applied by
+    :class:`localopt.optim.LocalOptimizer`.  ``B`` thus learns the linear read-out of each
     layer's activity from the output, which correlates with how the output depends on it.
 
     Options: ``lr`` (default 0.5), ``decay`` (default 0), and those of
@@ -98,7 +101,7 @@ class BiDFA(LearnsFeedback, DFA):
 
     def attach(self, model: nn.Module, sites: list[Site]) -> None:
         super().attach(model, sites)
-        self._seen: dict[Site, Tensor] = {}
+        self._seen: dict[Site, tuple[Tensor, list]] = {}
         self._root = model.register_forward_hook(self._reconstruct)  # after DFA's root hook
 
     def detach(self, model: nn.Module, sites: list[Site]) -> None:
@@ -107,16 +110,23 @@ class BiDFA(LearnsFeedback, DFA):
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
-        self._seen[site] = x.detach()
-        return super().forward(site, x, out)
+        box: list = []  # filled with this forward's (dL_B/dB, P ||z||^2) once z is known
+        self._seen[site] = (x.detach(), box)
+        return super().forward(site, x, out) + (box,)
+
+    def send(self, site: Site, src: Tensor, payload: Any) -> Tensor:
+        *base, box = payload
+        if box:  # accumulated by the backward pass only: a forward alone changes nothing
+            accumulate_feedback_grad(site, *box[0])
+        return super().send(site, src, tuple(base))
 
     def _reconstruct(self, model: nn.Module, args: tuple, out: Any) -> None:
         seen, self._seen = self._seen, {}
         if not seen:
             return
         z = self._select_output(model, out).detach()
-        zz = z.float().square().sum().clamp_min(1e-12)
-        for site, x in seen.items():
+        zz = z.to(torch.promote_types(z.dtype, torch.float32)).square().sum()
+        for site, (x, box) in seen.items():
             B = site.buffer("feedback")
             if B.numel() == 0:
                 continue
@@ -128,8 +138,7 @@ class BiDFA(LearnsFeedback, DFA):
                 x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
                 loss = 0.5 * (x_hat - x.to(x_hat.dtype)).square().sum()
                 g = torch.autograd.grad(loss, Bv)[0]
-            g = g.mul_((1.0 / (positions * zz)).to(g.dtype))
-            B.grad = g if B.grad is None else B.grad.add_(g)
+            box.append((g, zz * positions))
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         apply_feedback_grads(sites, self.lr, self.decay)

@@ -5,6 +5,15 @@ optimizer the weights would train while ``B`` stayed where it started -- silentl
 feedback alignment.  :class:`LearnsFeedback` detects that: it remembers the version counter
 of each wrapped weight at the last feedback update, and the first forward pass that finds a
 weight changed without one warns once, naming the fix.  Loading a state dict re-synchronises.
+
+Step semantics (as for ``.grad``): what a feedback update learns from a batch is accumulated
+by that batch's *backward* pass only -- a forward pass alone (a validation pass without
+``torch.no_grad``, a NaN batch that is skipped) never changes what the next step does.  The
+pending signal is ``B.grad`` of the feedback buffer (``bfa``/``bidfa``: plus its least-squares
+normaliser ``site.feedback_norm``); several backward passes add up (gradient accumulation,
+``retain_graph``), :class:`localopt.optim.LocalOptimizer`'s ``step`` consumes it and its
+``zero_grad`` (either ``set_to_none``) discards it.  :func:`accumulate_feedback_grad`,
+:func:`zero_feedback_grads` and :func:`apply_feedback_grads` are that one mechanism.
 """
 from __future__ import annotations
 
@@ -15,7 +24,8 @@ from torch import Tensor, nn
 
 from ..mechanism import Site
 
-__all__ = ["LearnsFeedback", "anchor", "apply_feedback_grads"]
+__all__ = ["LearnsFeedback", "anchor", "accumulate_feedback_grad", "zero_feedback_grads",
+           "apply_feedback_grads"]
 
 
 def anchor(site: Site) -> Tensor | None:
@@ -67,15 +77,50 @@ class LearnsFeedback:
                 "instead of a plain torch optimizer.", UserWarning, stacklevel=4)
 
 
+def accumulate_feedback_grad(site: Site, grad: Tensor, norm: Tensor | None = None) -> None:
+    """Add one backward pass's feedback gradient to ``B.grad`` of ``site``'s feedback (copied
+    on the first add, never aliased) and, for the normalised least-squares rules, its
+    normaliser to ``site.feedback_norm`` (the step divides the sums: accumulating micro-batches
+    gives exactly the update of their union)."""
+    B = site.buffer("feedback")
+    with torch.no_grad():
+        grad = grad.detach().to(B.dtype)  # B's dtype: grads computed under autocast are bf16
+        B.grad = grad.clone() if B.grad is None else B.grad.add_(grad)
+        if norm is not None:
+            cur = getattr(site, "feedback_norm", None)
+            site.feedback_norm = norm.detach().clone() if cur is None else cur.add_(norm)
+
+
+def zero_feedback_grads(sites: list[Site], set_to_none: bool = True) -> None:
+    """Discard the feedback signals accumulated since the last step (``zero_grad`` of the
+    optimizers): ``B.grad`` and ``feedback_norm`` set to ``None``, or zeroed in place."""
+    for s in sites:
+        B = s.module._buffers.get(Site.BUFFER_PREFIX + "feedback")
+        if B is not None and B.grad is not None:
+            if set_to_none:
+                B.grad = None
+            else:
+                B.grad.zero_()
+        norm = getattr(s, "feedback_norm", None)
+        if norm is not None:
+            s.feedback_norm = None if set_to_none else norm.zero_()
+
+
 @torch.no_grad()
 def apply_feedback_grads(sites: list[Site], lr: float, decay: float) -> None:
-    """``B <- B - lr (B.grad + decay B)`` for each site's ``localopt_feedback`` with a pending
-    ``.grad`` (accumulated by the rule since the last step), then clear the ``.grad``."""
+    """``B <- B - lr (B.grad / feedback_norm + decay B)`` for each site's ``localopt_feedback``
+    with a pending ``.grad`` (accumulated by the rule's backward passes since the last step;
+    ``feedback_norm`` 1 when the rule keeps none), then clear both."""
     for s in sites:
         B = s.buffer("feedback")
-        if B.grad is None:
+        G = B.grad
+        if G is None:
             continue
+        norm = getattr(s, "feedback_norm", None)
+        if norm is not None:  # zeroed by zero_grad(set_to_none=False) with G: a zero update
+            G = G / norm.clamp_min(1e-12).to(G.dtype)
         if decay:
             B.mul_(1.0 - lr * decay)
-        B.add_(B.grad, alpha=-lr)
+        B.add_(G, alpha=-lr)
         B.grad = None
+        s.feedback_norm = None

@@ -276,6 +276,25 @@ class _Trace:
         self.last = -1
         self.idx: list[dict] = [{} for _ in range(n)]  # max-pool indices (transpose feedback)
 
+    @staticmethod
+    def merge(traces: "list[_Trace]") -> "_Trace | None":
+        """The traces of the backward passes since the last step as one batch (their
+        samples concatenated, a trace twice if it was backpropagated twice): the feedback
+        step and ``retarget`` then see exactly the samples one big batch would have."""
+        if len(traces) <= 1:
+            return traces[0] if traces else None
+        cat = lambda ts: None if any(t is None for t in ts) else torch.cat(ts)  # noqa: E731
+        out = _Trace(len(traces[0].idx))
+        out.x = [cat([tr.x[i] for tr in traces]) for i in range(len(out.x))]
+        out.t = [cat([tr.t[i] for tr in traces]) for i in range(len(out.t))]
+        out.idx = [{j: torch.cat([tr.idx[i][j] for tr in traces]) for j in traces[0].idx[i]
+                    if all(j in tr.idx[i] for tr in traces)} for i in range(len(out.idx))]
+        out.last = traces[-1].last
+        if hasattr(traces[-1], "version"):
+            out.version = traces[-1].version
+        return out
+        self.version = -1  # the top weight's version counter at the backward
+
 
 class _Capture(torch.autograd.Function):
     """Identity on the model output; its backward sets the top target ``y - β ∂L/∂y``."""
@@ -291,6 +310,7 @@ class _Capture(torch.autograd.Function):
         tr, rule = ctx.trace, ctx.rule
         tr.t[-1] = tr.x[-1] - rule.beta * grad.to(tr.x[-1].dtype)
         rule._last_trace = tr
+        rule._traces.append(tr)  # accumulated until the step (or zero_grad), as .grad
         return grad, None, None
 
 
@@ -344,6 +364,7 @@ class TargetPropRule(Rule):
         self._by_name: dict[str, _Block] = {}
         self._current: _Trace | None = None
         self._last_trace: _Trace | None = None
+        self._traces: list[_Trace] = []  # the backward passes since the last step
         self._validated = False
         self._root_hooks: list[Any] = []
         self._model_ref: nn.Module | None = None
@@ -493,6 +514,7 @@ class TargetPropRule(Rule):
         self._root_hooks = []
         self._end_check()
         self._current = self._last_trace = None
+        self._traces = []
         self._model_ref = None
 
     def feedback_shape(self, site: Site):
@@ -664,8 +686,13 @@ class TargetPropRule(Rule):
             return torch.autograd.grad(out, xr, delta.to(out.dtype))[0]
 
     # -- feedback training losses (called by localopt.optim.TargetProp) -----------------
+    def clear_traces(self) -> None:
+        """Forget the backward passes since the last step (``TargetProp.zero_grad``)."""
+        self._traces, self._last_trace = [], None
+
     def pop_trace(self) -> _Trace | None:
-        tr, self._last_trace = self._last_trace, None
+        """The samples of every backward pass since the last step, as one trace (consumed)."""
+        tr, self._traces, self._last_trace = _Trace.merge(self._traces), [], None
         return tr
 
     def feedback_loss(self, b: _Block, tr: _Trace, P: dict[str, Tensor], noise: float,

@@ -39,7 +39,7 @@ class WM(LearnsFeedback, FeedbackRule):
 
     The mirror steps run inside :class:`localopt.optim.LocalOptimizer`'s ``step`` after the
     weights' update, every ``every`` optimizer steps, for the layers whose B is used (those
-    whose input needed a gradient in a forward pass so far -- not the first layer).  Noise is
+    whose B carried an error in a backward pass so far -- not the first layer).  Noise is
     drawn on the layer's device by a generator from the layer's own stream (``localopt_rng``,
     :mod:`localopt.rng`), never torch's global RNG: it is saved with the model, and every
     data-parallel rank draws the same noise, so B stays identical across ranks.
@@ -88,8 +88,11 @@ class WM(LearnsFeedback, FeedbackRule):
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
-        site.sends_feedback = True  # its input needs a gradient: B is used
         return super().forward(site, x, out)
+
+    def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor:
+        site.sends_feedback = True  # B carried an error: mirror it (a forward alone does not)
+        return super().backward(site, delta, payload)
 
     @torch.no_grad()
     def feedback_step(self, sites: list[Site], step: int) -> None:
