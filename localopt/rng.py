@@ -63,11 +63,12 @@ def next_seed(site, salt: int = 0) -> int:
     cache = site.__dict__.get("_rng_cache")
     if cache is None or cache[0] is not buf or cache[1] != buf._version:
         seed, draws = (int(v) for v in buf.tolist())  # a host read only after outside changes
+        count = buf[1]
     else:
-        seed, draws = cache[2], cache[3]
+        _, _, seed, draws, count = cache
     with torch.no_grad():
-        buf[1].fill_(draws + 1)
-    site._rng_cache = (buf, buf._version, seed, draws + 1)
+        count.fill_(draws + 1)  # the buffer is always current: state_dict(), .to() need no hook
+    site._rng_cache = (buf, buf._version, seed, draws + 1, count)
     return mix(seed, draws, salt) if salt else mix(seed, draws)
 
 
