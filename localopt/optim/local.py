@@ -59,8 +59,9 @@ class LocalOptimizer(Optimizer):
     Data parallelism: with a ``DistributedDataParallel``-wrapped ``model`` (or an explicit
     ``process_group``), what the feedback learns from each rank's data (``bfa``, ``bidfa``,
     ``dkp``) is averaged over the ranks before the feedback update, so the feedback stays
-    identical on every rank (:mod:`localopt.distributed`); for ``dkp`` one step then equals the
-    single-process step on the concatenated batch.
+    identical on every rank (:mod:`localopt.distributed`); one step then equals the
+    single-process step on the concatenated batch (gradients and least-squares normalisers are
+    averaged separately).
 
     Args:
         model: a model wrapped by :func:`localopt.wrap`, or that model wrapped in
