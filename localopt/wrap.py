@@ -1,6 +1,9 @@
 """Install a rule on any ``nn.Module`` with one call, remove it with another."""
 from __future__ import annotations
 
+import json
+import numbers
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -10,9 +13,10 @@ from torch import nn
 from . import rng
 from .mechanism import Site
 from .rules import FeedbackRule, Rule, make_rule
-from .rules.base import selector_matches
+from .rules.base import check_feedback_scale, selector_matches
 
-__all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback", "UNSUPPORTED_TYPES"]
+__all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback", "reset_feedback",
+           "UNSUPPORTED_TYPES"]
 
 #: Layer types that transport weights but that no rule covers yet.  Wrapping a model that
 #: contains one is an error unless it is excluded or ``unsupported="bp"`` keeps it (and
@@ -31,6 +35,25 @@ class _Wrapping:
     sites: list[Site]
     kept_bp: list[tuple[str, str]] = field(default_factory=list)  # (name, type) left on BP
     root_hook_ids: list[tuple[str, int]] = field(default_factory=list)
+    #: the feedback state was created on the meta device and holds no values yet
+    meta_state: bool = False
+    #: the buffer whose identity tells that the state was checked since it last changed
+    checked: Any = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "checked": None}  # a weakref: never pickled
+
+    def __setstate__(self, state: dict) -> None:
+        # torch.load(model) / copy.deepcopy(model): fresh weight tensors restart their version
+        # counters; re-synchronise rules that track them (the submodules are rebuilt by now)
+        self.__dict__.update(state)
+        self.checked = None
+        resync = getattr(self.rule, "synced", None)
+        if resync is not None:
+            try:
+                resync(self.sites)
+            except AttributeError:  # the root module itself is a site and not rebuilt yet
+                pass
 
 
 def _record(model: nn.Module) -> _Wrapping | None:
@@ -50,16 +73,25 @@ def sites(model: nn.Module) -> list[Site]:
     return list(rec.sites)
 
 
-def _as_list(spec) -> list:
+def _as_list(option: str, spec) -> list:
     if spec is None:
         return []
-    if isinstance(spec, (str, type)):
-        return [spec]
-    return list(spec)
+    specs = [spec] if isinstance(spec, (str, type)) else None
+    if specs is None:
+        try:
+            specs = list(spec)
+        except TypeError:
+            specs = None
+    bad = [spec] if specs is None else [s for s in specs if not (isinstance(s, str) or (
+        isinstance(s, type) and issubclass(s, nn.Module)))]
+    if bad:
+        raise TypeError(f"localopt: {option}={spec!r}: selector {bad[0]!r} must be a module name "
+                        "pattern (str) or an nn.Module subclass (or give a list of them)")
+    return specs
 
 
 def _select(model: nn.Module, rule: Rule, include, exclude, unsupported: str):
-    include, exclude = _as_list(include), _as_list(exclude)
+    include, exclude = _as_list("include", include), _as_list("exclude", exclude)
     named = list(model.named_modules())
     for option, specs in (("include", include), ("exclude", exclude)):
         for spec in specs:  # a name pattern that matches nothing is most likely a typo
@@ -131,8 +163,10 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"localopt.wrap expects an nn.Module, got {type(model).__name__}")
-    if unsupported not in ("error", "bp"):
+    if not isinstance(unsupported, str) or unsupported not in ("error", "bp"):
         raise ValueError(f"localopt: unsupported={unsupported!r} must be 'error' or 'bp'")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"localopt: seed={seed!r} must be an int (or None: torch's global RNG)")
     rec = _record(model)
     if rec is not None:
         raise RuntimeError(f"localopt: this {type(model).__name__} is already wrapped with rule "
@@ -166,8 +200,15 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
                 s.register_buffer(rng.BUFFER, rng.stream_state(base_seed, k,
                                                                 _device_of(s.module)))
             s.install()
-        h = model.register_load_state_dict_pre_hook(_check_checkpoint)
-        record.root_hook_ids.append(("_load_state_dict_pre_hooks", h.id))
+        record.meta_state = _on_meta(site_list)
+        for dict_name, handle in (
+                ("_load_state_dict_pre_hooks", model.register_load_state_dict_pre_hook(
+                    _check_checkpoint)),
+                ("_load_state_dict_post_hooks", model.register_load_state_dict_post_hook(
+                    _after_load)),
+                ("_state_dict_hooks", model.register_state_dict_post_hook(_save_format)),
+                ("_forward_pre_hooks", model.register_forward_pre_hook(_check_state))):
+            record.root_hook_ids.append((dict_name, handle.id))
         object.__setattr__(model, "_localopt", record)
         rule_obj.attach(model, site_list)
     except BaseException:
@@ -200,6 +241,125 @@ def _state_key(prefix: str, site: Site, buffer_name: str) -> str:
     return prefix + (site.name + "." if site.name else "") + buffer_name
 
 
+# ---------------------------------------------------------------------------------------
+# Feedback state: where it came from (meta device), whether it is finite, redrawing it.
+# ---------------------------------------------------------------------------------------
+def _state_buffers(rec: _Wrapping):
+    for s in rec.sites:
+        for b in s.buffer_names:
+            t = s.module._buffers.get(b)
+            if t is not None:
+                yield s, b, t
+
+
+def _on_meta(sites: list[Site]) -> bool:
+    return any(t.is_meta for s in sites for t in (s.module._buffers.get(b) for b in s.buffer_names)
+               if t is not None and t.numel() > 0)
+
+
+def _first_buffer(rec: _Wrapping):
+    return next((t for _, _, t in _state_buffers(rec)), None)
+
+
+def _check_state(model: nn.Module, args) -> None:
+    """Root forward pre-hook: check the feedback state once after it changed (wrap, load,
+    ``.to()``/``to_empty()``, :func:`reset_feedback`): one host sync then, none per step.
+
+    State created on the meta device holds no values, so after ``to_empty()`` it is garbage
+    even where it happens to be finite: an error until it is redrawn or loaded."""
+    if torch.compiler.is_compiling():
+        return
+    rec = _record(model)
+    first = _first_buffer(rec) if rec is not None else None
+    if first is None or (rec.checked is not None and rec.checked() is first) or first.is_meta:
+        return
+    if rec.meta_state:
+        s = next(s for s, _, t in _state_buffers(rec) if t.numel() > 0)
+        raise RuntimeError(
+            f"localopt: the feedback state of layer '{s.name}' (rule {rec.rule.name!r}) was "
+            "created on the meta device and holds no values (to_empty() leaves it "
+            "uninitialised): call localopt.reset_feedback(model, seed=...) after to_empty(), or "
+            "load a checkpoint with model.load_state_dict(...)")
+    floats = [(s, b, t) for s, b, t in _state_buffers(rec) if t.is_floating_point() and t.numel()]
+    by_device: dict[torch.device, list] = {}
+    for _, _, t in floats:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    if not all(bool(torch.stack(v).all()) for v in by_device.values()):  # one sync per device
+        s, b, _ = next((s, b, t) for s, b, t in floats if not bool(torch.isfinite(t).all()))
+        raise RuntimeError(
+            f"localopt: the feedback state {b} of layer '{s.name}' (rule {rec.rule.name!r}) has "
+            "non-finite values: redraw it with localopt.reset_feedback(model, seed=...) or load "
+            "a checkpoint with finite feedback")
+    rec.checked = weakref.ref(first)
+
+
+def _after_load(model: nn.Module, incompatible_keys) -> None:
+    rec = _record(model)
+    if rec is not None:
+        rec.checked = None  # loaded in place: check again at the next forward
+        resync = getattr(rec.rule, "synced", None)
+        if resync is not None:  # the weights changed by loading, not by a wrong optimizer
+            resync(rec.sites)
+
+
+def reset_feedback(model: nn.Module, seed: int | None = None) -> nn.Module:
+    """Draw the random feedback state of a wrapped ``model`` again, on the devices of its
+    weights; returns ``model``.
+
+    The draw is the one ``localopt.wrap(model, rule, seed=seed)`` makes (the same values for the
+    same seed; ``None``: from one draw of torch's global RNG), including the rule's random
+    streams, for rules with norm-matched feedback from the *current* weights.  Use it after
+    building a wrapped model on the meta device (``model.to_empty(device=...)`` leaves the
+    feedback uninitialised, which the first forward reports), or to restart feedback learning.
+    Learned feedback (``kp``, ``wm``, ``dtp``, ...) restarts from its initial draw: build the
+    optimizer again afterwards, its feedback state no longer applies.
+    """
+    rec = _record(model)
+    if rec is None:
+        raise ValueError(f"localopt.reset_feedback: this {type(model).__name__} is not wrapped")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"localopt.reset_feedback: seed={seed!r} must be an int (or None)")
+    if any(p.is_meta for s in rec.sites for p in s.module.parameters()):
+        raise RuntimeError("localopt.reset_feedback: the model's weights are on the meta device; "
+                           "call model.to_empty(device=...) first")
+    base_seed = feedback_seed(rng.draw_seed() if seed is None else seed)
+    generator = torch.Generator().manual_seed(base_seed)
+    for k, s in enumerate(rec.sites):
+        rec.rule.redraw(s, generator)
+        if rec.rule.random_stream:
+            s.module._buffers[Site.BUFFER_PREFIX + rng.BUFFER] = rng.stream_state(
+                base_seed, k, _device_of(s.module))
+    rec.meta_state, rec.checked = _on_meta(rec.sites), None
+    if isinstance(rec.rule, FeedbackRule):
+        check_feedback_scale(rec.rule, rec.sites)
+    return model
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: the rule's feedback format travels with the state dict.
+# ---------------------------------------------------------------------------------------
+#: state-dict key (at the wrapped model's prefix) of the rule that saved the feedback
+FORMAT_KEY = Site.BUFFER_PREFIX + "rule"
+
+
+def _save_format(model: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook: with feedback state, record the rule and its feedback format
+    (:meth:`~localopt.Rule.feedback_format`) under ``<prefix>localopt_rule`` (JSON as uint8)."""
+    rec = _record(model)
+    if rec is None or not any(s.buffer_names for s in rec.sites):
+        return
+    info = {"rule": rec.rule.name, "format": rec.rule.feedback_format()}
+    state_dict[prefix + FORMAT_KEY] = torch.tensor(list(json.dumps(info).encode()),
+                                                   dtype=torch.uint8)
+
+
+def _read_format(t) -> dict | None:
+    try:
+        return json.loads(bytes(t.cpu().tolist()).decode())
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missing_keys,
                       unexpected_keys, error_msgs) -> None:
     """Root load pre-hook: validate feedback state before anything is copied.
@@ -209,12 +369,17 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
       have, raises before any tensor of the model is touched;
     * an *empty* feedback buffer means "not drawn yet" (rules that size their feedback at the
       first forward, e.g. ``dfa``): a checkpoint's drawn tensor is loaded into it, and an
-      empty one in the checkpoint keeps the model's current feedback.
+      empty one in the checkpoint keeps the model's current feedback; the rule checks that
+      the tensor fits (:meth:`~localopt.Rule.check_loaded`);
+    * a checkpoint saved by a rule whose feedback means something else (its
+      ``localopt_rule`` record: :meth:`~localopt.Rule.feedback_format`) raises -- an ``fa``
+      state in a ``dfa`` model, dense into channel DFA -- instead of failing at every backward.
     """
     rec = _record(module)
     if rec is None:
         return
-    ours, materialise = set(), []
+    saved = state_dict.pop(prefix + FORMAT_KEY, None)
+    ours, materialise, kept = set(), [], False
     for s in rec.sites:  # validate everything first: an error leaves the model untouched
         for b in s.buffer_names:
             key = _state_key(prefix, s, b)
@@ -222,14 +387,27 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
             cur = s.module._buffers[b]
             if key not in state_dict or (state_dict[key].numel() == 0 and cur.numel() > 0):
                 state_dict[key] = cur
+                kept = kept or cur.numel() > 0
             elif cur.numel() == 0 and state_dict[key].numel() > 0:
-                materialise.append((s.module, b, state_dict[key].shape))
+                materialise.append((s, b, state_dict[key].shape))
             elif tuple(state_dict[key].shape) != tuple(cur.shape):
                 raise RuntimeError(
                     f"localopt: feedback shape mismatch for layer '{s.name}' ({key}): checkpoint "
                     f"has {tuple(state_dict[key].shape)}, this model {tuple(cur.shape)} "
                     f"(rule {rec.rule.name!r}); the model was not modified"
                 )
+    if saved is not None:
+        info = _read_format(saved)
+        fmt = rec.rule.feedback_format()
+        if info is None or info.get("format") != fmt:
+            what = (f"rule {info.get('rule')!r} (feedback {info.get('format')!r})"
+                    if info else "an unreadable rule record")
+            raise RuntimeError(
+                f"localopt: this checkpoint's feedback was saved by {what}, but rule "
+                f"{rec.rule.name!r} on this model needs feedback {fmt!r}: it would fail or "
+                "mislead at every backward. Wrap the model with the checkpoint's rule, or load "
+                "localopt.strip_feedback(state_dict) to keep this model's feedback. The model "
+                "was not modified")
     if strict:
         stray = [k for k in state_dict if k.startswith(prefix) and k not in ours
                  and k.rsplit(".", 1)[-1].startswith(Site.BUFFER_PREFIX)]
@@ -239,7 +417,15 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
                 f"{rec.rule.name!r} on this model does not use; load with "
                 "localopt.strip_feedback(state_dict) or strict=False. The model was not modified"
             )
-    for m, b, shape in materialise:  # lazily-sized feedback: allocate, load_state_dict fills it
+    if materialise:  # feedback not drawn yet here: does the checkpoint's fit this model?
+        problem = rec.rule.check_loaded([(s, b, tuple(shape)) for s, b, shape in materialise])
+        if problem:
+            raise RuntimeError(f"localopt: rule {rec.rule.name!r}: {problem}; the model was not "
+                               "modified")
+    if not kept:  # every piece of state comes from the checkpoint
+        rec.meta_state = False
+    for s, b, shape in materialise:  # lazily-sized feedback: allocate, load_state_dict fills it
+        m = s.module
         cur = m._buffers[b]
         with torch.no_grad():  # in place: the buffer keeps its identity (DDP, optimizers)
             cur.set_(torch.empty(shape, dtype=cur.dtype, device=cur.device))

@@ -164,6 +164,13 @@ class LocalOptimizer(Optimizer):
 
     # -- torch.optim interface -----------------------------------------------------------------
     def step(self, closure=None):
+        site = self._sites[0]
+        if site.module.__dict__.get("_localopt_site") is not site:  # no sync: identity check
+            raise RuntimeError(
+                f"localopt: {type(self).__name__}.step(): the model was unwrapped (or wrapped "
+                "again) after this optimizer was built, so the feedback it trains is gone. "
+                "Build a new optimizer for the model as it is now (a plain torch optimizer "
+                "after localopt.unwrap)")
         loss = _raw_step(self._inner)(self, closure)
         self._feedback_steps += 1
         rule = self._rule

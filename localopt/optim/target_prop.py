@@ -207,6 +207,11 @@ class TargetProp(Optimizer):
     # -- torch.optim interface -------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
+        if self.rule._model_ref is None:
+            raise RuntimeError(
+                "localopt: TargetProp.step(): the model was unwrapped after this optimizer was "
+                "built, so there are no targets or feedback to train. Build a new optimizer for "
+                "the model as it is now (a plain torch optimizer after localopt.unwrap)")
         loss = None
         if closure is not None:
             with torch.enable_grad():

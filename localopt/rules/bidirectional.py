@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..mechanism import CONV_TYPES, Site, input_grad
-from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
+from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, check_number,
+                   init_feedback, register_rule)
 from .learned import LearnsFeedback, accumulate_feedback_grad, apply_feedback_grads
 
 
@@ -48,6 +49,7 @@ class BFA(LearnsFeedback, FeedbackRule):
         lr: feedback learning rate (default 0.5; stable below 2).
         decay: weight decay on B (default 0).
         init: initial ``B`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`).
+        match_norm: rescale the initial B to the Frobenius norm of W (as ``fa``).
 
     Plain ``nn.Linear``/``nn.ConvNd`` layers only (not subclasses that override ``forward``).
     State: buffer ``localopt_feedback`` (shape of W); its ``.grad`` holds the pending update.
@@ -56,20 +58,21 @@ class BFA(LearnsFeedback, FeedbackRule):
     name = "bfa"
     feedback_from_data = True
 
-    def __init__(self, *, lr: float = 0.5, decay: float = 0.0, init: str = "xavier") -> None:
+    def __init__(self, *, lr: float = 0.5, decay: float = 0.0, init: str = "xavier",
+                 match_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
-        if not (isinstance(lr, (int, float)) and 0 < lr < 2):
-            raise ValueError(f"localopt: rule 'bfa': option lr={lr!r} must be in (0, 2)")
-        if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
-            raise ValueError(f"localopt: rule 'bfa': option decay={decay!r} must be in [0, 1)")
-        self.lr, self.decay, self.init = float(lr), float(decay), init
+        lr = check_number(self.name, "lr", lr, low=0, high=2, low_open=True, high_open=True)
+        decay = check_number(self.name, "decay", decay, low=0, high=1, high_open=True)
+        self.lr, self.decay, self.init = lr, decay, init
+        self.match_norm = check_bool(self.name, "match_norm", match_norm)
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         if not site.fast:
             raise ValueError(f"localopt: rule 'bfa' supports plain Linear/Conv layers; "
                              f"'{site.name}' ({type(site.module).__name__}) overrides forward "
                              "(exclude it)")
-        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator))
+        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator,
+                                                       self.match_norm))
 
     def feedback(self, site: Site) -> Tensor:
         return site.buffer("feedback")

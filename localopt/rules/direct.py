@@ -119,7 +119,7 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, from_output
-from .base import (FeedbackRule, Rule, check_choice, init_feedback, register_rule,
+from .base import (FeedbackRule, Rule, check_choice, check_number, init_feedback, register_rule,
                    selector_matches)
 
 __all__ = ["DirectRule", "DFA", "BDFA", "DRTP", "set_targets"]
@@ -173,9 +173,9 @@ class DirectRule(Rule):
             raise ValueError(f"localopt: rule {self.name!r}: option inside={inside!r} needs "
                              "modules=[...] (it sets the rule inside each named module)")
         check_choice(self.name, "init", init, _INITS)
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"localopt: rule {self.name!r}: option scale={scale!r} must be a "
-                             "positive number")
+        scale = check_number(self.name, "scale", scale, low=0, low_open=True)
+        max_feedback_mb = check_number(self.name, "max_feedback_mb", max_feedback_mb, low=0,
+                                       low_open=True)
         if output is not None and not isinstance(output, (int, str)):
             raise TypeError(f"localopt: rule {self.name!r}: option output={output!r} must be "
                             "an int (tuple/list index) or a str (dict key)")
@@ -220,8 +220,41 @@ class DirectRule(Rule):
                 if rel and isinstance(layer, LAYER_TYPES):
                     buf = "inside_" + rel.replace(".", "__")
                     site.register_buffer(buf, init_feedback("xavier", layer.weight, generator))
-                    self._inner.append((site, layer, f"{site.name}.{rel}",
-                                        Site.BUFFER_PREFIX + buf))
+                    entry = (site, layer, f"{site.name}.{rel}", Site.BUFFER_PREFIX + buf)
+                    if entry not in self._inner:  # redraw (reset_feedback) runs setup again
+                        self._inner.append(entry)
+
+    def feedback_format(self) -> str:
+        return f"direct/{self.feedback}" + ("/inside-fa" if self.inside == "fa" else "")
+
+    def check_loaded(self, entries) -> str | None:
+        """A checkpoint's feedback for layers not drawn yet: ``(E, D)`` (dense) or ``(K, C)``
+        (channel) matrices with one output size for all layers, and (plain Linear/Conv
+        layers, default ``channel_dim``) ``D`` a multiple of the layer's input features /
+        ``C`` equal to them."""
+        outs = {}
+        for site, buf, shape in entries:
+            if buf != Site.BUFFER_PREFIX + "feedback":
+                continue
+            if len(shape) != 2:
+                return (f"the checkpoint's feedback for layer '{site.name}' has shape {shape}, "
+                        f"not the 2-D feedback={self.feedback!r} matrix of a direct rule")
+            outs.setdefault(shape[0], site.name)
+            m = site.module
+            fin = (m.in_features if isinstance(m, nn.Linear) else
+                   m.in_channels if isinstance(m, CONV_TYPES) else None)
+            if fin is None or self.channel_dim is not None:
+                continue
+            fits = shape[1] % fin == 0 if self.feedback == "dense" else shape[1] == fin
+            if not fits:
+                return (f"the checkpoint's feedback for layer '{site.name}' has shape {shape}, "
+                        f"which does not fit its input of {fin} features/channels with "
+                        f"feedback={self.feedback!r}")
+        if len(outs) > 1:
+            (a, na), (b, nb) = list(outs.items())[:2]
+            return (f"the checkpoint's feedback projects {a} output values for layer '{na}' but "
+                    f"{b} for layer '{nb}': it is not a direct-feedback checkpoint of one model")
+        return None
 
     def attach(self, model: nn.Module, sites: list[Site]) -> None:
         if self._state is not None:
@@ -302,7 +335,22 @@ class DirectRule(Rule):
     # -- per site -----------------------------------------------------------------------------
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         st = self._state
-        if site.buffer("feedback").numel() == 0:
+        B = site.buffer("feedback")
+        if B.numel():  # drawn (or loaded) for one input shape: shape checks, no sync
+            if self.feedback == "dense":
+                want, got = B.shape[1], math.prod(x.shape[1:])
+            else:
+                want, got = B.shape[1], x.shape[self._feature_dim(site, x.dim())]
+            if want != got:
+                raise RuntimeError(
+                    f"localopt: rule {self.name!r}, feedback={self.feedback!r}: the feedback of "
+                    f"layer '{site.name}' was drawn for inputs of {want} "
+                    f"{'values' if self.feedback == 'dense' else 'channels'} per sample, but "
+                    f"this input {tuple(x.shape)} has {got} (a new input resolution?). Dense "
+                    "feedback is fixed to one input shape: use feedback='channel' (shared "
+                    "over positions), or localopt.reset_feedback(model) to draw it again for "
+                    "the new shape")
+        else:
             prev = st.pending.get(site)
             if prev is not None and prev[0][1:] != x.shape[1:]:
                 raise RuntimeError(f"localopt: layer '{site.name}' is called on inputs of "

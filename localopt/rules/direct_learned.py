@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..mechanism import Site
-from .base import register_rule
+from .base import check_number, register_rule
 from .direct import DFA
 from .learned import LearnsFeedback, accumulate_feedback_grad, anchor, apply_feedback_grads
 
@@ -90,10 +90,8 @@ class BiDFA(LearnsFeedback, DFA):
                  init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
                  modules: Any = None, channel_dim: "int | None" = None,
                  max_feedback_mb: float = 1024.0) -> None:
-        if not (isinstance(lr, (int, float)) and 0 < lr < 2):
-            raise ValueError(f"localopt: rule 'bidfa': option lr={lr!r} must be in (0, 2)")
-        if not (isinstance(decay, (int, float)) and 0 <= decay < 1):
-            raise ValueError(f"localopt: rule 'bidfa': option decay={decay!r} must be in [0, 1)")
+        lr = check_number(self.name, "lr", lr, low=0, high=2, low_open=True, high_open=True)
+        decay = check_number(self.name, "decay", decay, low=0, high=1, high_open=True)
         super().__init__(feedback=feedback, init=init, scale=scale, output=output,
                          modules=modules, channel_dim=channel_dim,
                          max_feedback_mb=max_feedback_mb)

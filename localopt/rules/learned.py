@@ -44,12 +44,17 @@ class LearnsFeedback:
         super().attach(model, sites)
         self._warned = False
         self.synced(sites)
-        self._load_hook = model.register_load_state_dict_post_hook(
-            lambda module, keys: self.synced(sites))
+        self._learned_sites = sites
+        # a bound method, not a closure: the wrapped model stays picklable (torch.save(model))
+        # and a deepcopy's hook re-synchronises the copy's sites, not the original's
+        self._load_hook = model.register_load_state_dict_post_hook(self._synced_after_load)
 
     def detach(self, model: nn.Module, sites: list[Site]) -> None:
         self._load_hook.remove()
         super().detach(model, sites)
+
+    def _synced_after_load(self, module: nn.Module, incompatible_keys) -> None:
+        self.synced(self._learned_sites)
 
     def synced(self, sites: list[Site]) -> None:
         """Record that the feedback of ``sites`` is up to date with their weights."""

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from .. import rng
 from ..mechanism import Site
-from .base import FEEDBACK_INITS, FeedbackRule, _fans, check_choice, init_feedback, register_rule
+from .base import (FEEDBACK_INITS, FeedbackRule, _fans, check_bool, check_choice, check_number,
+                   init_feedback, register_rule)
 
 _SCALES = ("xavier", "kaiming", "norm", "none")
 
@@ -42,10 +43,13 @@ class USF(FeedbackRule):
     """
 
     name = "usf"
+    scale_remedy = "scale='norm'"
 
     def __init__(self, *, scale: "str | float" = "xavier") -> None:
         if isinstance(scale, str):
             check_choice(self.name, "scale", scale, _SCALES)
+        else:
+            scale = check_number(self.name, "scale", scale, low=0, low_open=True)
         self.scale = scale
 
     def feedback(self, site: Site) -> Tensor:
@@ -67,6 +71,10 @@ class BRSF(FeedbackRule):
 
     name = "brsf"
     random_stream = True
+    redraws_feedback = True  # B is new every forward: no fixed scale to check at wrap
+
+    def feedback_format(self) -> str:
+        return self.name  # its state is a random stream, not a B
 
     def __init__(self, *, init: str = "xavier") -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
@@ -83,16 +91,24 @@ class FRSF(FeedbackRule):
     """Fixed random-magnitude sign-concordant feedback (frSF), Liao et al. 2016::
 
         B = |M| * sign(W),   M drawn once at wrap time (buffer ``localopt_feedback`` = |M|)
+
+    Options: ``init`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`); ``match_norm``:
+    rescale M to the Frobenius norm of W.
     """
 
     name = "frsf"
 
-    def __init__(self, *, init: str = "xavier") -> None:
+    def __init__(self, *, init: str = "xavier", match_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         self.init = init
+        self.match_norm = check_bool(self.name, "match_norm", match_norm)
+
+    def feedback_format(self) -> str:
+        return self.name  # its buffer is |M|, not a B
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
-        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator).abs_())
+        M = init_feedback(self.init, site.weight, generator, self.match_norm)
+        site.register_buffer("feedback", M.abs_())
 
     def feedback(self, site: Site) -> Tensor:
         return site.buffer("feedback") * torch.sign(site.weight.detach())

@@ -81,6 +81,8 @@ block inputs ``x_i`` (references the autograd graph keeps anyway) until the opti
 from __future__ import annotations
 
 import math
+import warnings
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -89,7 +91,7 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, input_grad
-from .base import FEEDBACK_INITS, Rule, check_choice, init_feedback, register_rule
+from .base import FEEDBACK_INITS, Rule, check_choice, check_number, init_feedback, register_rule
 
 __all__ = ["TargetPropRule", "DTP", "SDTP", "AOSDTP", "DRL", "LDRL", "is_target_prop",
            "target_prop_rule", "last_targets"]
@@ -268,7 +270,7 @@ class _Trace:
     """What one forward recorded: block inputs ``x[i]`` (and ``x[n] = y``), and the targets
     ``t[i]`` filled in by the backward."""
 
-    __slots__ = ("x", "t", "last", "idx")
+    __slots__ = ("x", "t", "last", "idx", "version")
 
     def __init__(self, n: int) -> None:
         self.x: list[Tensor | None] = [None] * (n + 1)
@@ -308,7 +310,9 @@ class _Capture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         tr, rule = ctx.trace, ctx.rule
-        tr.t[-1] = tr.x[-1] - rule.beta * grad.to(tr.x[-1].dtype)
+        hi = _target_dtype(tr.x[-1])  # targets in float32 under autocast (bf16 activations)
+        tr.t[-1] = tr.x[-1].to(hi) - rule.beta * grad.to(hi)
+        tr.version = rule._chain[-1].layer.weight._version
         rule._last_trace = tr
         rule._traces.append(tr)  # accumulated until the step (or zero_grad), as .grad
         return grad, None, None
@@ -349,9 +353,7 @@ class TargetPropRule(Rule):
 
     def __init__(self, *, beta: float = 0.1, blocks: list[str] | None = None,
                  init: str = "xavier") -> None:
-        if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
-            raise ValueError(f"localopt: rule {self.name!r}: option beta={beta!r} must be a "
-                             "positive number")
+        beta = check_number(self.name, "beta", beta, low=0, low_open=True)
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         if blocks is not None and (isinstance(blocks, str) or not all(
                 isinstance(b, str) for b in blocks) or len(blocks) < 2):
@@ -476,32 +478,37 @@ class TargetPropRule(Rule):
                             model.register_forward_hook(self._root_post)]
         # until the first complete forward: record each block's output to check the chain
         self._outputs: dict[int, Tensor] = {}
-        self._check_hooks = [b.module.register_forward_hook(self._record_output(b))
+        self._check_hooks = [b.module.register_forward_hook(partial(self._record_output, b))
                              for b in self._chain]
         self._root_hooks.append(self._chain[0].module.register_forward_pre_hook(self._record_x0))
         if self.transpose_feedback:  # record the max-pool indices of each forward
             for b in self._chain:
                 for j, m in enumerate(b.chain()):
                     if _unpoolable(m):
-                        self._root_hooks.append(m.register_forward_hook(self._record_idx(b, j)))
+                        self._root_hooks.append(
+                            m.register_forward_hook(partial(self._record_idx, b, j)))
 
-    def _record_idx(self, b: _Block, j: int):
-        def hook(module, args, out):
-            tr = self._current
-            if tr is not None:
-                with torch.no_grad():
-                    tr.idx[b.index][j] = _maxpool_with_indices(module, args[0])[1]
-        return hook
+    # hooks are bound methods (with functools.partial), not closures: the wrapped model stays
+    # picklable, and a deepcopy's hooks act on the copy
+    def _record_idx(self, b: _Block, j: int, module, args, out):
+        tr = self._current
+        if tr is not None:
+            with torch.no_grad():
+                tr.idx[b.index][j] = _maxpool_with_indices(module, args[0])[1]
 
     def _record_x0(self, module, args):
         tr = self._current
         if tr is not None and args and isinstance(args[0], Tensor) and tr.x[0] is None:
             tr.x[0] = args[0].detach()
 
-    def _record_output(self, b: _Block):
-        def hook(module, args, out):
-            self._outputs[b.index] = out
-        return hook
+    def _record_output(self, b: _Block, module, args, out):
+        self._outputs[b.index] = out
+
+    def __getstate__(self) -> dict:
+        # what one forward/backward records is not part of the model: not pickled/copied
+        state = dict(self.__dict__)
+        state.update(_current=None, _last_trace=None, _traces=[], _outputs={})
+        return state
 
     def _end_check(self) -> None:
         for h in self._check_hooks:
@@ -516,6 +523,16 @@ class TargetPropRule(Rule):
         self._current = self._last_trace = None
         self._traces = []
         self._model_ref = None
+
+    def synced(self, sites=None) -> None:
+        """The weights changed legitimately (checkpoint loaded, model unpickled): no warning
+        about a missing TargetProp step at the next forward."""
+        last = getattr(self, "_last_trace", None)
+        if last is not None and self._chain:
+            last.version = self._chain[-1].layer.weight._version
+
+    def feedback_format(self) -> str:
+        return "target-prop/" + ("transpose" if self.transpose_feedback else "inverse")
 
     def feedback_shape(self, site: Site):
         b = self._by_name[site.name]
@@ -535,6 +552,16 @@ class TargetPropRule(Rule):
     # -- forward --------------------------------------------------------------------------
     def _root_pre(self, module, args):
         self._current = _Trace(len(self._chain)) if torch.is_grad_enabled() else None
+        last = self._last_trace  # a TargetProp step consumes it: still here, weights changed?
+        if (last is not None and not getattr(self, "_warned_optimizer", False)
+                and last.version != self._chain[-1].layer.weight._version):
+            self._warned_optimizer = True
+            warnings.warn(
+                f"localopt: rule {self.name!r} trains its feedback mappings in the optimizer "
+                "step, but the weights changed without a localopt.optim.TargetProp step, so "
+                "the feedback is not learning.  Train with localopt.optim.TargetProp(model, "
+                "torch.optim.SGD, lr=...) -- or any torch optimizer class in place of SGD -- "
+                "instead of a plain torch optimizer.", UserWarning, stacklevel=3)
 
     def _root_post(self, module, args, out):
         tr, self._current = self._current, None
@@ -590,7 +617,9 @@ class TargetPropRule(Rule):
         ``idx``: max-pool indices by chain position (transpose-style feedback)."""
         chain = b.chain()
         k = len(b.pre)
-        h = a
+        h = a.to(P["feedback"].dtype)  # bf16 activations (autocast): g in the feedback's dtype
+        if z is not None:
+            z = z.to(h.dtype)
         for j in list(range(len(chain) - 1, k, -1)) + [k] + list(range(k - 1, -1, -1)):
             m = chain[j]
             if j == k:
@@ -608,7 +637,8 @@ class TargetPropRule(Rule):
         return h
 
     def _aux_out(self, b: _Block, x: Tensor) -> Tensor:
-        return x.matmul(b.site.buffer("aux").t())
+        A = b.site.buffer("aux")
+        return x.to(A.dtype).matmul(A.t())
 
     # -- backward: targets ----------------------------------------------------------------
     def backward(self, site: Site, delta: Tensor, payload: Any) -> Tensor | None:
@@ -619,7 +649,8 @@ class TargetPropRule(Rule):
         x = tr.x[i]
         if self.gradient_top and i == len(self._chain) - 1:
             grad = self._exact_input_grad(b, delta, x)
-            tr.t[i] = x - self.beta * grad.to(x.dtype)
+            hi = _target_dtype(x)
+            tr.t[i] = x.to(hi) - self.beta * grad.to(hi)
             return grad
         t_next, x_next = tr.t[i + 1], tr.x[i + 1]
         if t_next is None:
@@ -681,7 +712,7 @@ class TargetPropRule(Rule):
         if b.site.module is b.layer and b.site.fast:
             return input_grad(b.site, delta, b.layer.weight, x.shape)
         with torch.enable_grad(), b.site.bypassed(), self._replaying(b, x.device):
-            xr = x.detach().requires_grad_()
+            xr = x.detach().to(b.layer.weight.dtype).requires_grad_()  # bf16 under autocast
             out = b.module(xr)
             return torch.autograd.grad(out, xr, delta.to(out.dtype))[0]
 
@@ -693,6 +724,12 @@ class TargetPropRule(Rule):
     def pop_trace(self) -> _Trace | None:
         """The samples of every backward pass since the last step, as one trace (consumed)."""
         tr, self._traces, self._last_trace = _Trace.merge(self._traces), [], None
+        if tr is not None:  # recorded under autocast (bf16): train/replay in the weights' dtype
+            top = len(self._chain) - 1
+            for i, x in enumerate(tr.x):
+                dt = self._chain[min(i, top)].layer.weight.dtype
+                if x is not None and x.is_floating_point() and x.dtype != dt:
+                    tr.x[i] = x.to(dt)
         return tr
 
     def feedback_loss(self, b: _Block, tr: _Trace, P: dict[str, Tensor], noise: float,
@@ -797,10 +834,7 @@ class AOSDTP(TargetPropRule):
     def __init__(self, *, beta: float = 0.1, blocks: list[str] | None = None,
                  init: str = "xavier", aux_units: int = 128) -> None:
         super().__init__(beta=beta, blocks=blocks, init=init)
-        if not (isinstance(aux_units, int) and aux_units > 0):
-            raise ValueError(f"localopt: rule 'ao-sdtp': option aux_units={aux_units!r} must be "
-                             "a positive integer")
-        self.aux_units = aux_units
+        self.aux_units = check_number(self.name, "aux_units", aux_units, low=1, integer=True)
 
 
 @register_rule
@@ -836,6 +870,12 @@ class LDRL(TargetPropRule):
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
+def _target_dtype(x: Tensor) -> torch.dtype:
+    """Targets are computed in at least float32: a bf16/fp16 target would round the target
+    step ``β ∂L/∂y`` away against activations of order one."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def target_prop_rule(model: nn.Module) -> TargetPropRule:
     """The target-propagation rule installed on ``model`` (error if there is none)."""
     rec = model.__dict__.get("_localopt")

@@ -1,7 +1,6 @@
 """``wm``: weight mirrors (Akrout et al. 2019)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -9,7 +8,8 @@ from torch import Tensor
 
 from .. import rng
 from ..mechanism import Site
-from .base import FEEDBACK_INITS, FeedbackRule, check_choice, init_feedback, register_rule
+from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, check_number,
+                   init_feedback, register_rule)
 from .learned import LearnsFeedback
 
 
@@ -59,6 +59,7 @@ class WM(LearnsFeedback, FeedbackRule):
             mirror steps of every wrapped layer (cheap for convs; for a 1024x1024 Linear,
             200 steps are ~27 GFLOP).
         init: initial ``B`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`).
+        match_norm: rescale the initial B to the Frobenius norm of W (as ``fa``).
 
     State: buffer ``localopt_feedback`` (shape of W) on each wrapped layer.
     """
@@ -67,21 +68,23 @@ class WM(LearnsFeedback, FeedbackRule):
     random_stream = True
 
     def __init__(self, *, lr: float = 0.01, decay: float | None = None, samples: int = 64,
-                 every: int = 1, warmup: int = 0, init: str = "xavier") -> None:
+                 every: int = 1, warmup: int = 0, init: str = "xavier",
+                 match_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
-        if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"localopt: rule 'wm': option lr={lr!r} must be a positive number")
-        if decay is not None and not (isinstance(decay, (int, float)) and 0 <= decay <= 1):
-            raise ValueError(f"localopt: rule 'wm': option decay={decay!r} must be in [0, 1]")
-        for opt, v, low in (("samples", samples, 1), ("every", every, 1), ("warmup", warmup, 0)):
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= low):
-                raise ValueError(f"localopt: rule 'wm': option {opt}={v!r} must be an int >= {low}")
-        self.lr, self.decay, self.samples, self.every = float(lr), decay, samples, every
+        lr = check_number(self.name, "lr", lr, low=0, low_open=True)
+        if decay is not None:
+            decay = check_number(self.name, "decay", decay, low=0, high=1)
+        samples = check_number(self.name, "samples", samples, low=1, integer=True)
+        every = check_number(self.name, "every", every, low=1, integer=True)
+        warmup = check_number(self.name, "warmup", warmup, low=0, integer=True)
+        self.lr, self.decay, self.samples, self.every = lr, decay, samples, every
         self.warmup = warmup
         self.init = init
+        self.match_norm = check_bool(self.name, "match_norm", match_norm)
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
-        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator))
+        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator,
+                                                       self.match_norm))
 
     def feedback(self, site: Site) -> Tensor:
         return site.buffer("feedback")
