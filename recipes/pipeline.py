@@ -22,7 +22,7 @@ Without ``--epochs`` (throughput): every schedule and micro-batch count ``K`` ru
 images/s = steps x batch / (end of the last timed step on any process - start of the first
 on any process), with no barrier between steps.  Per stage the recipe records the idle
 fraction (1 - time inside forward/backward/communication calls and the optimizer step,
-over that window), the median forward/backward time per micro-batch, and a timeline of
+over that window), the mean forward/backward time per micro-batch, and a timeline of
 two steps of the steady state.  The measured costs drive :func:`localopt.pipeline.timeline.simulate`,
 first for the measured ``S`` (its error against the measurement is recorded), then for the
 stage counts of ``--simulate`` under the assumption of ``--deepen``.
@@ -431,8 +431,9 @@ def _train_single(args) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ analysis
 
-def _median(v: list[float]) -> float:
-    return statistics.median(v) if v else 0.0
+def _mean(v: list[float]) -> float:
+    """Means, not medians: the sum of the durations is what the step takes."""
+    return statistics.fmean(v) if v else 0.0
 
 
 def analyse(run: dict, batch: int) -> dict[str, Any]:
@@ -474,15 +475,15 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
         own = r["last"] - r["first"]
         other = max(0.0, own - busy - waited)
         idle.append(max(0.0, 1.0 - busy / window))
-        opt_t = _median([st["t"][2] - st["t"][1] for st in r["steps"]])
+        opt_t = _mean([st["t"][2] - st["t"][1] for st in r["steps"]])
         per_op = (calls + other) / ops if ops else 0.0
         per_rank.append({"rank": r["rank"], "busy_per_step": busy / nsteps,
                          "comm_calls_per_step": calls / nsteps, "wait_per_step": waited / nsteps,
                          "overhead_per_step": other / nsteps, "optimizer_step": opt_t})
         for s, d in per_stage.items():
-            costs[s] = {"rank": r["rank"], "forward": _median(d["forward"]),
-                        "backward": _median(d["backward"]),
-                        "backward_weight": _median(d["weight"]) if d["weight"] else None,
+            costs[s] = {"rank": r["rank"], "forward": _mean(d["forward"]),
+                        "backward": _mean(d["backward"]),
+                        "backward_weight": _mean(d["weight"]) if d["weight"] else None,
                         "optimizer_step": opt_t / len(per_stage),
                         "calls_and_overhead_per_op": per_op}
     # the timeline: every process in a window of two steps from rank 0's middle step on (in
@@ -512,7 +513,7 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
 
 
 def stage_costs(measured: dict, label: str, act_bytes: list[float]):
-    """:class:`StageCost` per (virtual) stage from a measured run: median forward/backward
+    """:class:`StageCost` per (virtual) stage from a measured run: mean forward/backward
     times, plus the process's communication-call time and schedule overhead spread evenly
     over its forward and backward operations."""
     from localopt.pipeline.timeline import StageCost
