@@ -7,10 +7,10 @@ OUT=results/pipeline
 uptime
 # throughput: S = 2 processes, K = 2, 4, 8, every schedule; simulation of S = 4..32
 python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 2,4,8 \
-    --schedules gpipe,1f1b,zb,dfa,drtp --batch 128 --steps 30 --warmup 5 --threads 1 \
+    --schedules gpipe,1f1b,zb,dfa,drtp --batch 128 --steps 60 --warmup 5 --threads 1 \
     --json $OUT/mlp3x1024_S2.json --timeline $OUT --simulate 4,8,16,32
 python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 2,4,8 \
-    --schedules gpipe,1f1b,zb,dfa,drtp --batch 64 --steps 10 --warmup 3 --threads 1 \
+    --schedules gpipe,1f1b,zb,dfa,drtp --batch 64 --steps 20 --warmup 3 --threads 1 \
     --json $OUT/resnet20_S2.json --timeline $OUT --simulate 4,8,16,32
 # accuracy: pipelined dfa vs the same loop in one process (MLP, 2 epochs; the committed files
 # are of a run at 06:10-06:16 UTC on the shared machine, see their note); a short ResNet-20 run
