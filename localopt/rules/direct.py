@@ -75,7 +75,7 @@ in channel mode (then a broadcast) -- a 3x3 convolution with 64 output channels 
 fewer.  What remains is the weight gradient, the exact backward of activations/norms, and the
 hooks' per-layer Python overhead; so DFA beats BP where compute dominates (CPU) and is on par
 with BP-through-hooks where kernel launches dominate (small models on a GPU).  Measured
-ratios: ``results/direct/README.md``.
+ratios: ``results/notes/direct_feedback.md``.
 
 Scaling
 -------
@@ -160,8 +160,8 @@ class DirectRule(Rule):
     binary = False
     #: per-rule: the source needs the model output (drtp with target="ce")
     needs_output = False
-    random_stream = True
     from_output = True
+    random_stream = True
 
     def __init__(self, *, feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
                  output: "int | str | None" = None, modules: Any = None,
