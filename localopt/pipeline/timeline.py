@@ -14,10 +14,14 @@ Simulation
 :func:`simulate` replays a schedule's dependency graph with given per-stage costs, for ``S``
 stages, ``M`` micro-batches and one or more consecutive training steps (a stage starts the
 next step after its own optimizer step, with no barrier), and returns the makespan per
-step, images/s, the idle fraction of every stage and the simulated events.  Each stage is one worker (one
-process, one thread) that runs its operations one at a time; a message (activation,
-gradient, output error ``e``) sent at the end of an operation arrives ``latency +
-bytes * per_byte`` later and costs the sender nothing (the transfer overlaps compute).
+step, images/s, the idle fraction of every stage and the simulated events.  Each stage is
+one worker (one process, one thread) that runs its operations one at a time.  A message
+(activation, gradient, output error ``e``) is sent at the end of an operation and, as in
+gloo, moves only once the receiver has posted its receive -- when it is ready for the
+operation that needs it (torch's GPipe and 1F1B), or at the start of its step (localopt's
+direct schedule, torch's zero-bubble runtime) -- arriving ``latency + bytes * per_byte``
+later; the transfer costs neither side compute.  Torch's waits on earlier sends (1F1B,
+GPipe) and every stage's end-of-step wait on its sends are dependencies too.
 
 * ``gpipe``: every stage runs ``F_0 .. F_{M-1}`` then ``B_0 .. B_{M-1}``
   (Huang et al. 2019, torch's ``ScheduleGPipe``).  ``B`` of stage ``s`` for micro-batch
@@ -101,7 +105,8 @@ class StageCost:
 
 @dataclass(frozen=True)
 class CommCost:
-    """A message of ``n`` bytes arrives ``latency + n * per_byte`` seconds after it is sent."""
+    """A message of ``n`` bytes arrives ``latency + n * per_byte`` seconds after both its send
+    and its receive are posted (gloo's rendezvous)."""
     latency: float = 0.0
     per_byte: float = 0.0
 
