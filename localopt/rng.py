@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BUFFER", "draw_seed", "mix", "stream_state", "next_seed", "generator",
-           "private_global_rng", "preserved_streams"]
+           "counter_uniform", "private_global_rng", "preserved_streams"]
 
 #: the stream's buffer, registered as ``localopt_rng`` on each hooked module
 BUFFER = "rng"
@@ -75,6 +75,65 @@ def next_seed(site, salt: int = 0) -> int:
 def generator(site, device: torch.device | str = "cpu", salt: int = 0) -> torch.Generator:
     """A generator on ``device`` for the next draw of ``site``'s stream (see :func:`next_seed`)."""
     return torch.Generator(device=device).manual_seed(next_seed(site, salt))
+
+
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _DRAW = _i64(0x9E3779B97F4A7C15), _i64(0xD1B54A32D192ED03)
+_M1, _M2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, k: int) -> Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _counter_bits(state: Tensor, n: int) -> Tensor:
+    i = torch.arange(n, device=state.device, dtype=torch.int64)
+    z = state[0] * _GOLDEN + state[1] * _DRAW + i * _GOLDEN
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 40).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@torch.library.custom_op("localopt::counter_uniform", mutates_args=("state",))
+def _counter_uniform(state: Tensor, n: int) -> Tensor:
+    if state.device.type == "cpu":   # reading the state costs nothing here: torch's generator
+        seed, draws = state.tolist()
+        u = torch.rand(n, generator=torch.Generator().manual_seed(mix(seed, draws)))
+    else:                            # no host read on an accelerator: a counter-based hash
+        u = _counter_bits(state, n)
+    state[1:].add_(1)
+    return u
+
+
+@_counter_uniform.register_fake
+def _(state: Tensor, n: int) -> Tensor:
+    return state.new_empty((n,), dtype=torch.float32)
+
+
+def counter_uniform(site, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Uniform numbers in ``(0, 1)`` (float32, ``shape``) for the next
+    draw of ``site``'s stream, with the stream advanced in place (``draws += 1``) -- one
+    operator (``torch.ops.localopt.counter_uniform``) that ``torch.compile`` keeps in its graph
+    (no break, and never recomputed from the advanced state in the backward), and that never
+    reads the buffer on the host.
+
+    Draw ``k`` of a stream with seed ``s``: on the CPU, ``torch.rand`` from a generator seeded
+    ``mix(s, k)`` (as :func:`generator`); on an accelerator, without reading the state on the
+    host, a counter-based draw (as Philox, Salmon et al. 2011): element ``i`` is
+    ``splitmix64(s * phi + k * c + i * phi)`` (Steele, Lea & Flood 2014's finaliser, wrapping
+    int64 arithmetic), its top 24 bits mapped to ``(j + 0.5) / 2**24``.  Deterministic per
+    device type, eager and compiled alike."""
+    buf = site.module._buffers["localopt_" + BUFFER]
+    n = 1
+    for d in shape:
+        n *= d
+    return _counter_uniform(buf, n).to(device).view(shape)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import localopt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-NO_BREAK_RULES = ["bp", "fa", "usf", "frsf", "kp", "wm", "dfa", "bdfa", "drtp"]
+NO_BREAK_RULES = ["bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "dfa", "bdfa", "drtp"]
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +82,7 @@ def test_root_hooks_trace_into_the_forward_graph(rule):
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason for r in ex.break_reasons]
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa", "kp"])
+@pytest.mark.parametrize("rule", ["fa", "brsf", "dfa", "kp"])
 def test_compiled_gradients_equal_eager(rule):
     torch.manual_seed(0)
     eager = localopt.wrap(ResNetLet(), rule, seed=3)

@@ -146,3 +146,30 @@ def test_brsf_redraws_every_forward_and_replays_from_its_state():
     with torch.no_grad():
         layer.localopt_rng.copy_(saved)   # written from outside: re-read
     assert torch.equal(site.rule.feedback(site), B1)
+
+
+def test_stream_uniform_is_one_traceable_draw_per_call():
+    from localopt import rng
+    layer = localopt.wrap(nn.Linear(300, 200), "brsf", seed=0)
+    site = localopt.sites(layer)[0]
+    saved = layer.localopt_rng.clone()
+    u1 = rng.counter_uniform(site, (200, 300), torch.device("cpu"))
+    u2 = rng.counter_uniform(site, (200, 300), torch.device("cpu"))
+    assert layer.localopt_rng[1] == saved[1] + 2 and not torch.equal(u1, u2)
+    assert ((u1 >= 0) & (u1 < 1)).all() and abs(u1.mean().item() - 0.5) < 0.01
+    with torch.no_grad():
+        layer.localopt_rng.copy_(saved)
+    assert torch.equal(rng.counter_uniform(site, (200, 300), torch.device("cpu")), u1)
+
+
+def test_accelerator_counter_hash_is_uniform_and_deterministic():
+    # The no-host-read path used on accelerators, run here on CPU tensors.
+    from localopt import rng
+    state = torch.tensor([rng.mix(7, 0), 3])
+    u = rng._counter_bits(state, 100_000)
+    assert torch.equal(u, rng._counter_bits(state.clone(), 100_000))
+    assert ((u > 0) & (u < 1)).all()
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].item()) < 0.02
+    nxt = rng._counter_bits(torch.tensor([rng.mix(7, 0), 4]), 100_000)
+    assert abs(torch.corrcoef(torch.stack([u, nxt]))[0, 1].item()) < 0.02

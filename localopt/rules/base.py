@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..mechanism import LAYER_TYPES, Site, input_grad
 
 __all__ = ["Rule", "FeedbackRule", "register_rule", "get_rule", "available_rules", "make_rule",
-           "init_feedback", "FEEDBACK_INITS", "check_choice", "check_bool", "check_number"]
+           "init_feedback", "feedback_magnitude", "FEEDBACK_INITS", "check_choice", "check_bool", "check_number"]
 
 _REGISTRY: dict[str, type["Rule"]] = {}
 
@@ -261,6 +261,20 @@ def _init_normal(w, g, device):
 
 FEEDBACK_INITS = {"xavier": _init_xavier, "kaiming": _init_kaiming, "uniform": _init_uniform,
                   "normal": _init_normal}
+
+
+def feedback_magnitude(init: str, weight: Tensor, u: Tensor) -> Tensor:
+    """``|M|`` for ``M`` drawn with ``init`` (as :data:`FEEDBACK_INITS`) shaped like ``weight``,
+    from uniform numbers ``u`` in ``(0, 1)`` of that shape: every init law is symmetric, so
+    ``|U(-a, a)| = a u`` (``xavier``: ``a = sqrt(6 / (fan_in + fan_out))``, ``kaiming``:
+    ``sqrt(6 / fan_in)``, ``uniform``: ``0.5``) and ``|N(0, s^2)| = s sqrt(2) erfinv(u)``
+    (``normal``: ``s = 1 / sqrt(fan_in)``).  Tensor ops only (traceable)."""
+    fan_in, fan_out = _fans(weight)
+    if init == "normal":
+        return torch.erfinv(u).mul_(math.sqrt(2.0 / fan_in))
+    bound = {"xavier": math.sqrt(6.0 / (fan_in + fan_out)), "kaiming": math.sqrt(6.0 / fan_in),
+             "uniform": 0.5}[init]
+    return u * bound
 
 
 def init_feedback(init: str, weight: Tensor, generator: torch.Generator | None,

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import rng
 from ..mechanism import Site
 from .base import (FEEDBACK_INITS, FeedbackRule, _fans, check_bool, check_choice, check_number,
-                   init_feedback, register_rule)
+                   feedback_magnitude, init_feedback, register_rule)
 
 _SCALES = ("xavier", "kaiming", "norm", "none")
 
@@ -63,10 +63,12 @@ class BRSF(FeedbackRule):
 
         B = |M_t| * sign(W),   M_t redrawn every forward pass (each mini-batch)
 
-    ``M_t`` is drawn with ``init`` (default ``"xavier"``, as BioTorch) on the layer's device,
-    by a device generator from the layer's own stream (``localopt_rng``, :mod:`localopt.rng`):
-    torch's global RNG is untouched, the stream is saved with the model, and every
-    data-parallel rank draws the same ``M_t``.
+    ``|M_t|`` has the magnitude distribution of ``init`` (default ``"xavier"``, as BioTorch:
+    ``|U(-a, a)|`` = ``a U(0, 1)``; ``"normal"``: ``|N(0, 1/fan_in)|``), drawn on the layer's
+    device from the layer's own stream (``localopt_rng``) by
+    :func:`localopt.rng.counter_uniform`: one operator, so ``torch.compile`` traces it
+    without a graph break; torch's global RNG is untouched, the stream is saved with the
+    model, and every data-parallel rank draws the same ``M_t``.
     """
 
     name = "brsf"
@@ -82,8 +84,8 @@ class BRSF(FeedbackRule):
 
     def feedback(self, site: Site) -> Tensor:
         W = site.weight.detach()
-        M = init_feedback(self.init, W, rng.generator(site, W.device), on_device=True)
-        return M.abs_() * torch.sign(W)
+        u = rng.counter_uniform(site, tuple(W.shape), W.device)
+        return feedback_magnitude(self.init, W, u).to(W.dtype) * torch.sign(W)
 
 
 @register_rule
