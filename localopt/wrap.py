@@ -408,15 +408,15 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
                 "mislead at every backward. Wrap the model with the checkpoint's rule, or load "
                 "localopt.strip_feedback(state_dict) to keep this model's feedback. The model "
                 "was not modified")
-    if strict:
-        stray = [k for k in state_dict if k.startswith(prefix) and k not in ours
-                 and k.rsplit(".", 1)[-1].startswith(Site.BUFFER_PREFIX)]
-        if stray:
-            raise RuntimeError(
-                f"localopt: checkpoint has feedback state {stray[:5]} that rule "
-                f"{rec.rule.name!r} on this model does not use; load with "
-                "localopt.strip_feedback(state_dict) or strict=False. The model was not modified"
-            )
+    # torch hands load pre-hooks strict=True whatever the caller passed, so feedback state this
+    # model does not use is always refused here (before anything is copied), with the way out.
+    stray = [k for k in state_dict if k.startswith(prefix) and k not in ours
+             and k.rsplit(".", 1)[-1].startswith(Site.BUFFER_PREFIX)]
+    if strict and stray:
+        raise RuntimeError(
+            f"localopt: checkpoint has feedback state {stray[:5]} that rule "
+            f"{rec.rule.name!r} on this model does not use; load "
+            "localopt.strip_feedback(state_dict) instead. The model was not modified")
     if materialise:  # feedback not drawn yet here: does the checkpoint's fit this model?
         problem = rec.rule.check_loaded([(s, b, tuple(shape)) for s, b, shape in materialise])
         if problem:
