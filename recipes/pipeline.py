@@ -874,8 +874,8 @@ def _headline(files: list, K: int, S_sim: int) -> list[str]:
               f"K = {K} micro-batches", "",
               "| model | batch | " + " | ".join(labels) + " | " +
               " | ".join(f"{lb} / gpipe | {lb} / best backprop" for lb in direct) +
-              f" | simulated S={S_sim}, K=8: " + ", ".join(direct) + " / best backprop |",
-              "|---|---:|" + "---:|" * (len(labels) + 2 * len(direct) + 1)]
+              f" | simulated S={S_sim}, K=8: " + ", ".join(direct) + " / best backprop | file |",
+              "|---|---:|" + "---:|" * (len(labels) + 2 * len(direct) + 1) + "---|"]
         for f, res in thr:
             ips = {r["label"]: r["images_per_s"] for r in res["runs"] if r["M"] == K}
             if not ips:
@@ -890,7 +890,7 @@ def _headline(files: list, K: int, S_sim: int) -> list[str]:
                           f"{s['speedup']:.2f}x ({s['over']})" if s else ""]
             cells.append(", ".join(f"{sim[lb]:.2f}x" for lb in direct if lb in sim))
             L.append(f"| {res['meta']['model']} | {res['meta']['batch']} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(cells) + f" | `{f.name}` |")
         L.append("")
     acc = [(f, r) for f, r in files if "simulation" not in r and "runs" in r]
     if acc:

@@ -12,6 +12,13 @@ python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 2,4,8 \
 python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 2,4,8 \
     --schedules gpipe,1f1b,zb,dfa,drtp --batch 64 --steps 20 --warmup 3 --threads 1 \
     --json $OUT/resnet20_S2.json --timeline $OUT --simulate 4,8,16,32
+# the same again (a second quiet-machine measurement, no figures), for the run-to-run spread
+python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 2,4,8 \
+    --schedules gpipe,1f1b,zb,dfa,drtp --batch 128 --steps 60 --warmup 5 --threads 1 \
+    --json $OUT/mlp3x1024_S2_run2.json --simulate 4,8,16,32
+python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 2,4,8 \
+    --schedules gpipe,1f1b,zb,dfa,drtp --batch 64 --steps 20 --warmup 3 --threads 1 \
+    --json $OUT/resnet20_S2_run2.json --simulate 4,8,16,32
 # accuracy: pipelined dfa vs the same loop in one process (MLP, 2 epochs; the committed files
 # are of a run at 06:10-06:16 UTC on the shared machine, see their note); a short ResNet-20 run
 python -m recipes.pipeline --model mlp3x1024 --stages 2 --schedules dfa --microbatches 4 \
