@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gpu protocol of the CIFAR-10 table (recipes/table.toml) on one GPU lease: every run not
+# The gpu protocol of the CIFAR-10 table (recipes/table.toml) on one GPU job: every run not
 # done yet, JOBS processes at a time on the one GPU (each is launch-bound at batch 128, so they
 # share it well), each with the CIFAR-10 arrays resident on the GPU, each cut at LIMIT seconds.
 #
@@ -15,17 +15,17 @@
 # the checkout, ...).  For a lent device machine: copy the archive into the checkout's
 # git-ignored data/ folder (cp ../shared/data/cifar10-jpeg75.tar.gz data/) and name "data" in
 # the call's carry list; it is decoded once, before the runs start.
-# Output in $OUT (few files, as a lease returns at most 8): table.tar.gz (results/<model>/
+# Output in $OUT (few files, as a GPU job returns at most 8): table.tar.gz (results/<model>/
 # <protocol>/<row>-s<seed>/ of every finished run: log.jsonl, curves.png, alignment.png),
 # missing.txt (the runs that did not finish), stdout.log (the end of each run's output),
 # RESULTS.md (a preview of the table from these runs alone).  Then, in the checkout:
 #   tar -xzf table.tar.gz && python -m recipes.report && git add results RESULTS.md README.md
 # A run cut at LIMIT is lost (its checkpoint stays on the machine): size MODELS/RULES/SEEDS and
-# LIMIT to the lease.
+# LIMIT to the GPU job.
 #
 # PLAN=FILE runs the recipes.train runs of a plan file instead of the table, the same way (one
 # line per run: NAME then its recipes.train flags, shell-quoted; "@common FLAGS" for every run,
-# "@dry FLAGS" added under DRY=1; # comments), e.g. the SimpleVGG target-propagation leases:
+# "@dry FLAGS" added under DRY=1; # comments), e.g. the SimpleVGG target-propagation GPU jobs:
 #   PLAN=results/simple_vgg/tp/gpu_vgg_part2/plan.txt OUT=/tmp/out LIMIT=400 bash recipes/gpu_table.sh
 # Output in $OUT: runs.jsonl (every record of every run, tagged with its name; the table:
 # python -m recipes.tp_vgg_short --table $OUT/runs.jsonl) and stdout.log.

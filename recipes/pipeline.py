@@ -333,14 +333,19 @@ def _worker(args_dict: dict, plan: dict) -> dict | None:
 
 # ------------------------------------------------------------------------------ training
 
-def _train(args, plan: dict) -> dict[str, Any]:
-    """Train on CIFAR-10 (``--data``), pipelined; test accuracy after every epoch."""
+def _training_data(args) -> tuple:
+    """CIFAR-10 (``--data``) split for training (all 50k) and test, the normaliser, the model's
+    training defaults, and the results record to fill."""
     from .data import Normalizer, load_cifar10, make_splits
     arrays = load_cifar10(args.data or None)
-    splits = make_splits(arrays, "full", "cpu")
-    norm = Normalizer("cpu")
     dflt = DEFAULT_TRAIN.get(args.model, DEFAULT_TRAIN["resnet20"])
-    out = {"data": arrays.description, "runs": []}
+    return (make_splits(arrays, "full", "cpu"), Normalizer("cpu"), dflt,
+            {"data": arrays.description, "runs": []})
+
+
+def _train(args, plan: dict) -> dict[str, Any]:
+    """Train on CIFAR-10 (``--data``), pipelined; test accuracy after every epoch."""
+    splits, norm, dflt, out = _training_data(args)
     for label in _csv(args.schedules):
         M = _csv(args.microbatches, int)[0]
         model, pipe = _build(args, label, M, plan, dflt["model_options"])
@@ -404,13 +409,8 @@ def _train_single(args) -> dict[str, Any]:
     """``--stages 1``: the same training loop on the whole model in this process."""
     import localopt
     from localopt.models import create_model
-    from .data import Normalizer, load_cifar10, make_splits
     torch.set_num_threads(args.threads)
-    arrays = load_cifar10(args.data or None)
-    splits = make_splits(arrays, "full", "cpu")
-    norm = Normalizer("cpu")
-    dflt = DEFAULT_TRAIN.get(args.model, DEFAULT_TRAIN["resnet20"])
-    out = {"data": arrays.description, "runs": []}
+    splits, norm, dflt, out = _training_data(args)
     for label in _csv(args.schedules):
         rule, _ = _rule_schedule(label)
         torch.manual_seed(args.seed)
