@@ -34,10 +34,8 @@ BatchNorm statistics are those of each micro-batch, as in the single-process acc
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import deque
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +52,6 @@ __all__ = ["DirectRunner", "DIRECT_RULES"]
 DIRECT_RULES = ("dfa", "bdfa", "drtp", "dkp")
 
 _TAG_HEADER, _TAG_ACT, _TAG_ERR = 1 << 20, 2 << 20, 3 << 20
-
-
-@contextlib.contextmanager
-def routes(rule: DirectRule) -> Iterator[list]:
-    """Collect the ``(site, alias, payload)`` routes of the hooked modules run inside the block
-    (one stage of the model, run outside the model's own forward, whose root hook would
-    otherwise collect them)."""
-    st = rule._state
-    prev, st.routed = st.routed, []
-    try:
-        yield st.routed
-    finally:
-        st.routed = prev
 
 
 class DirectRunner:
@@ -158,7 +143,8 @@ class DirectRunner:
                 loss = self._last(m, inp, ys[m], errs)
                 total = loss if total is None else total + loss
                 continue
-            with rec.span(s, "forward", m), routes(self.rule) as routed, torch.enable_grad():
+            with rec.span(s, "forward", m), self.rule.collect_routes() as routed, \
+                    torch.enable_grad():
                 out = self.stage(inp)
                 payload = self.rule.forward(self.next_site, out, None)
             self._sends.append(link.isend(out.detach().contiguous(), s + 1, _TAG_ACT + m, s, m))
@@ -197,7 +183,7 @@ class DirectRunner:
 
     def _last(self, m: int, inp: Tensor, y: Tensor, errs) -> Tensor:
         s, rule = self.s, self.rule
-        with self.rec.span(s, "forward", m), routes(rule) as routed, torch.enable_grad():
+        with self.rec.span(s, "forward", m), rule.collect_routes() as routed, torch.enable_grad():
             z = self.stage(inp)
             if not isinstance(z, Tensor):
                 raise PipelineError(f"localopt.pipeline: the last stage returned "

@@ -110,6 +110,7 @@ The rules
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -295,6 +296,18 @@ class DirectRule(Rule):
             for dict_name, hid in st.hook_ids:
                 getattr(model, dict_name).pop(hid, None)
         self._state = None
+
+    @contextlib.contextmanager
+    def collect_routes(self):
+        """Collect the ``(site, alias, payload)`` routes of the hooked modules run inside the
+        block, outside the model's own forward (one pipeline stage, whose root hook would
+        otherwise collect them); yields the list they are appended to."""
+        st = self._state
+        prev, st.routed = st.routed, []
+        try:
+            yield st.routed
+        finally:
+            st.routed = prev
 
     # -- root hooks: collect the routed inputs of a forward, route them from the output ------
     def _root_pre_hook(self, model: nn.Module, args: tuple) -> None:
