@@ -200,8 +200,9 @@ def compare_to_backprop(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor],
 def report(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor] | None = None, x: Any = None,
            y: Any = None) -> dict[str, dict[str, float]]:
     """All diagnostics in one JSON-ready dict: ``{"feedback_angle": {...},
-    "sign_concordance": {...}, "update_angle": {...}}`` (the last only with a batch)."""
+    "sign_concordance": {...}, "update_angle": {...}, "norm_ratio": {...}}`` (the last two
+    only with a batch: :func:`compare_to_backprop`)."""
     out = {"feedback_angle": feedback_angles(model), "sign_concordance": sign_concordance(model)}
     if loss_fn is not None and x is not None:
-        out["update_angle"] = update_angles(model, loss_fn, x, y)
+        out.update(compare_to_backprop(model, loss_fn, x, y))
     return out

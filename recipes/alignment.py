@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .plots import plt, save_figure
 
 PANELS = (("feedback_angle", "angle(B, W) (deg)"), ("update_angle", "angle(rule grad, BP grad) (deg)"),
+          ("norm_ratio", "||rule grad|| / ||BP grad||"),
           ("sign_concordance", "sign concordance of B and W"))
 
 
@@ -46,7 +47,10 @@ def plot_alignment(records: list[dict[str, Any]], path: Path | str, title: str) 
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        if key != "sign_concordance":
+        if key == "norm_ratio":
+            ax.set_yscale("log")
+            ax.axhline(1, color="grey", lw=0.8, ls=":")
+        elif key != "sign_concordance":
             ax.axhline(90, color="grey", lw=0.8, ls=":")
     axes[0][0].legend(fontsize=6, ncol=1 + len(axes[0][0].get_lines()) // 12, title="layer",
                       title_fontsize=7)

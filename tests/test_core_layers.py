@@ -177,6 +177,34 @@ def test_fa_input_grad_differs_from_bp():
     torch.testing.assert_close(dx, G @ layer.localopt_feedback)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fa_track_norm_follows_the_weight_scale(kind):
+    """``track_norm``: dx = delta B ||W_t|| / ||B|| at every backward, so scaling W by c scales
+    the sent signal by c (as backprop's does) while the direction of B stays fixed."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = nn.Linear(6, 5).double(), torch.randn(3, 6, dtype=torch.float64)
+    else:
+        layer, x = nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(2, 3, 5, 5,
+                                                                        dtype=torch.float64)
+    G = torch.randn_like(layer(x))
+    plain = copy.deepcopy(layer)
+    localopt.wrap(plain, "fa", seed=0)
+    localopt.wrap(layer, "fa", seed=0, track_norm=True)
+    B = plain.localopt_feedback
+    for c in (1.0, 3.0):
+        with torch.no_grad():
+            layer.weight.mul_(c)
+        _, dx, gp = _grads(layer, x, G)
+        scaled = _with_weight(plain, B * (layer.weight.norm() / B.norm()))
+        _, dx_ref, gp_ref = _grads(scaled, x, G)
+        torch.testing.assert_close(dx, dx_ref, **TOL[torch.float64])
+        torch.testing.assert_close(gp[0], _grads(_with_weight(plain, layer.weight), x, G)[2][0],
+                                   **TOL[torch.float64])
+    _, dx_plain, _ = _grads(plain, x, G)
+    assert not torch.allclose(dx, dx_plain)
+
+
 class ScaledConv(nn.Conv2d):
     """A subclass that changes the forward: weight standardisation + output scaling."""
 

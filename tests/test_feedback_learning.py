@@ -417,7 +417,8 @@ def test_report_is_json_ready():
     import json
     model = localopt.wrap(mlp(), "wm")
     rep = diagnostics.report(model, F.cross_entropy, *batch())
-    assert set(rep) == {"feedback_angle", "sign_concordance", "update_angle"}
+    assert set(rep) == {"feedback_angle", "sign_concordance", "update_angle", "norm_ratio"}
+    assert all(r > 0 for r in rep["norm_ratio"].values())
     json.dumps(rep)
 
 
@@ -445,7 +446,8 @@ def test_recipes_log_and_plot_alignment(tmp_path):
     for i in range(3):
         step(model, opt, x, y)
         recs.append({"event": "step", "step": i + 1, **step_diagnostics(model, cfg, i + 1, x, y)})
-    assert set(recs[0]["alignment"]) == {"feedback_angle", "sign_concordance", "update_angle"}
+    assert set(recs[0]["alignment"]) == {"feedback_angle", "sign_concordance", "update_angle",
+                                          "norm_ratio"}
     assert list(recs[0]["alignment"]["update_angle"]) == ["0", "2", "4"]
     png = plot_alignment(recs + [{"event": "epoch", "step": 3}], tmp_path / "a.png", "t")
     assert png is not None and png.stat().st_size > 10_000

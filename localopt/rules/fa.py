@@ -24,6 +24,17 @@ class FA(FeedbackRule):
         init: ``"xavier"`` (default; BioTorch), ``"kaiming"``, ``"uniform"`` (U(-0.5, 0.5)
             as Lillicrap et al. 2016), ``"normal"``.
         match_norm: rescale B to the Frobenius norm of W at wrap time ("norm-matched").
+        track_norm: rescale B to the Frobenius norm of W at every backward,
+            ``B_t = B ||W_t|| / ||B||``: the direction stays fixed, the scale follows W.
+
+    Why ``track_norm``.  A layer followed by batch normalisation is scale-invariant: with
+    ``y = BN(x W^T)``, scaling W by ``c`` scales the error BN passes back to the layer's output by
+    ``1/c``; backprop's ``delta W`` restores the factor, FA's ``delta B`` does not.  As the
+    weights grow during training (they do: ResNet-20's convs grow several-fold), each
+    BN-followed FA layer shrinks the signal it passes down by ``||W_0|| / ||W_t||``, and the
+    factors compound with depth, so the early layers stop learning.  ``track_norm`` makes the
+    sent signal scale-invariant again, as backprop's is (one norm per layer per backward,
+    tensor ops only).
 
     Scale.  Each layer scales the error it sends back by about ``||B|| / ||W||`` relative to
     backprop, and the factors compound with depth.  Xavier B matches Xavier-initialised W (the
@@ -38,14 +49,21 @@ class FA(FeedbackRule):
 
     name = "fa"
 
-    def __init__(self, *, init: str = "xavier", match_norm: bool = False) -> None:
+    def __init__(self, *, init: str = "xavier", match_norm: bool = False,
+                 track_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         self.init = init
         self.match_norm = check_bool(self.name, "match_norm", match_norm)
+        self.track_norm = check_bool(self.name, "track_norm", track_norm)
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
-        site.register_buffer("feedback", init_feedback(self.init, site.weight, generator,
-                                                       self.match_norm))
+        B = init_feedback(self.init, site.weight, generator, self.match_norm)
+        if self.track_norm:   # stored at unit norm: feedback() multiplies by ||W_t||
+            B = B / B.norm().clamp_min(1e-12)
+        site.register_buffer("feedback", B)
 
     def feedback(self, site: Site) -> Tensor:
-        return site.buffer("feedback")
+        B = site.buffer("feedback")
+        if self.track_norm:
+            return B * site.weight.detach().norm().to(B.dtype)
+        return B
