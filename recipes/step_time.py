@@ -15,25 +15,63 @@ unwrapped model with the plain optimizer: the reference.  A step is forward, cro
 backward and ``opt.step()`` on a fixed random batch (step time does not depend on the data).
 After two warm-up steps each, rounds of all variants are interleaved so that machine noise
 hits every variant alike; the median step time of each is reported with its ratio to
-``plain``.  ``--diagnostics RULE`` also times one ``localopt.diagnostics.report`` call on that
+``plain``.  ``--diagnostics LABEL`` also times one ``localopt.diagnostics.report`` call on that
 variant's model.  ``--json`` writes the result.
+
+Rule options.  An entry of ``--rules`` may be ``LABEL=RULE`` (or ``LABEL=RULE@K``): a variant
+named LABEL.  ``--options LABEL=TABLE`` (repeatable) gives a variant the options of
+``localopt.wrap`` as a TOML inline table (a label without ``=`` is its own label)::
+
+    python -m recipes.step_time --model resnet20 --rules bp,dfa,dfa-stage=dfa \\
+        --options 'dfa-stage={modules = ["layers.0", "layers.3", "layers.6"]}'
+
+``--variants-from recipes/table.toml`` adds one variant per row of the CIFAR-10 table that has
+``--model``, labelled by the row, with the row's rule and rule options (its ``base`` config's,
+then its own, then its ``settings`` for the model, as ``recipes.table_runs`` merges them).  A
+row whose settings name an optimizer this runner has (``sgd``, ``adam``; also the target
+propagation's ``feedback_optimizer``) is timed with it and its ``lr`` (and ``feedback_lr``,
+``noise``); a row naming another optimizer is timed with the plain one, and its JSON record
+says so (``note``)::
+
+    python -m recipes.step_time --model resnet20 --variants-from recipes/table.toml --threads 1
+
+The JSON records each variant's label, rule, options and optimizer under ``variants``;
+``median_s`` and ``ratio_to_plain`` are keyed by label.
 
 ``--compile`` times every variant's model -- ``plain`` included -- through
 ``torch.compile(model)`` (forward and its backward; the optimizer step stays eager), after
 three warm-up steps (the first compiles, and the direct rules' first forward draws their
-feedback, which compiles once more).
+feedback, which compiles once more); ``--compile-backend`` picks the backend (default
+inductor).  ``--channels-last`` converts every model -- ``plain`` included -- and the batch to
+``torch.channels_last``.  ``--threads N`` sets ``torch.set_num_threads(N)``.
 
     python -m recipes.step_time --model mlp3x1024 --rules bp,fa,dfa,kp --compile --threads 1
+
+``--sweep-cpu`` measures absolute CPU training throughput instead, for one variant (the one
+entry of ``--rules``, default ``bp``): images/s of forward+backward+optimizer step on the fixed
+batch, median over the timed steps, for every setting of threads {1, 2} x channels_last
+{off, on} x torch.compile {off, on} -- one model per setting (inductor's CPU kernels are
+compiled for the thread count in force), rounds interleaved over the settings as above.  The
+JSON holds images/s and ms/step per setting, the fastest, and the machine's description.  The
+process's thread count is restored afterwards.
+
+    python -m recipes.step_time --model resnet20 --sweep-cpu --batch 128 --steps 10 \\
+        --rounds 3 --json results/step_time/cpu_sweep_resnet20.json
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
+import platform
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +79,7 @@ import torch.nn.functional as F
 import localopt
 from localopt import models
 
-from .common import device_name, pick_device
+from .common import ConfigError, device_name, pick_device, resolve_config_path
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -54,95 +92,367 @@ def parse_variant(spec: str) -> tuple[str, int]:
     return rule, int(k) if k else 1
 
 
-def build(base: torch.nn.Module, spec: str, optimizer: str = "sgd", lr: float = 1e-3,
+@dataclasses.dataclass
+class Variant:
+    """One timed variant: ``rule`` (``"plain"``: the unwrapped model) with ``iters`` feedback
+    iterations (target propagation) and ``options`` to ``localopt.wrap``; the optimizer
+    settings left ``None`` are the runner's (``--optimizer``, ``--lr``, ...)."""
+    label: str
+    rule: str
+    iters: int = 1
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: str | None = None
+    lr: float | None = None
+    feedback_optimizer: str | None = None
+    feedback_lr: float | None = None
+    noise: float | None = None
+    note: str | None = None
+    row_settings: dict[str, Any] | None = None  # --variants-from: the row's training settings
+
+    @classmethod
+    def parse(cls, entry: str) -> "Variant":
+        """``"fa"``, ``"dtp@2"``, ``"dfa-stage=dfa"``, ``"tp5=l-drl@5"``."""
+        label, eq, spec = entry.partition("=")
+        if not eq:
+            spec = label
+        label, spec = label.strip(), spec.strip()
+        if not label or not spec:
+            raise ValueError(f"variant {entry!r}: write RULE, RULE@K, LABEL=RULE or "
+                             "LABEL=RULE@K")
+        rule, iters = parse_variant(spec)
+        return cls(label, rule, iters)
+
+    @property
+    def spec(self) -> str:
+        return self.rule if self.iters == 1 else f"{self.rule}@{self.iters}"
+
+    def describe(self) -> str:
+        """The rule, its options and any optimizer of its own, for the printed table."""
+        text = self.spec
+        if self.options:
+            text += " {" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.options.items()) \
+                + "}"
+        if self.optimizer:
+            text += f" [{self.optimizer}]"
+        return text
+
+    def record(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v is not None and k != "label"}
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """A TOML inline table, ``'{modules = ["layers.0"], output = 1}'`` -> a dict."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"options {text!r}: not a TOML inline table ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"options {text!r}: write a TOML inline table, e.g. "
+                         "'{modules = [\"layers.0\"]}'")
+    return value
+
+
+def parse_variants(entries: list[str], options: list[str] | None = None) -> list[Variant]:
+    """The variants of ``--rules`` entries, with ``--options LABEL=TABLE`` attached."""
+    variants = [Variant.parse(e) for e in entries]
+    by_label: dict[str, Variant] = {}
+    for v in variants:
+        if v.label in by_label:
+            raise ValueError(f"variant label {v.label!r} is given twice")
+        by_label[v.label] = v
+    for text in options or []:
+        label, eq, table = text.partition("=")
+        label = label.strip()
+        if not eq:
+            raise ValueError(f"--options {text!r}: write LABEL='{{key = value, ...}}'")
+        if label not in by_label:
+            raise ValueError(f"--options {text!r}: no variant labelled {label!r} (variants: "
+                             f"{', '.join(by_label) or 'none'})")
+        by_label[label].options.update(parse_options(table))
+    return variants
+
+
+def table_variants(model: str, path: Path | str) -> list[Variant]:
+    """One variant per row of the table (``recipes/table.toml``) that has ``model``: its rule,
+    the rule options ``recipes.table_runs`` would train it with, and its optimizer when this
+    runner has it."""
+    from .table_runs import TRAINING_KEYS, load_table, rows_for
+    table = load_table(path)
+    out = []
+    for label in rows_for(table, model):
+        row = table["rows"][label]
+        values: dict[str, Any] = {}  # as table_runs.item_config merges a row's settings
+        if "base" in row:
+            with open(resolve_config_path(row["base"]), "rb") as fh:
+                values.update({k: v for k, v in tomllib.load(fh).items() if k in TRAINING_KEYS})
+        if "rule_options" in row:
+            values["rule_options"] = {**values.get("rule_options", {}), **row["rule_options"]}
+        values.update(row.get("settings", {}).get(model, {}))
+        v = Variant(label, row["rule"], options=dict(values.pop("rule_options", {})))
+        if values:
+            v.row_settings = values
+        notes = []
+        name = values.get("optimizer")
+        if name in OPTIMIZERS:
+            v.optimizer = name
+        elif name is not None:
+            notes.append(f"the row trains with optimizer {name!r}, which step_time does not "
+                         "have: timed with the plain optimizer")
+        if "lr" in values and name in (None, *OPTIMIZERS):
+            v.lr = float(values["lr"])
+        fb = values.get("feedback_options", {})
+        fb_name = fb.get("feedback_optimizer")
+        if fb_name in OPTIMIZERS:
+            v.feedback_optimizer = fb_name
+        elif fb_name is not None:
+            notes.append(f"the row's feedback_optimizer {fb_name!r} is not one step_time has: "
+                         "timed with --feedback-optimizer")
+        if "feedback_lr" in fb:
+            v.feedback_lr = float(fb["feedback_lr"])
+        if "noise" in fb:
+            v.noise = float(fb["noise"])
+        v.note = "; ".join(notes) or None
+        out.append(v)
+    return out
+
+
+def _as_variant(spec: "str | Variant") -> Variant:
+    return spec if isinstance(spec, Variant) else Variant.parse(spec)
+
+
+def build(base: torch.nn.Module, spec: "str | Variant", optimizer: str = "sgd", lr: float = 1e-3,
           feedback_lr: float = 1e-4, noise: float = 0.05, seed: int = 0,
           feedback_optimizer: str = "sgd"):
     """A copy of ``base`` wrapped for variant ``spec`` (``"plain"``: not wrapped) and the
-    optimizer that trains it."""
+    optimizer that trains it.  A :class:`Variant`'s options go to ``localopt.wrap``, its own
+    optimizer settings replace the arguments."""
+    v = _as_variant(spec)
+    optimizer, lr = v.optimizer or optimizer, lr if v.lr is None else v.lr
+    feedback_optimizer = v.feedback_optimizer or feedback_optimizer
+    feedback_lr = feedback_lr if v.feedback_lr is None else v.feedback_lr
+    noise = noise if v.noise is None else v.noise
     model = copy.deepcopy(base)
     cls = OPTIMIZERS[optimizer]
     kw = {"lr": lr, "momentum": 0.9} if optimizer == "sgd" else {"lr": lr}
-    if spec == "plain":
+    if v.rule == "plain":
         return model, cls(model.parameters(), **kw)
-    rule, iters = parse_variant(spec)
-    localopt.wrap(model, rule, seed=seed)
+    try:
+        localopt.wrap(model, v.rule, **{"seed": seed, **v.options})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"variant {v.label!r} ({v.describe()}): {e}") from None
     if localopt.rules.target_prop.is_target_prop(model):
         return model, localopt.optim.TargetProp(
             model, cls, feedback_optimizer=OPTIMIZERS[feedback_optimizer],
-            feedback_lr=feedback_lr, feedback_iters=iters, noise=noise, **kw)
+            feedback_lr=feedback_lr, feedback_iters=v.iters, noise=noise, **kw)
     if localopt.sites(model)[0].rule.learns_feedback:
         return model, localopt.optim.LocalOptimizer(model, cls, **kw)
     return model, cls(model.parameters(), **kw)
 
 
-def measure(model_name: str, variants: list[str], batch: int = 64, steps: int = 20,
-            rounds: int = 3, device: str = "auto", optimizer: str = "sgd", lr: float = 1e-3,
-            feedback_lr: float = 1e-4, noise: float = 0.05, diagnostics: str | None = None,
-            seed: int = 0, feedback_optimizer: str = "sgd", compile: bool = False) -> dict:
-    """Median seconds per step of ``plain`` and each variant, and the ratios to ``plain``
-    (``compile``: each model run through ``torch.compile``)."""
-    dev = pick_device(device)
-    if diagnostics is not None and diagnostics not in variants:
-        raise ValueError(f"--diagnostics {diagnostics!r} is not one of the variants {variants}")
-    torch.manual_seed(seed)
-    base = models.create_model(model_name, num_classes=10).to(dev)
+def _batch(batch: int, seed: int, dev: torch.device, channels_last: bool = False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(dev)
     y = torch.randint(0, 10, (batch,), generator=g).to(dev)
-    built = {v: build(base, v, optimizer, lr, feedback_lr, noise, seed, feedback_optimizer)
-             for v in ["plain"] + [v for v in variants if v != "plain"]}
-    if compile:  # one compiled entry per variant (and per feedback draw): lift dynamo's cap
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   4 * len(built))
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 16 * len(built))
-        built = {v: (torch.compile(model), opt) for v, (model, opt) in built.items()}
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
-    def step(model, opt):
+def _base_model(model_name: str, seed: int, dev: torch.device,
+                channels_last: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    base = models.create_model(model_name, num_classes=10).to(dev)
+    return base.to(memory_format=torch.channels_last) if channels_last else base
+
+
+def _lift_recompile_limits(n: int) -> None:
+    """One compiled entry per model (and per feedback draw): lift dynamo's caps."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * n)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 16 * n)
+
+
+def _step_fn(dev: torch.device) -> Callable:
+    def step(model, opt, x, y):
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        sync()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return step
+
+
+def measure(model_name: str, variants: "list[str | Variant]", batch: int = 64, steps: int = 20,
+            rounds: int = 3, device: str = "auto", optimizer: str = "sgd", lr: float = 1e-3,
+            feedback_lr: float = 1e-4, noise: float = 0.05, diagnostics: str | None = None,
+            seed: int = 0, feedback_optimizer: str = "sgd", compile: bool = False,
+            channels_last: bool = False, compile_backend: str = "inductor") -> dict:
+    """Median seconds per step of ``plain`` and each variant (a rule spec or a
+    :class:`Variant`), and the ratios to ``plain``, keyed by label (``compile``: each model run
+    through ``torch.compile``; ``channels_last``: models and batch in that memory format)."""
+    dev = pick_device(device)
+    vs = {v.label: v for v in map(_as_variant, variants) if v.label != "plain"}
+    vs = {"plain": Variant("plain", "plain"), **vs}
+    if diagnostics is not None and diagnostics not in vs:
+        raise ValueError(f"--diagnostics {diagnostics!r} is not one of the variants {list(vs)}")
+    base = _base_model(model_name, seed, dev, channels_last)
+    x, y = _batch(batch, seed, dev, channels_last)
+    built = {label: build(base, v, optimizer, lr, feedback_lr, noise, seed, feedback_optimizer)
+             for label, v in vs.items()}
+    if compile:
+        _lift_recompile_limits(len(built))
+        built = {v: (torch.compile(model, backend=compile_backend), opt)
+                 for v, (model, opt) in built.items()}
+    step = _step_fn(dev)
 
     for model, opt in built.values():  # warm-up: shape probes, allocator, lazy feedback
         for _ in range(3 if compile else 2):
-            step(model, opt)
+            step(model, opt, x, y)
     times: dict[str, list[float]] = {v: [] for v in built}
     diag: list[float] = []
     for _ in range(rounds):
         for v, (model, opt) in built.items():
             for _ in range(max(1, steps // rounds)):
                 t0 = time.perf_counter()
-                step(model, opt)
+                step(model, opt, x, y)
                 times[v].append(time.perf_counter() - t0)
         if diagnostics is not None:
             t0 = time.perf_counter()
             model = built[diagnostics][0]
             localopt.diagnostics.report(getattr(model, "_orig_mod", model), F.cross_entropy,
                                         x, y)
-            sync()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             diag.append(time.perf_counter() - t0)
     med = {v: statistics.median(t) for v, t in times.items()}
     if diag:
         med[f"diagnostics.report ({diagnostics}), per call"] = statistics.median(diag)
     return {"model": model_name, "batch": batch, "device": device_name(dev),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "compile": compile, "optimizer": f"{optimizer}(lr={lr})",
+            "compile": compile, **({"compile_backend": compile_backend} if compile else {}),
+            "channels_last": channels_last, "optimizer": f"{optimizer}(lr={lr})",
             "feedback_optimizer": feedback_optimizer,
             "feedback_lr": feedback_lr, "noise": noise,
             "steps_per_variant": len(times["plain"]), "rounds": rounds,
+            "variants": {label: v.record() for label, v in vs.items()},
             "median_s": med, "ratio_to_plain": {v: t / med["plain"] for v, t in med.items()}}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sweep_cpu(model_name: str, variant: "str | Variant" = "bp", batch: int = 128,
+              steps: int = 10, rounds: int = 3, optimizer: str = "sgd", lr: float = 1e-3,
+              feedback_lr: float = 1e-4, noise: float = 0.05, seed: int = 0,
+              feedback_optimizer: str = "sgd", threads: tuple[int, ...] = (1, 2),
+              channels_last: tuple[bool, ...] = (False, True),
+              compile: tuple[bool, ...] = (False, True),
+              compile_backend: str = "inductor") -> dict:
+    """Training throughput (images/s, median over the timed steps) of one variant on the CPU
+    for every setting of ``threads`` x ``channels_last`` x ``compile``: one model per setting
+    (built, compiled and warmed up under its thread count), rounds interleaved over the
+    settings.  The process's thread count is restored afterwards."""
+    v = _as_variant(variant)
+    dev = torch.device("cpu")
+    prev = torch.get_num_threads()
+    settings = [(t, cl, c) for t in threads for cl in channels_last for c in compile]
+    try:
+        bases = {cl: _base_model(model_name, seed, dev, cl) for cl in set(channels_last)}
+        batches = {cl: _batch(batch, seed, dev, cl) for cl in set(channels_last)}
+        if any(compile):
+            _lift_recompile_limits(len(settings))
+        step = _step_fn(dev)
+        built = {}
+        for t, cl, c in settings:
+            torch.set_num_threads(t)
+            model, opt = build(bases[cl], v, optimizer, lr, feedback_lr, noise, seed,
+                               feedback_optimizer)
+            if c:
+                model = torch.compile(model, backend=compile_backend)
+            for _ in range(3 if c else 2):  # warm-up (the first compiled step compiles)
+                step(model, opt, *batches[cl])
+            built[t, cl, c] = model, opt
+        times: dict[tuple, list[float]] = {s: [] for s in settings}
+        for _ in range(rounds):
+            for (t, cl, c), (model, opt) in built.items():
+                torch.set_num_threads(t)
+                for _ in range(max(1, steps // rounds)):
+                    t0 = time.perf_counter()
+                    step(model, opt, *batches[cl])
+                    times[t, cl, c].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    results = []
+    for (t, cl, c), ts in times.items():
+        med = statistics.median(ts)
+        results.append({"threads": t, "channels_last": cl, "compile": c,
+                        "median_s": med, "images_per_s": batch / med})
+    best = max(results, key=lambda r: r["images_per_s"])
+    return {"mode": "sweep-cpu", "model": model_name, "variant": v.label, **v.record(),
+            "batch": batch, "device": device_name(dev),
+            "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+                        "platform": platform.platform()},
+            "torch": torch.__version__, "compile_backend": compile_backend,
+            "optimizer": f"{v.optimizer or optimizer}(lr={lr if v.lr is None else v.lr})",
+            "steps_per_setting": len(next(iter(times.values()))), "rounds": rounds,
+            "settings": results,
+            "best": {k: best[k] for k in ("threads", "channels_last", "compile",
+                                          "images_per_s")}}
+
+
+def _print_measure(res: dict) -> None:
+    print(f"{res['model']}, batch {res['batch']}, {res['device']}, {res['threads']} threads, "
+          f"{'torch.compile, ' if res['compile'] else ''}"
+          f"{'channels_last, ' if res['channels_last'] else ''}"
+          f"{res['optimizer']}, median of {res['steps_per_variant']} steps "
+          f"(forward+backward+optimizer step)")
+    described = {label: Variant(label, **rec).describe()
+                 for label, rec in res["variants"].items()}
+    show_rule = any(d != label for label, d in described.items() if label != "plain")
+    print(f"{'variant':<40}{'ms/step':>10}{'ratio to plain':>16}"
+          + ("  rule" if show_rule else ""))
+    for v, t in res["median_s"].items():
+        rule = f"  {described[v]}" if show_rule and v in described and v != "plain" else ""
+        print(f"{v:<40}{1e3 * t:>10.1f}{res['ratio_to_plain'][v]:>16.3f}{rule}")
+    for label, rec in res["variants"].items():
+        if rec.get("note"):
+            print(f"note ({label}): {rec['note']}")
+
+
+def _print_sweep(res: dict) -> None:
+    print(f"{res['model']}, {res['variant']}, batch {res['batch']}, {res['machine']['cpu']} "
+          f"({res['machine']['cores']} cores), {res['optimizer']}, median of "
+          f"{res['steps_per_setting']} steps (forward+backward+optimizer step)")
+    print(f"{'threads':>7}{'channels_last':>15}{'compile':>9}{'ms/step':>10}{'images/s':>10}")
+    for r in res["settings"]:
+        print(f"{r['threads']:>7}{'on' if r['channels_last'] else 'off':>15}"
+              f"{'on' if r['compile'] else 'off':>9}{1e3 * r['median_s']:>10.1f}"
+              f"{r['images_per_s']:>10.1f}")
+    b = res["best"]
+    print(f"fastest: {b['threads']} threads, channels_last {'on' if b['channels_last'] else 'off'}"
+          f", compile {'on' if b['compile'] else 'off'}: {b['images_per_s']:.1f} images/s")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--rules", default="bp,fa", help="comma list of variants (rule or rule@K)")
+    p.add_argument("--rules", help="comma list of variants: RULE, RULE@K, LABEL=RULE or "
+                   "LABEL=RULE@K (default bp,fa; with --sweep-cpu, one variant: bp)")
+    p.add_argument("--options", action="append", default=[], metavar="LABEL=TABLE",
+                   help="options of variant LABEL to localopt.wrap, a TOML inline table, "
+                   "e.g. 'dfa-stage={modules = [\"layers.0\"]}' (repeatable)")
+    p.add_argument("--variants-from", metavar="TABLE_TOML",
+                   help="also time every row of this table (recipes/table.toml) for --model")
     p.add_argument("--batch", "--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=21, help="timed steps per variant")
     p.add_argument("--rounds", type=int, default=3)
@@ -154,27 +464,56 @@ def main(argv: list[str] | None = None) -> int:
                    help="target propagation")
     p.add_argument("--feedback-lr", type=float, default=1e-4, help="target propagation")
     p.add_argument("--noise", type=float, default=0.05, help="target propagation")
-    p.add_argument("--diagnostics", metavar="RULE", help="also time diagnostics.report on it")
+    p.add_argument("--diagnostics", metavar="LABEL", help="also time diagnostics.report on it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="time every model (plain included) through torch.compile")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (--compile, --sweep-cpu)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every model (plain included) and the batch in torch.channels_last")
+    p.add_argument("--sweep-cpu", action="store_true",
+                   help="images/s of one variant on the CPU for threads {1,2} x channels_last "
+                   "x compile")
     p.add_argument("--json", "--out", dest="json", help="also write the result to this file")
     a = p.parse_args(argv)
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
     try:
-        res = measure(a.model, [r for r in a.rules.split(",") if r], a.batch, a.steps, a.rounds,
-                      a.device, a.optimizer, a.lr, a.feedback_lr, a.noise, a.diagnostics, a.seed,
-                      a.feedback_optimizer, a.compile)
-    except ValueError as e:
+        entries = [r for r in (a.rules or "").split(",") if r.strip()]
+        if a.rules is None and not a.variants_from:
+            entries = ["bp"] if a.sweep_cpu else ["bp", "fa"]
+        variants = parse_variants(entries, a.options)
+        if a.variants_from:
+            taken = {v.label for v in variants}
+            rows = table_variants(a.model, a.variants_from)
+            clash = [v.label for v in rows if v.label in taken]
+            if clash:
+                raise ValueError(f"--rules labels {', '.join(clash)} are also rows of "
+                                 f"{a.variants_from}: rename them (LABEL=RULE)")
+            if not rows:
+                raise ValueError(f"{a.variants_from} has no row for model {a.model!r}")
+            variants = rows + variants
+        if a.sweep_cpu:
+            if len(variants) != 1 or a.variants_from:
+                raise ValueError("--sweep-cpu times one variant: give one entry of --rules")
+            bad = [f for f, on in (("--threads", a.threads > 0), ("--compile", a.compile),
+                                   ("--channels-last", a.channels_last),
+                                   ("--diagnostics", a.diagnostics is not None),
+                                   ("--device", a.device not in ("auto", "cpu"))) if on]
+            if bad:
+                raise ValueError(f"--sweep-cpu sets threads, channels_last and compile itself "
+                                 f"on the CPU: drop {', '.join(bad)}")
+            res = sweep_cpu(a.model, variants[0], a.batch, a.steps, a.rounds, a.optimizer,
+                            a.lr, a.feedback_lr, a.noise, a.seed, a.feedback_optimizer,
+                            compile_backend=a.compile_backend)
+        else:
+            if a.threads > 0:
+                torch.set_num_threads(a.threads)
+            res = measure(a.model, variants, a.batch, a.steps, a.rounds, a.device, a.optimizer,
+                          a.lr, a.feedback_lr, a.noise, a.diagnostics, a.seed,
+                          a.feedback_optimizer, a.compile, a.channels_last, a.compile_backend)
+    except (ValueError, ConfigError) as e:
         p.exit(2, f"error: {e}\n")
-    print(f"{res['model']}, batch {res['batch']}, {res['device']}, {res['threads']} threads, "
-          f"{'torch.compile, ' if res['compile'] else ''}"
-          f"{res['optimizer']}, median of {res['steps_per_variant']} steps "
-          f"(forward+backward+optimizer step)")
-    print(f"{'variant':<40}{'ms/step':>10}{'ratio to plain':>16}")
-    for v, t in res["median_s"].items():
-        print(f"{v:<40}{1e3 * t:>10.1f}{res['ratio_to_plain'][v]:>16.3f}")
+    (_print_sweep if a.sweep_cpu else _print_measure)(res)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(res, indent=1) + "\n")

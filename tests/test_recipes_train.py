@@ -245,6 +245,111 @@ def test_step_time_runner_builds_each_rule_with_its_optimizer(tmp_path, capsys):
         step_time.parse_variant("l-drl@x")
 
 
+def test_step_time_variant_options_reach_the_rule(tmp_path, capsys):
+    """``LABEL=RULE`` plus ``--options LABEL={...}``: the options go to localopt.wrap (a
+    module-wise dfa hooks the named modules, plain dfa every layer); the JSON records label,
+    rule and options, the printed table the label."""
+    from localopt.recipes import step_time
+    import localopt
+    vs = step_time.parse_variants(["dfa", "dfa-mod=dfa", "t2=dtp@2"],
+                                  ['dfa-mod={modules = ["3", "7"]}'])
+    assert [(v.label, v.rule, v.iters, v.options) for v in vs] == [
+        ("dfa", "dfa", 1, {}), ("dfa-mod", "dfa", 1, {"modules": ["3", "7"]}),
+        ("t2", "dtp", 2, {})]
+    base = step_time._base_model("lenet", 0, torch.device("cpu"))
+    sites = {v.label: [s.name for s in localopt.sites(step_time.build(base, v)[0])]
+             for v in vs[:2]}
+    assert sites == {"dfa": ["0", "3", "7", "9"], "dfa-mod": ["3", "7"]}
+    for entries, options, match in ((["fa", "fa"], [], "twice"),
+                                    (["fa"], ["x={a = 1}"], "no variant labelled 'x'"),
+                                    (["fa"], ["fa=[1]"], "inline table"),
+                                    (["fa"], ["fa={a = "], "TOML"), (["=fa"], [], "LABEL=RULE")):
+        with pytest.raises(ValueError, match=match):
+            step_time.parse_variants(entries, options)
+    with pytest.raises(ValueError, match="'bad'.*beta"):
+        step_time.build(base, step_time.parse_variants(["bad=dfa"], ["bad={beta = 1}"])[0])
+    # --channels-last: the model (copied and wrapped per variant) and the batch
+    cl = step_time._base_model("lenet", 0, torch.device("cpu"), channels_last=True)
+    conv = step_time.build(cl, "dfa")[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x, _ = step_time._batch(2, 0, torch.device("cpu"), channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = tmp_path / "t.json"
+    assert step_time.main(["--model", "lenet", "--rules", "fa,dfa-mod=dfa", "--options",
+                           'dfa-mod={modules = ["3", "7"]}', "--batch", "2", "--steps", "1",
+                           "--rounds", "1", "--device", "cpu", "--channels-last",
+                           "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["channels_last"] is True and set(res["ratio_to_plain"]) == {"plain", "fa",
+                                                                            "dfa-mod"}
+    assert res["variants"]["dfa-mod"] == {"rule": "dfa", "iters": 1,
+                                          "options": {"modules": ["3", "7"]}}
+    assert res["variants"]["plain"]["rule"] == "plain"
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("dfa-mod "))
+    assert row.endswith('dfa {modules = ["3", "7"]}')
+
+
+def test_step_time_variants_from_the_table(tmp_path):
+    """--variants-from: one variant per row for the model, with the row's rule options (they
+    reach the rule) and optimizer when step_time has it, else the plain one and a note."""
+    from localopt.recipes import step_time
+    from localopt.recipes.table_runs import TABLE
+    import localopt
+    vs = {v.label: v for v in step_time.table_variants("resnet20", TABLE)}
+    assert "dfa-stage" in vs and "dtp" not in vs  # dtp: an MLP-only row
+    assert vs["dfa-stage"].options == {"modules": ["layers.0", "layers.3", "layers.6"]}
+    assert vs["dfa"].lr == 1e-3 and vs["dfa"].optimizer is None
+    base = step_time._base_model("resnet20", 0, torch.device("cpu"))
+    stage = [s.name for s in localopt.sites(step_time.build(base, vs["dfa-stage"])[0])]
+    assert stage == ["layers.0", "layers.3", "layers.6"]
+    assert len(localopt.sites(step_time.build(base, vs["dfa"])[0])) > len(stage)
+    mlp = {v.label: v for v in step_time.table_variants("mlp3x1024", TABLE)}
+    assert mlp["dtp"].optimizer == "adam" and mlp["dtp"].feedback_optimizer == "adam"
+    assert mlp["dtp"].options["beta"] == pytest.approx(0.0727) and "dfa-stage" not in mlp
+    table = tmp_path / "table.toml"
+    table.write_text('[rows.bp]\nrule = "bp"\n'
+                     '[rows.rms]\nrule = "fa"\nsettings = { lenet = { optimizer = "rmsprop" } }\n'
+                     '[rows.ad]\nrule = "usf"\nsettings = { lenet = { optimizer = "adam" } }\n'
+                     '[rows.other]\nrule = "fa"\nmodels = ["mlp3x1024"]\n')
+    out = tmp_path / "t.json"
+    assert step_time.main(["--model", "lenet", "--variants-from", str(table), "--rules",
+                           "fa", "--batch", "2", "--steps", "1", "--rounds", "1",
+                           "--device", "cpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["ratio_to_plain"]) == ["plain", "bp", "rms", "ad", "fa"]
+    assert "optimizer" not in res["variants"]["rms"] and "rmsprop" in res["variants"]["rms"][
+        "note"]
+    assert res["variants"]["ad"]["optimizer"] == "adam" and "note" not in res["variants"]["ad"]
+    with pytest.raises(SystemExit):  # a --rules label that is also a row
+        step_time.main(["--model", "lenet", "--variants-from", str(table), "--rules", "bp"])
+
+
+def test_step_time_sweep_cpu(tmp_path, capsys):
+    """--sweep-cpu: images/s of one variant for threads x channels_last x compile, the
+    machine described; the process's thread count comes back."""
+    from localopt.recipes import step_time
+    threads = torch.get_num_threads()
+    out = tmp_path / "sweep.json"
+    assert step_time.main(["--model", "lenet", "--sweep-cpu", "--batch", "4", "--steps", "1",
+                           "--rounds", "1", "--compile-backend", "eager",
+                           "--json", str(out)]) == 0
+    assert torch.get_num_threads() == threads
+    res = json.loads(out.read_text())
+    grid = {(r["threads"], r["channels_last"], r["compile"]) for r in res["settings"]}
+    assert grid == {(t, cl, c) for t in (1, 2) for cl in (False, True) for c in (False, True)}
+    assert all(r["images_per_s"] > 0 and r["images_per_s"] == pytest.approx(4 / r["median_s"])
+               for r in res["settings"])
+    assert res["rule"] == "bp" and res["model"] == "lenet" and res["batch"] == 4
+    assert res["device"].startswith("cpu") and res["machine"]["cores"] == os.cpu_count()
+    assert res["best"]["images_per_s"] == max(r["images_per_s"] for r in res["settings"])
+    assert "fastest:" in capsys.readouterr().out
+    for extra in (["--rules", "bp,fa"], ["--threads", "2"], ["--compile"]):
+        with pytest.raises(SystemExit):
+            step_time.main(["--model", "lenet", "--sweep-cpu", *extra])
+    assert torch.get_num_threads() == threads
+
+
 def test_tp_vgg_short_table_flags_divergence(tmp_path):
     from localopt.recipes.tp_vgg_short import table
     run = {"test_acc_2000": 0.25, "step_s": 0.5, "lr": 0.01, "warmup": 0,
