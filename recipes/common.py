@@ -25,7 +25,7 @@ from localopt import models
 from .data import PROTOCOLS, REPO
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "batch_manhattan")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "batch_manhattan", "muon")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 LOSSES = ("ce", "bce")
 AMP = ("none", "bf16")
@@ -72,9 +72,11 @@ class Config:
     drop_last: bool = True
     loss: str = "ce"                    # "ce", or "bce" (sigmoid + binary CE on one-hot)
     optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9               # sgd, rmsprop, batch_manhattan
-    nesterov: bool = False
+    lr: float = 0.1                     # muon: the Muon group's (typically 0.02-0.05)
+    momentum: float = 0.9               # sgd, rmsprop, batch_manhattan, muon
+    nesterov: bool = False              # sgd, muon
+    aux_lr: float = 0.0                 # muon: lr of the SGD group (first layer, classifier,
+                                        # biases, norms); 0 = same as lr
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])   # adam, adamw
     eps: float = 1e-8                   # adam, adamw, rmsprop
@@ -114,6 +116,8 @@ class Config:
                 raise ConfigError(f"{flag(key)} {getattr(self, key)}: must be >= 1")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
+        if self.aux_lr < 0:
+            raise ConfigError(f"--aux-lr {self.aux_lr}: must be >= 0 (0 = same as --lr)")
         if self.ddp < 0:
             raise ConfigError(f"--ddp {self.ddp}: must be >= 0 (a number of processes)")
         if self.schedule == "step" and not self.milestones:
@@ -260,13 +264,19 @@ def apply_rule(model: nn.Module, cfg: Config) -> nn.Module:
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """The one place optimizers are built (rules that learn feedback add their params here).
     ``model`` may be wrapped in ``DistributedDataParallel``: the feedback optimizers then
-    average what the feedback learns over its ranks."""
+    average what the feedback learns over its ranks.
+
+    ``muon``: :class:`localopt.optim.Muon` on :func:`localopt.optim.muon_param_groups` --
+    Muon (torch's default lr scaling, ``adjust_lr_fn=None``; ``lr`` typically 0.02-0.05) for
+    the hidden weights, conv kernels as ``(out, in*kh*kw)`` matrices; SGD (``aux_lr``, or
+    ``lr``) for the first layer, the classifier, biases and norms.  ``momentum``, ``nesterov``
+    and ``weight_decay`` apply to both (decoupled in the Muon group, L2 in the SGD group)."""
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optimizer
     import localopt
     inner = localopt.distributed.unwrap_parallel(model)
 
-    def build(cls, **kwargs):  # rules that learn their feedback do it in LocalOptimizer's step
+    def build(cls, params=params, **kwargs):  # rules that learn feedback: LocalOptimizer
         if localopt.is_wrapped(inner) and localopt.rules.target_prop.is_target_prop(inner):
             fb = dict(cfg.feedback_options)
             fb_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -298,6 +308,10 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     if o == "batch_manhattan":
         return build(localopt.optim.BatchManhattan, lr=cfg.lr, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay)
+    if o == "muon":
+        groups = localopt.optim.muon_param_groups(inner, aux={"lr": cfg.aux_lr or cfg.lr})
+        return build(localopt.optim.Muon, params=groups, lr=cfg.lr, momentum=cfg.momentum,
+                     nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     raise ConfigError(f"--optimizer {o!r}: choose one of {', '.join(OPTIMIZERS)}")
 
 
@@ -314,7 +328,9 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Config,
     if s == "cosine":
         return sched.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.min_lr)
     if s == "onecycle":
-        return sched.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=cfg.pct_start)
+        # each group's own peak (muon: the SGD group's aux_lr)
+        return sched.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                total_steps=total, pct_start=cfg.pct_start)
     raise ConfigError(f"--schedule {s!r}: choose one of {', '.join(SCHEDULES)}")
 
 
