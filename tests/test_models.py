@@ -83,6 +83,17 @@ def test_mlps_of_the_papers():
     assert sum(isinstance(mod, nn.ReLU) for mod in relu.modules()) == 1
 
 
+def test_mlp_activity_normalisation():
+    ln = models.create_model("mlp3x1024", hidden=[32, 16], norm="layer")
+    kinds = [type(m).__name__ for m in ln]
+    assert kinds == ["Flatten", "Linear", "LayerNorm", "Tanh", "Linear", "LayerNorm", "Tanh",
+                     "Linear"]
+    bn = models.create_model("mlp3x1024", hidden=[32], norm="batch")
+    assert isinstance(bn[2], nn.BatchNorm1d) and bn(torch.randn(4, 3, 32, 32)).shape == (4, 10)
+    with pytest.raises(ValueError, match="norm='group'"):
+        models.create_model("mlp3x1024", norm="group")
+
+
 def test_simple_vgg_and_lenet_layouts():
     vgg = models.create_model("simple_vgg")
     assert [c.out_channels for c in vgg.modules() if isinstance(c, nn.Conv2d)] == \
