@@ -2,6 +2,7 @@
 
     python -m recipes.report              # write RESULTS.md, results/figures/, README's table
     python -m recipes.report --check      # exit 1 if RESULTS.md or README's table is stale
+    python -m recipes.report --quality '' # without the training-quality section
     python -m recipes.report --runs runs/x/*     # markdown summary of some run folders, with
                                                  # the last per-layer alignment of each
 
@@ -23,11 +24,22 @@ the rule's own settings (model, epochs, schedule, batch, augmentation, split: ru
 different config files with the same such settings share a group, and its ``bp``), each row
 naming the settings its runs changed from their config file.
 
-Figures (``results/figures/``): per model and protocol, the accuracy curves of every row
-(first seed; :func:`recipes.plots.plot_curves`) and, where the runs logged alignment
-(``--diagnostics-every``), the per-layer angle between each rule's weight update and
-backprop's gradient at the end of training (mean of the last records).  README.md's table
-between ``<!-- results:begin -->`` and ``<!-- results:end -->`` is rewritten too.
+The training-quality track (``recipes/quality.toml``, the same format: variants of ``fa`` and
+``dfa`` beside ``bp`` with the same optimizer) has its own section, after the per-model tables:
+per protocol and model, every row of that file (in its order, "not run" where no log has
+finished) with its rule, optimizer, rule options, test accuracy, the gap to the ``bp`` row of
+that table with the same optimizer, and, from each run's last alignment record, the mean over
+layers of the update angle and the norm ratio of the first wrapped layer.  A run belongs to it
+when its config equals the one ``recipes.table_runs --table recipes/quality.toml`` builds for
+that row (it is then not among "Other runs"); a run whose settings equal a row of the table
+proper stays there, and a quality row with those settings shows that row's runs.
+
+Figures (``results/figures/``): per model and protocol (the quality track's too), the
+accuracy curves of every row (first seed; :func:`recipes.plots.plot_curves`) and, where the
+runs logged alignment (``--diagnostics-every``), the per-layer angle between each rule's
+weight update and backprop's gradient at the end of training (mean of the last records).
+README.md's table between ``<!-- results:begin -->`` and ``<!-- results:end -->`` (the table
+proper only) is rewritten too.
 """
 from __future__ import annotations
 
@@ -47,6 +59,7 @@ from .data import REPO
 from .table_runs import TABLE, item_config, items, load_table
 
 PUBLISHED = Path(__file__).resolve().parent / "published.toml"
+QUALITY = Path(__file__).resolve().parent / "quality.toml"
 MODELS = {"mlp3x1024": "3x1024 tanh MLP", "resnet20": "ResNet-20"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: config keys that do not change what is trained (machine, outputs, bookkeeping; the seed
@@ -181,14 +194,18 @@ def _config_file_values(name: str) -> dict[str, Any]:
 class Group:
     """A protocol: a model trained with one set of settings, one row per variant."""
     model: str
-    key: str                 # "cpu", "gpu", or the label of another protocol
-    label: str
-    table: bool              # a protocol of recipes/table.toml
+    key: str                 # "cpu", "gpu", "quality-<protocol>", or the label of another
+    label: str               # protocol
+    table: bool              # a protocol of a definition file (recipes/table.toml or the
+                             # quality track's): every row listed, run or not
     optimizer: str           # which published numbers apply
     device: str = "cpu"      # "cpu"/"cuda": which step-time ratios apply
     names: set = dataclasses.field(default_factory=set)   # other groups: config files,
     epochs: int = 0                                       # epochs and settings that differ
     diff: str = ""                                        # from the config file
+    quality: bool = False    # a protocol of the training-quality track
+    protocol: str = ""       # a definition file's protocol name
+    config: str = ""         # ... and its config file for this model
 
 
 @dataclasses.dataclass
@@ -201,10 +218,15 @@ class Row:
     data: str | None = None
     runs: list[Run] = dataclasses.field(default_factory=list)
     running: list[Run] = dataclasses.field(default_factory=list)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a definition file's
+                             # row: the training settings recipes.table_runs gives it
+    shared: str = ""         # a quality row with the settings of a table row: "<protocol>/
+                             # <row>" of that row, whose runs it shows
 
 
 def table_configs(table: dict[str, Any]) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """(protocol, model, row) -> the training settings recipes.table_runs gives that row."""
+    """(protocol, model, row) -> the training settings recipes.table_runs gives that row (of
+    recipes/table.toml or any file in its format, e.g. recipes/quality.toml)."""
     out = {}
     for proto in table["protocols"]:
         for it in items(table, proto, seeds=[0]):
@@ -212,10 +234,28 @@ def table_configs(table: dict[str, Any]) -> dict[tuple[str, str, str], dict[str,
     return out
 
 
-def classify(run: Run, table: dict[str, Any], expected) -> tuple[Group, str, str, bool]:
+@dataclasses.dataclass
+class Track:
+    """A definition file (the table, the training-quality track) and its rows' settings."""
+    table: dict[str, Any]
+    expected: dict[tuple[str, str, str], dict[str, Any]]
+    quality: bool = False
+
+    @classmethod
+    def of(cls, table: dict[str, Any], quality: bool = False) -> "Track":
+        return cls(table, table_configs(table), quality)
+
+    def group(self, proto: str, model: str) -> Group:
+        return table_group(self.table, proto, model, quality=self.quality)
+
+
+def classify(run: Run, table: dict[str, Any], expected,
+             quality: Track | None = None) -> tuple[Group, str, str, bool]:
     """(group, variant label, rule, plain) of a run.
 
-    A run of a table protocol is the row whose settings it has.  Any other run joins the group
+    A run of a table protocol is the row whose settings it has; failing that, a run of a
+    protocol of the training-quality track (``quality``) is the row of that track whose
+    settings it has.  Any other run joins the group
     of the runs with the same protocol settings (everything but the rule and its variant
     settings: options and optimizer hyperparameters), so that e.g. a target-propagation run
     with its own tuned Adam sits beside the bp run of the same net, epochs and data protocol;
@@ -223,12 +263,15 @@ def classify(run: Run, table: dict[str, Any], expected) -> tuple[Group, str, str
     with changed protocol settings: from the row's)."""
     cfg = run.config
     model, train = cfg["model"], _training(cfg)
-    for (proto, m, row), want in expected.items():
-        if m == model and train == want:
-            rule = table["rows"][row]["rule"]
-            return table_group(table, proto, model), row, rule, row == rule
+    tracks = [Track(table, expected)] + ([quality] if quality is not None else [])
+    for track in tracks:
+        for (proto, m, row), want in track.expected.items():
+            if m == model and train == want:
+                rule = track.table["rows"][row]["rule"]
+                return track.group(proto, model), row, rule, row == rule
     m = re.fullmatch(r"table-([^/]+)/([^/]+)/(.+)-s\d+", cfg.get("name", ""))
-    row = m and expected.get((m[1], model, m[3]))
+    row = m and next((t.expected[(m[1], model, m[3])] for t in tracks
+                      if (m[1], model, m[3]) in t.expected), None)
     ref = row if row else _config_file_values(cfg.get("config_name", ""))
     diff = {k: _changed(v, ref.get(k)) for k, v in train.items()
             if ref.get(k) != v and k not in ("rule", "epochs")}
@@ -247,30 +290,43 @@ def classify(run: Run, table: dict[str, Any], expected) -> tuple[Group, str, str
     return group, variant, cfg["rule"], variant == base == cfg["rule"]
 
 
-def table_group(table: dict[str, Any], proto: str, model: str) -> Group:
+def table_group(table: dict[str, Any], proto: str, model: str, *, quality: bool = False
+                ) -> Group:
     spec = table["protocols"][proto]
     config = spec["configs"][model]
-    return Group(model, proto, f"{proto}: config {config}", True,
-                 load_config(config).optimizer, spec.get("device", "cpu"))
+    return Group(model, f"quality-{proto}" if quality else proto,
+                 f"{'quality track, ' if quality else ''}{proto}: config {config}", True,
+                 load_config(config).optimizer, spec.get("device", "cpu"), quality=quality,
+                 protocol=proto, config=config)
 
 
-def build_rows(runs: list[Run], table: dict[str, Any]) -> list[Row]:
-    """Rows of every table protocol (all of them, run or not) then of the other groups."""
+def build_rows(runs: list[Run], table: dict[str, Any],
+               quality: dict[str, Any] | None = None) -> list[Row]:
+    """Rows of every table protocol (all of them, run or not), of every protocol of the
+    training-quality track ``quality`` (all of them), then of the other groups."""
     expected = table_configs(table)
+    qtrack = Track.of(quality, quality=True) if quality is not None else None
+    tracks = [Track(table, expected)] + ([qtrack] if qtrack is not None else [])
     rows: dict[tuple, Row] = {}
     groups: dict[tuple, Group] = {}
-    for proto, spec in table["protocols"].items():
-        for model in spec["configs"]:
-            if model not in MODELS:
-                continue
-            g = groups[(model, proto)] = table_group(table, proto, model)
-            for it in items(table, proto, models=[model], seeds=[0]):
-                rule = table["rows"][it.row]["rule"]
-                rows[(model, proto, it.row, None)] = Row(g, it.row, rule, it.row == rule)
+    for track in tracks:
+        for proto, spec in track.table["protocols"].items():
+            for model in spec["configs"]:
+                if model not in MODELS:
+                    continue
+                g = track.group(proto, model)
+                groups[(model, g.key)] = g
+                for it in items(track.table, proto, models=[model], seeds=[0]):
+                    rule = track.table["rows"][it.row]["rule"]
+                    want = track.expected[(proto, model, it.row)]
+                    shared = next((f"{p}/{r}" for (p, m, r), v in expected.items()
+                                   if track.quality and m == model and v == want), "")
+                    rows[(model, g.key, it.row, None)] = Row(g, it.row, rule, it.row == rule,
+                                                             settings=want, shared=shared)
     for run in runs:
         if run.config["model"] not in MODELS:
             continue
-        group, variant, rule, plain = classify(run, table, expected)
+        group, variant, rule, plain = classify(run, table, expected, qtrack)
         if (group.model, group.key) in groups:      # one Group object per protocol
             known = groups[(group.model, group.key)]
             if not group.table:
@@ -294,17 +350,30 @@ def build_rows(runs: list[Run], table: dict[str, Any]) -> list[Row]:
             row.running.append(run)
         elif run.info["seed"] not in seeds:     # one run per seed: the first by path
             row.runs.append(run)
+    for row in rows.values():       # a quality row with a table row's settings: its runs
+        if row.shared and not (row.runs or row.running):
+            proto, label = row.shared.split("/", 1)
+            same = next((r for r in rows.values() if r.group.table and not r.group.quality
+                         and r.group.model == row.group.model and r.group.key == proto
+                         and r.variant == label and (r.runs or r.running)), None)
+            if same is not None:
+                row.data, row.runs, row.running = same.data, same.runs, same.running
     for g in groups.values():
         if not g.table:
             names = sorted(g.names)
             g.label = (f"config{'s' if len(names) > 1 else ''} {', '.join(names)}; "
                        f"{g.epochs} epochs{g.diff}")
     order = {m: i for i, m in enumerate(MODELS)}
-    protos = {p: i for i, p in enumerate(table["protocols"])}
-    rowpos = {r: i for i, r in enumerate(table["rows"])}
-    return sorted(rows.values(), key=lambda r: (
-        order[r.group.model], not r.group.table, protos.get(r.group.key, 0), r.group.label,
-        rowpos.get(r.variant, len(rowpos)), r.variant, r.data or ""))
+    protos = {(t.quality, p): i for t in tracks for i, p in enumerate(t.table["protocols"])}
+    rowpos = {(t.quality, r): i for t in tracks for i, r in enumerate(t.table["rows"])}
+
+    def position(r: Row) -> tuple:
+        g = r.group
+        return (order[g.model], 2 if not g.table else int(g.quality),
+                protos.get((g.quality, g.protocol), 0), g.label,
+                rowpos.get((g.quality, r.variant), len(rowpos)), r.variant,
+                r.data or "")
+    return sorted(rows.values(), key=position)
 
 
 # ----------------------------------------------------------------------------- cells
@@ -326,18 +395,24 @@ def fmt_acc(values: list[float]) -> str:
 
 
 def bp_row(row: Row, rows: list[Row]) -> Row | None:
-    """The ``bp`` row of the same model, protocol and data copy, if it has runs."""
-    return next((r for r in rows if r.group.model == row.group.model
-                 and r.group.key == row.group.key and r.variant == "bp"
-                 and r.data == row.data and r.runs), None)
+    """The ``bp`` row of the same model, protocol and data copy, if it has runs; in the
+    training-quality track, the first row of the same table whose rule is ``bp`` and whose
+    optimizer is this row's."""
+    same = (r for r in rows if r.group.model == row.group.model
+            and r.group.key == row.group.key and r.data == row.data and r.runs)
+    if row.group.quality:
+        opt = row.settings.get("optimizer")
+        return next((r for r in same if r.rule == "bp" and r.settings.get("optimizer") == opt),
+                    None)
+    return next((r for r in same if r.variant == "bp"), None)
 
 
 def fmt_gap(row: Row, rows: list[Row]) -> str:
     if not row.runs:
         return "—"
-    if row.variant == "bp":
-        return "ref"
     bp = bp_row(row, rows)
+    if bp is row or (row.variant == "bp" and not row.group.quality):
+        return "ref"
     if bp is None:
         return "—"
     gap = statistics.fmean(accuracies(row)) - statistics.fmean(accuracies(bp))
@@ -374,6 +449,16 @@ def _distinct(values) -> str:
     return ", ".join(dict.fromkeys(str(v) for v in values))
 
 
+def state_cell(row: Row) -> str:
+    """The accuracy cell of a row without a finished run: "not run", or how far its first
+    unfinished run has come."""
+    if not row.running:
+        return NOT_RUN
+    last = row.running[0].epochs
+    return (f"unfinished (epoch {last[-1]['epoch'] if last else 0}/"
+            f"{row.running[0].config['epochs']})")
+
+
 def cells(row: Row, rows: list[Row], step_times, pub) -> dict[str, str]:
     """Every cell of a row, by column name (see COLUMNS)."""
     ratio, _ = step_ratio(row, step_times)
@@ -381,12 +466,7 @@ def cells(row: Row, rows: list[Row], step_times, pub) -> dict[str, str]:
            "gap to bp": fmt_gap(row, rows), "ratio": ratio,
            "published %": fmt_published(published_for(row, pub))}
     if not row.runs:
-        state = NOT_RUN
-        if row.running:
-            last = row.running[0].epochs
-            state = (f"unfinished (epoch {last[-1]['epoch'] if last else 0}/"
-                     f"{row.running[0].config['epochs']})")
-        out["test acc %"] = state
+        out["test acc %"] = state_cell(row)
         out.update({k: "—" for k in ("epochs", "img/s", "device", "data", "seeds")})
         return out
     finals = [r.final for r in row.runs]
@@ -410,6 +490,67 @@ def table_markdown(rows: list[Row], all_rows: list[Row], step_times, pub) -> str
     for row in rows:
         c = cells(row, all_rows, step_times, pub)
         lines.append("| " + " | ".join(c[k] for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def last_alignment(run: Run, key: str) -> dict[str, float] | None:
+    """``{layer: value}`` of ``key`` (``update_angle``, ``norm_ratio``, ...) in the run's last
+    alignment record that has it; None when the run logged none."""
+    return next((r["alignment"][key] for r in reversed(run.alignment)
+                 if r["alignment"].get(key)), None)
+
+
+def alignment_cells(row: Row) -> tuple[str, str]:
+    """(mean over layers of the update angle in degrees, norm ratio of the first wrapped
+    layer in the record's order -- the farthest from the output), each from the last
+    alignment record of each finished run, averaged over the runs; "—" where none logged it."""
+    angles, ratios = [], []
+    for run in row.runs:
+        if (a := last_alignment(run, "update_angle")) is not None:
+            angles.append(statistics.fmean(a.values()))
+        if (n := last_alignment(run, "norm_ratio")) is not None:
+            ratios.append(next(iter(n.values())))
+    return (f"{statistics.fmean(angles):.1f}" if angles else "—",
+            f"{statistics.fmean(ratios):.3g}" if ratios else "—")
+
+
+def fmt_optimizer(settings: dict[str, Any]) -> str:
+    if not settings:
+        return "—"
+    return f"{settings['optimizer']}, lr {float(settings['lr']):.3g}"
+
+
+def quality_cells(row: Row, rows: list[Row]) -> dict[str, str]:
+    """Every cell of a row of the training-quality track, by column name (see
+    QUALITY_COLUMNS)."""
+    opts = {k: v for k, v in row.settings.get("rule_options", {}).items() if k != "seed"}
+    angle, ratio = alignment_cells(row)
+    label = f"`{row.variant}`"
+    if row.shared:
+        label += f" (= table `{row.shared.replace('/', '` `')}`)"
+    return {"row": label, "rule": row.rule, "optimizer": fmt_optimizer(row.settings),
+            "rule options": _fmt_value(opts) if opts else "—",
+            "test acc %": fmt_acc(accuracies(row)) if row.runs else state_cell(row),
+            "gap to bp": fmt_gap(row, rows), "update angle": angle, "norm ratio": ratio}
+
+
+QUALITY_COLUMNS = ("row", "rule", "optimizer", "rule options", "test acc %", "gap to bp",
+                   "update angle", "norm ratio")
+QUALITY_HEADER = ("| row | rule | optimizer | rule options | test acc % | gap to bp, same "
+                  "optimizer (points) | update angle (deg, mean over layers) | norm ratio, "
+                  "first layer |\n|---|---|---|---|---:|---:|---:|---:|")
+
+
+def quality_markdown(rows: list[Row], all_rows: list[Row]) -> str:
+    """The table of one protocol and model of the training-quality track; a row on a second
+    data copy names it."""
+    lines = [QUALITY_HEADER]
+    labels = [r.variant for r in rows]
+    for row in rows:
+        c = quality_cells(row, all_rows)
+        if labels.count(row.variant) > 1 and row.data:
+            c["row"] += f" ({row.data})"
+        lines.append("| " + " | ".join(c[k] for k in QUALITY_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -503,12 +644,60 @@ def _groups(rows: list[Row]) -> dict[str, list[Row]]:
     return out
 
 
+def _command_path(path: Path) -> str:
+    """``path`` as a command run in the repository root names it."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
+def render_quality(rows: list[Row], quality: dict[str, Any], quality_path: Path,
+                   figure_links) -> list[str]:
+    """Lines of the training-quality section: per protocol of ``quality`` and model, a
+    paragraph (configs, epochs, seeds, the command) and the table of every row."""
+    groups = {k: v for k, v in _groups(rows).items() if v[0].group.quality}
+    qpath = _command_path(quality_path)
+    out = ["", "## Training-quality track", "",
+           f"Rows and protocols: `{qpath}` (variants of the rules beside `bp` with the same "
+           "optimizer, one table per protocol and model; generated like the tables above).  "
+           "Gap: points to the row of the same table whose rule is `bp` and whose optimizer "
+           "is this row's (same data copy).  Update angle: the angle between the rule's "
+           "weight update and backprop's gradient, mean over the wrapped layers; norm ratio: "
+           "||rule grad|| / ||BP grad|| of the first wrapped layer (the farthest from the "
+           "output); both from the last alignment record of each run (`diagnostics_every`), "
+           "mean over seeds; \"—\" where the runs logged none.  A row with the settings of a "
+           "row of the table above shows that row's runs."]
+    for proto, spec in quality["protocols"].items():
+        for model, config in spec["configs"].items():
+            grows = groups.get((model, f"quality-{proto}"))
+            if not grows:
+                continue
+            n_done = sum(1 for r in grows if r.runs)
+            seeds = ", ".join(str(x) for x in spec["seeds"])
+            out += ["", f"### {MODELS[model]}, protocol {proto} ({n_done} of {len(grows)} "
+                    "rows run)", "",
+                    f"Config `recipes/configs/{config}.toml` ({load_config(config).epochs} "
+                    f"epochs), seed{'s' if len(spec['seeds']) > 1 else ''} {seeds}, device "
+                    f"{spec.get('device', 'cpu')}; gaps are to `bp` with the same optimizer.  "
+                    f"Runs: `python -m recipes.table_runs --table {qpath} --protocol {proto} "
+                    f"--models {model}`.", "",
+                    quality_markdown(grows, rows)]
+            shown = figure_links(grows[0].group)
+            if shown:
+                out += ["", "* figures: " + ", ".join(shown)]
+    return out
+
+
 def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
-           figures: Path) -> str:
+           figures: Path, quality: dict[str, Any] | None = None,
+           quality_path: Path = QUALITY) -> str:
     """The text of RESULTS.md; paths relative to ``root`` (RESULTS.md's folder); figures
-    that exist in ``figures`` are linked."""
+    that exist in ``figures`` are linked.  With ``quality`` (the training-quality track's
+    definition, read from ``quality_path``), its section follows the per-model tables."""
     def rel(path: Path) -> str:
         return Path(os.path.relpath(Path(path).resolve(), root.resolve())).as_posix()
+
+    def figure_links(g: Group) -> list[str]:
+        return [f"[{k}]({rel(p)})" for k, p in figure_paths(g, figures).items() if p.is_file()]
 
     protocols = ", ".join(
         f"`{p}` (" + ", ".join(f"`recipes/configs/{c}.toml`" for c in s["configs"].values()) + ")"
@@ -531,7 +720,7 @@ def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
     groups = _groups(rows)
     for model, title in MODELS.items():
         out += ["", f"## {title}"]
-        mine = [(k, v) for k, v in groups.items() if k[0] == model]
+        mine = [(k, v) for k, v in groups.items() if k[0] == model and not v[0].group.quality]
         others = [(k, v) for k, v in mine if not v[0].group.table]
         for i, (key, grows) in enumerate(mine):
             g = grows[0].group
@@ -556,12 +745,13 @@ def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
             logs = [rel(run.path) for r in grows for run in r.runs + r.running]
             if logs and not g.table:
                 notes.append("logs: " + ", ".join(f"`{s}`" for s in logs))
-            figs = figure_paths(g, figures)
-            shown = [f"[{k}]({rel(p)})" for k, p in figs.items() if p.is_file()]
+            shown = figure_links(g)
             if shown:
                 notes.append("figures: " + ", ".join(shown))
             if notes:
                 out += [""] + [f"* {n}" for n in notes]
+    if quality is not None:
+        out += render_quality(rows, quality, quality_path, figure_links)
     out += ["", "## Published numbers", ""]
     for key, src in pub["sources"].items():
         out.append(f"* <a id=\"{key}\"></a>**{key}**: {src['cite']}. {src['where']}. "
@@ -582,7 +772,8 @@ def readme_block(rows: list[Row], pub, table: dict[str, Any]) -> str:
              "",
              "| " + " | ".join(head) + " |",
              "|---|" + "---:|" * (len(head) - 1)]
-    by_key = {(r.group.model, r.group.key, r.variant): r for r in rows if r.group.table}
+    by_key = {(r.group.model, r.group.key, r.variant): r for r in rows
+              if r.group.table and not r.group.quality}
     for label in table["rows"]:
         cells_ = [f"`{label}`"]
         for model in MODELS:
@@ -649,14 +840,18 @@ def run_summary(run_dirs: list[Path]) -> str:
 
 
 def build(results: Path, out: Path, readme: Path | None, figures: Path, *, write_figs: bool,
-          table_path: Path = TABLE, published: Path = PUBLISHED) -> tuple[str, str | None]:
-    """(RESULTS.md text, README.md text or None); figures written when ``write_figs``."""
+          table_path: Path = TABLE, published: Path = PUBLISHED,
+          quality_path: Path | None = QUALITY) -> tuple[str, str | None]:
+    """(RESULTS.md text, README.md text or None); figures written when ``write_figs``; the
+    training-quality section from ``quality_path`` (None: none)."""
     table = load_table(table_path)
-    rows = build_rows(load_runs(results), table)
+    quality = load_table(quality_path) if quality_path is not None else None
+    rows = build_rows(load_runs(results), table, quality)
     pub, step_times = load_published(published), load_step_times(results)
     if write_figs:
         write_figures(_groups(rows), figures)
-    text = render(rows, step_times, pub, table, out.parent, figures)
+    text = render(rows, step_times, pub, table, out.parent, figures, quality,
+                  quality_path or QUALITY)
     new_readme = None
     if readme is not None and readme.is_file():
         new_readme = replace_block(readme.read_text(), readme_block(rows, pub, table))
@@ -677,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-figures", action="store_true", help="do not (re)draw the figures")
     p.add_argument("--table", default=str(TABLE), help="the table definition")
     p.add_argument("--published", default=str(PUBLISHED), help="published numbers")
+    p.add_argument("--quality", default=str(QUALITY),
+                   help="the training-quality track's definition ('' for no such section)")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR",
                    help="print a markdown summary of these run folders and exit")
     a = p.parse_args(argv)
@@ -690,7 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text, new_readme = build(results, out, readme, figures,
                                  write_figs=not (a.check or a.no_figures),
-                                 table_path=Path(a.table), published=Path(a.published))
+                                 table_path=Path(a.table), published=Path(a.published),
+                                 quality_path=Path(a.quality) if a.quality else None)
     except ConfigError as e:
         p.exit(2, f"error: {e}\n")
     if a.check:

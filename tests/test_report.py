@@ -22,12 +22,15 @@ JPEG = "CIFAR-10, JPEG-q75 copy"
 def write_log(results: Path, protocol: str, model: str, row: str, seed: int, test_acc: float,
               *, data: str = JPEG, device: str = "cpu (2 cores, 1 torch threads)",
               images_per_s: float = 1000.0, folder: str | None = None, angle: float = 0.0,
-              **settings) -> Path:
-    """A log in recipes.train's format for one run of a table row (``settings`` change its
-    config, as --settings of table_runs does), with one per-layer alignment record (as
-    recipes.train writes them: no run name) after each epoch."""
+              ratio: float = 1.0, drift: float = 0.0, alignment: bool = True,
+              finished: bool = True, table: dict | None = None, **settings) -> Path:
+    """A log in recipes.train's format for one run of a row of ``table`` (default: the
+    table; ``settings`` change its config, as --settings of table_runs does), with one
+    per-layer alignment record (as recipes.train writes them: no run name) after each epoch
+    unless not ``alignment``: update angles ``angle + drift * (epochs left)``, half that, 0;
+    norm ratios ``ratio``, 1, 1.  Without its final record unless ``finished``."""
     it = table_runs.Item(model, row, seed)
-    cfg = table_runs.item_config(TABLE, protocol, it, settings=settings).to_dict()
+    cfg = table_runs.item_config(table or TABLE, protocol, it, settings=settings).to_dict()
     common = {"run": cfg["name"], "model": model, "rule": cfg["rule"], "seed": seed,
               "data": data, "device": device, "git": {"commit": None, "dirty": None}}
     epochs = [{"event": "epoch", "epoch": e, "step": 10 * e, "lr": cfg["lr"], "train_loss": 1.0,
@@ -43,15 +46,18 @@ def write_log(results: Path, protocol: str, model: str, row: str, seed: int, tes
              "best_val_acc": test_acc, **common, "config": cfg, "run_dir": "runs/x"}
     path = (results / model / (folder or protocol) / f"{row}-s{seed}" / "log.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
+    last = {e["epoch"]: angle + drift * (cfg["epochs"] - e["epoch"]) for e in epochs}
     steps = [{"event": "step", "epoch": e["epoch"], "step": e["step"], "alignment": {
-        "update_angle": {"1": angle, "3": angle / 2, "5": 0.0}}} for e in epochs]
+        "update_angle": {"1": last[e["epoch"]], "3": last[e["epoch"]] / 2, "5": 0.0},
+        "norm_ratio": {"1": ratio, "3": 1.0, "5": 1.0}}} for e in epochs]
     recs = [{"event": "start", "epoch": 0, **common, "config": cfg},
-            *[r for pair in zip(epochs, steps) for r in pair], final]
+            *[r for pair in zip(epochs, steps) for r in pair[:1 + alignment]],
+            *[final][:finished]]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
 
 
-def table_rows(text: str, heading: str) -> dict[str, dict[str, str]]:
+def table_rows(text: str, heading: str, columns=report.COLUMNS) -> dict[str, dict[str, str]]:
     """The markdown table under the first heading that starts with ``heading``: rule -> cells
     (of its first row: a rule's rows on other data copies follow it)."""
     lines = text.splitlines()
@@ -62,7 +68,7 @@ def table_rows(text: str, heading: str) -> dict[str, dict[str, str]]:
             break
         if line.startswith("| `"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            rows.setdefault(cells[0].strip("`"), dict(zip(report.COLUMNS, cells)))
+            rows.setdefault(cells[0].split("`")[1], dict(zip(columns, cells)))
     return rows
 
 
@@ -181,6 +187,112 @@ def test_a_real_run_from_table_runs_into_the_report(tmp_path):
         assert rows[label]["test acc %"] == f"{100 * finals[label + '-s0']['test_acc']:.2f}"
         assert rows[label]["epochs"] == "1" and rows[label]["data"].startswith("CIFAR-10, Image")
     assert table_rows(text, "Protocol cpu: config mlp_cpu")["bp"]["test acc %"] == "not run"
+
+
+QUALITY_TOML = """
+[protocols.screen]
+configs = { resnet20 = "resnet20_screen", mlp3x1024 = "mlp_cpu" }
+seeds = [0, 1]
+device = "cpu"
+
+[rows.bp]
+rule = "bp"
+
+[rows.fa]
+rule = "fa"
+models = ["resnet20"]
+
+[rows.fa-adam]
+rule = "fa"
+models = ["resnet20"]
+settings = { resnet20 = { optimizer = "adam", lr = 1e-3 } }
+
+[rows.bp-adam]
+rule = "bp"
+models = ["resnet20"]
+settings = { resnet20 = { optimizer = "adam", lr = 1e-3 } }
+
+[rows.fa-match]
+rule = "fa"
+models = ["resnet20"]
+rule_options = { match_norm = true }
+
+[rows.dfa-stage]
+rule = "dfa"
+models = ["resnet20"]
+rule_options = { modules = ["layers.0", "layers.3"] }
+"""
+
+
+def test_the_training_quality_track_has_its_own_tables(results, tmp_path):
+    qpath = tmp_path / "quality.toml"
+    qpath.write_text(QUALITY_TOML)
+    quality = table_runs.load_table(qpath)
+
+    def log(row, seed, acc, **kw):
+        return write_log(results, "screen", "resnet20", row, seed, acc, table=quality, **kw)
+    for seed, acc in ((0, 0.40), (1, 0.44)):
+        log("bp", seed, acc)                           # angles 0, norm ratios 1
+    log("fa", 0, 0.30, angle=60.0, ratio=0.5)
+    log("fa-adam", 0, 0.45, angle=30.0, ratio=0.02, drift=40.0)    # the last record counts
+    log("bp-adam", 0, 0.50, alignment=False)
+    log("fa-match", 0, 0.20, finished=False)         # training: 3 of 3 epochs, no final
+    # the quality track's bp of the MLP has the table's cpu settings: it is the table's run
+    write_log(results, "screen", "mlp3x1024", "bp", 0, 0.99, table=quality)
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(results), "--out", str(out), "--readme", "",
+                        "--quality", str(qpath)]) == 0
+    text = out.read_text()
+    rows = table_rows(text, "ResNet-20, protocol screen (4 of 6 rows run)",
+                      report.QUALITY_COLUMNS)
+    assert list(rows) == ["bp", "fa", "fa-adam", "bp-adam", "fa-match", "dfa-stage"]
+    sd = statistics.stdev([40.0, 44.0])
+    want = {  # test acc, gap to bp with the same optimizer, update angle, norm ratio
+        "bp": (f"42.00 ± {sd:.2f}", "ref", "0.0", "1"),
+        "fa": ("30.00", "-12.00", "30.0", "0.5"),               # to bp (sgd): 30 - 42
+        "fa-adam": ("45.00", "-5.00", "15.0", "0.02"),          # to bp-adam: 45 - 50
+        "bp-adam": ("50.00", "ref", "—", "—"),                  # no alignment logged
+        "fa-match": ("unfinished (epoch 3/3)", "—", "—", "—"),
+        "dfa-stage": ("not run", "—", "—", "—")}
+    for label, (acc, gap, angle, ratio) in want.items():
+        c = rows[label]
+        assert (c["test acc %"], c["gap to bp"], c["update angle"], c["norm ratio"]) == \
+            (acc, gap, angle, ratio), label
+    assert [rows[k]["rule"] for k in rows] == ["bp", "fa", "fa", "bp", "fa", "dfa"]
+    assert rows["fa"]["optimizer"] == "sgd, lr 0.1" and rows["fa"]["rule options"] == "—"
+    assert rows["bp-adam"]["optimizer"] == "adam, lr 0.001"
+    assert rows["fa-match"]["rule options"] == "{match_norm=True}"
+    assert rows["dfa-stage"]["rule options"] == "{modules=[layers.0, layers.3]}"
+    # the paragraph above the table: config, epochs, same-optimizer gaps, the command
+    para = text[text.index("### ResNet-20, protocol screen"):text.index("| row |")]
+    assert "`recipes/configs/resnet20_screen.toml` (3 epochs), seeds 0, 1" in para
+    assert "gaps are to `bp` with the same optimizer" in para
+    assert (f"`python -m recipes.table_runs --table {qpath} --protocol screen "
+            "--models resnet20`") in para
+    # the section sits between the per-model tables and the published numbers
+    assert (text.index("### Other runs (3x1024") < text.index("## Training-quality track")
+            < text.index("### ResNet-20, protocol screen") < text.index("## Published"))
+    # the MLP's bp: a run of the table's cpu bp row (a second seed-0 run: the first by path
+    # counts), shown, not moved, in the quality table
+    mlp = table_rows(text, "3x1024 tanh MLP, protocol screen (1 of 1 rows run)",
+                     report.QUALITY_COLUMNS)
+    assert mlp["bp"]["row"] == "`bp` (= table `cpu` `bp`)"
+    assert mlp["bp"]["test acc %"] == f"52.00 ± {statistics.stdev([50.0, 54.0]):.2f}"
+    assert table_rows(text, "Protocol cpu: config mlp_cpu")["bp"]["test acc %"] == \
+        mlp["bp"]["test acc %"]
+    # none of those runs is among the other runs; without the quality track they are
+    assert "screen/" not in text and "Other runs (ResNet-20)" not in text
+    assert set(table_rows(text, "config mlp_cpu; 3 epochs")) == {"bp", "drtp"}
+    text, _ = report.build(results, out, None, results / "figures", write_figs=False,
+                           quality_path=None)
+    assert "Training-quality" not in text and "Other runs (ResNet-20)" in text
+    assert "results/resnet20/screen/fa-s0/log.jsonl" in text
+    # figures of the quality protocol, linked under its table
+    for kind in ("curves", "alignment"):
+        png = results / "figures" / "resnet20" / f"quality-screen-{kind}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+        assert f"[{kind}](results/figures/resnet20/quality-screen-{kind}.png)" in \
+            out.read_text()
 
 
 def test_run_summary_lists_each_run_with_its_last_alignment(results, capsys):
