@@ -27,9 +27,10 @@ naming the settings its runs changed from their config file.
 The training-quality track (``recipes/quality.toml``, the same format: variants of ``fa`` and
 ``dfa`` beside ``bp`` with the same optimizer) has its own section, after the per-model tables:
 per protocol and model, every row of that file (in its order, "not run" where no log has
-finished) with its rule, optimizer, rule options, test accuracy, the gap to the ``bp`` row of
-that table with the same optimizer, and, from each run's last alignment record, the mean over
-layers of the update angle and the norm ratio of the first wrapped layer.  A run belongs to it
+finished) with its rule, optimizer, rule options (and other changed settings), test accuracy,
+the gap to the ``bp`` row of that table with the same optimizer, model and protocol, and, from
+each run's last alignment record, the mean over layers of the update angle and the norm ratio
+of the first wrapped layer.  A run belongs to it
 when its config equals the one ``recipes.table_runs --table recipes/quality.toml`` builds for
 that row (it is then not among "Other runs"); a run whose settings equal a row of the table
 proper stays there, and a quality row with those settings shows that row's runs.
@@ -70,6 +71,8 @@ NOT_TRAINING = {"name", "config_name", "reference", "rules", "data", "download",
 #: of the training keys, those that make a rule variant (the rest make the protocol)
 VARIANT_KEYS = ("rule_options", "feedback_options", "lr", "momentum", "nesterov", "betas", "eps",
                 "alpha")
+#: of the protocol keys, the optimizer's (shown with it in the training-quality tables)
+OPTIMIZER_KEYS = ("momentum", "nesterov", "weight_decay", "betas", "eps", "alpha", "aux_lr")
 NOT_RUN = "not run"
 DEFAULTS = load_config().to_dict()
 
@@ -163,6 +166,12 @@ def _training(cfg: dict[str, Any]) -> dict[str, Any]:
     """The settings that change what is trained (keys a log predates: their defaults)."""
     full = {**DEFAULTS, **cfg}
     return {k: v for k, v in full.items() if k not in NOT_TRAINING and k in FIELDS}
+
+
+def _protocol(train: dict[str, Any]) -> dict[str, Any]:
+    """Of the training settings, those that make the protocol: all but the rule and its
+    variant settings (options, optimizer hyperparameters; the optimizer itself stays)."""
+    return {k: v for k, v in train.items() if k not in VARIANT_KEYS and k != "rule"}
 
 
 def _changed(value: Any, ref: Any) -> Any:
@@ -281,8 +290,7 @@ def classify(run: Run, table: dict[str, Any], expected,
     base = m[3] if row else cfg["rule"]
     variant = base + (f" {_fmt_value(opts)}" if opts else "")
     variant += "".join(f", {k} {_fmt_value(v)}" for k, v in sorted(var_diff.items()))
-    key = json.dumps({k: v for k, v in train.items() if k not in VARIANT_KEYS and k != "rule"},
-                     sort_keys=True, default=str)
+    key = json.dumps(_protocol(train), sort_keys=True, default=str)
     group = Group(model, key, "", False, cfg["optimizer"])
     group.names = {cfg.get("config_name") or "(none: recipe defaults)"}
     group.epochs = cfg["epochs"]
@@ -397,12 +405,13 @@ def fmt_acc(values: list[float]) -> str:
 def bp_row(row: Row, rows: list[Row]) -> Row | None:
     """The ``bp`` row of the same model, protocol and data copy, if it has runs; in the
     training-quality track, the first row of the same table whose rule is ``bp`` and whose
-    optimizer is this row's."""
+    settings are this row's but for the rule, its options and the optimizer hyperparameters:
+    the same optimizer, model (options) and training protocol."""
     same = (r for r in rows if r.group.model == row.group.model
             and r.group.key == row.group.key and r.data == row.data and r.runs)
     if row.group.quality:
-        opt = row.settings.get("optimizer")
-        return next((r for r in same if r.rule == "bp" and r.settings.get("optimizer") == opt),
+        want = _protocol(row.settings)
+        return next((r for r in same if r.rule == "bp" and _protocol(r.settings) == want),
                     None)
     return next((r for r in same if r.variant == "bp"), None)
 
@@ -514,30 +523,49 @@ def alignment_cells(row: Row) -> tuple[str, str]:
             f"{statistics.fmean(ratios):.3g}" if ratios else "—")
 
 
-def fmt_optimizer(settings: dict[str, Any]) -> str:
-    if not settings:
+def _row_changes(row: Row) -> dict[str, Any]:
+    """The training settings a row of a definition file changes from its config file (rule
+    options and the optimizer and its lr aside: those have their own cells)."""
+    ref = _training(_config_file_values(row.group.config))
+    return {k: _changed(v, ref.get(k)) for k, v in row.settings.items()
+            if ref.get(k) != v and k not in ("rule", "rule_options", "optimizer", "lr")}
+
+
+def fmt_optimizer(row: Row) -> str:
+    """The optimizer, its lr and the optimizer settings the row changes."""
+    if not row.settings:
         return "—"
-    return f"{settings['optimizer']}, lr {float(settings['lr']):.3g}"
+    extra = {k: v for k, v in _row_changes(row).items() if k in OPTIMIZER_KEYS}
+    return (f"{row.settings['optimizer']}, lr {float(row.settings['lr']):.3g}"
+            + "".join(f", {k} {_fmt_value(v)}" for k, v in extra.items()))
+
+
+def fmt_options(row: Row) -> str:
+    """The rule options, then any other setting the row changes (model options, ...)."""
+    opts = {k: v for k, v in row.settings.get("rule_options", {}).items() if k != "seed"}
+    other = {k: v for k, v in _row_changes(row).items() if k not in OPTIMIZER_KEYS}
+    parts = ([_fmt_value(opts)] if opts else []) + [f"{k} {_fmt_value(v)}"
+                                                   for k, v in other.items()]
+    return "; ".join(parts) or "—"
 
 
 def quality_cells(row: Row, rows: list[Row]) -> dict[str, str]:
     """Every cell of a row of the training-quality track, by column name (see
     QUALITY_COLUMNS)."""
-    opts = {k: v for k, v in row.settings.get("rule_options", {}).items() if k != "seed"}
     angle, ratio = alignment_cells(row)
     label = f"`{row.variant}`"
     if row.shared:
         label += f" (= table `{row.shared.replace('/', '` `')}`)"
-    return {"row": label, "rule": row.rule, "optimizer": fmt_optimizer(row.settings),
-            "rule options": _fmt_value(opts) if opts else "—",
+    return {"row": label, "rule": row.rule, "optimizer": fmt_optimizer(row),
+            "rule options": fmt_options(row),
             "test acc %": fmt_acc(accuracies(row)) if row.runs else state_cell(row),
             "gap to bp": fmt_gap(row, rows), "update angle": angle, "norm ratio": ratio}
 
 
 QUALITY_COLUMNS = ("row", "rule", "optimizer", "rule options", "test acc %", "gap to bp",
                    "update angle", "norm ratio")
-QUALITY_HEADER = ("| row | rule | optimizer | rule options | test acc % | gap to bp, same "
-                  "optimizer (points) | update angle (deg, mean over layers) | norm ratio, "
+QUALITY_HEADER = ("| row | rule | optimizer | rule options; other settings | test acc % | "
+                  "gap to bp, same optimizer (points) | update angle (deg, mean over layers) | norm ratio, "
                   "first layer |\n|---|---|---|---|---:|---:|---:|---:|")
 
 
@@ -659,8 +687,11 @@ def render_quality(rows: list[Row], quality: dict[str, Any], quality_path: Path,
     out = ["", "## Training-quality track", "",
            f"Rows and protocols: `{qpath}` (variants of the rules beside `bp` with the same "
            "optimizer, one table per protocol and model; generated like the tables above).  "
-           "Gap: points to the row of the same table whose rule is `bp` and whose optimizer "
-           "is this row's (same data copy).  Update angle: the angle between the rule's "
+           "Gap: points to the row of the same table whose rule is `bp` and whose optimizer, "
+           "model and protocol are this row's (its settings but for the rule, the rule options "
+           "and the optimizer hyperparameters; same data copy): \"—\" where no such row has "
+           "run.  Rule options; other settings: the settings a row changes from its config "
+           "file besides the optimizer.  Update angle: the angle between the rule's "
            "weight update and backprop's gradient, mean over the wrapped layers; norm ratio: "
            "||rule grad|| / ||BP grad|| of the first wrapped layer (the farthest from the "
            "output); both from the last alignment record of each run (`diagnostics_every`), "

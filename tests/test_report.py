@@ -205,12 +205,18 @@ models = ["resnet20"]
 [rows.fa-adam]
 rule = "fa"
 models = ["resnet20"]
-settings = { resnet20 = { optimizer = "adam", lr = 1e-3 } }
+settings = { resnet20 = { optimizer = "adam", lr = 1e-3, weight_decay = 0.0 } }
 
 [rows.bp-adam]
 rule = "bp"
 models = ["resnet20"]
-settings = { resnet20 = { optimizer = "adam", lr = 1e-3 } }
+settings = { resnet20 = { optimizer = "adam", lr = 1e-3, weight_decay = 0.0 } }
+
+# another net (projection shortcuts): no bp of its own, so no gap
+[rows.fa-b]
+rule = "fa"
+models = ["resnet20"]
+settings = { resnet20 = { model_options = { shortcut = "B", init = "xavier" } } }
 
 [rows.fa-match]
 rule = "fa"
@@ -237,30 +243,34 @@ def test_the_training_quality_track_has_its_own_tables(results, tmp_path):
     log("fa-adam", 0, 0.45, angle=30.0, ratio=0.02, drift=40.0)    # the last record counts
     log("bp-adam", 0, 0.50, alignment=False)
     log("fa-match", 0, 0.20, finished=False)         # training: 3 of 3 epochs, no final
+    log("fa-b", 0, 0.35, angle=50.0)
     # the quality track's bp of the MLP has the table's cpu settings: it is the table's run
     write_log(results, "screen", "mlp3x1024", "bp", 0, 0.99, table=quality)
     out = tmp_path / "RESULTS.md"
     assert report.main(["--results", str(results), "--out", str(out), "--readme", "",
                         "--quality", str(qpath)]) == 0
     text = out.read_text()
-    rows = table_rows(text, "ResNet-20, protocol screen (4 of 6 rows run)",
+    rows = table_rows(text, "ResNet-20, protocol screen (5 of 7 rows run)",
                       report.QUALITY_COLUMNS)
-    assert list(rows) == ["bp", "fa", "fa-adam", "bp-adam", "fa-match", "dfa-stage"]
+    assert list(rows) == ["bp", "fa", "fa-adam", "bp-adam", "fa-b", "fa-match", "dfa-stage"]
     sd = statistics.stdev([40.0, 44.0])
     want = {  # test acc, gap to bp with the same optimizer, update angle, norm ratio
         "bp": (f"42.00 ± {sd:.2f}", "ref", "0.0", "1"),
         "fa": ("30.00", "-12.00", "30.0", "0.5"),               # to bp (sgd): 30 - 42
         "fa-adam": ("45.00", "-5.00", "15.0", "0.02"),          # to bp-adam: 45 - 50
         "bp-adam": ("50.00", "ref", "—", "—"),                  # no alignment logged
+        "fa-b": ("35.00", "—", "25.0", "1"),                    # bp (sgd) is another net
         "fa-match": ("unfinished (epoch 3/3)", "—", "—", "—"),
         "dfa-stage": ("not run", "—", "—", "—")}
     for label, (acc, gap, angle, ratio) in want.items():
         c = rows[label]
         assert (c["test acc %"], c["gap to bp"], c["update angle"], c["norm ratio"]) == \
             (acc, gap, angle, ratio), label
-    assert [rows[k]["rule"] for k in rows] == ["bp", "fa", "fa", "bp", "fa", "dfa"]
+    assert [rows[k]["rule"] for k in rows] == ["bp", "fa", "fa", "bp", "fa", "fa", "dfa"]
     assert rows["fa"]["optimizer"] == "sgd, lr 0.1" and rows["fa"]["rule options"] == "—"
-    assert rows["bp-adam"]["optimizer"] == "adam, lr 0.001"
+    assert rows["bp-adam"]["optimizer"] == "adam, lr 0.001, weight_decay 0"
+    assert rows["fa-b"]["rule options"] == "model_options {shortcut=B}"
+    assert rows["fa-b"]["optimizer"] == "sgd, lr 0.1"
     assert rows["fa-match"]["rule options"] == "{match_norm=True}"
     assert rows["dfa-stage"]["rule options"] == "{modules=[layers.0, layers.3]}"
     # the paragraph above the table: config, epochs, same-optimizer gaps, the command
