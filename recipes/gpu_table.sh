@@ -8,7 +8,8 @@
 #   DRY=1 OUT=/tmp/dry bash recipes/gpu_table.sh    # the same on the CPU: 1 epoch of tiny
 #                                                   # synthetic data per run (smoke test)
 #
-# Settings (environment): OUT (required), PROTOCOL (gpu), MODELS, RULES, SEEDS (comma lists;
+# TABLE=recipes/quality.toml runs the training-quality track's rows instead (its gpu protocol).
+# Settings (environment): OUT (required), TABLE (recipes/table.toml), PROTOCOL (gpu), MODELS, RULES, SEEDS (comma lists;
 # default: the whole table), JOBS (parallel runs, default 16; DRY: 2), LIMIT (seconds per run,
 # default 540), RUNS (scratch folder, default /tmp/table_runs).
 # Data: CIFAR-10 as recipes.train finds it (LOCALOPT_DATA, then data/cifar10-jpeg75.tar.gz in
@@ -37,6 +38,7 @@ RUNS=${RUNS:-/tmp/table_runs}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
 SEL=(--protocol "$PROTOCOL" --out-dir "$RUNS/runs" --results "$RUNS/results")
+[ -n "${TABLE:-}" ] && SEL+=(--table "$TABLE")
 [ -n "${MODELS:-}" ] && SEL+=(--models "$MODELS")
 [ -n "${RULES:-}" ] && SEL+=(--rules "$RULES")
 [ -n "${SEEDS:-}" ] && SEL+=(--seeds "$SEEDS")
