@@ -205,6 +205,25 @@ def test_fa_track_norm_follows_the_weight_scale(kind):
     assert not torch.allclose(dx, dx_plain)
 
 
+def test_fa_init_weight_starts_as_backprop_then_keeps_w0():
+    """``init="weight"``: B = W_0, so the first backward is backprop's; after W moves, dx
+    still goes through W_0."""
+    torch.manual_seed(0)
+    layer, x = nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    G = torch.randn_like(layer(x))
+    _, dx_bp, _ = _grads(layer, x, G)
+    w0 = layer.weight.detach().clone()
+    localopt.wrap(layer, "fa", init="weight")
+    _, dx, _ = _grads(layer, x, G)
+    torch.testing.assert_close(dx, dx_bp, **TOL[torch.float64])
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight))
+    _, dx_moved, _ = _grads(layer, x, G)
+    torch.testing.assert_close(dx_moved, _grads(_with_weight(layer, w0), x, G)[1],
+                               **TOL[torch.float64])
+    assert not torch.allclose(dx_moved, _grads(_with_weight(layer, layer.weight), x, G)[1])
+
+
 class ScaledConv(nn.Conv2d):
     """A subclass that changes the forward: weight standardisation + output scaling."""
 

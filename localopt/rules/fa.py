@@ -22,7 +22,10 @@ class FA(FeedbackRule):
 
     Options:
         init: ``"xavier"`` (default; BioTorch), ``"kaiming"``, ``"uniform"`` (U(-0.5, 0.5)
-            as Lillicrap et al. 2016), ``"normal"``.
+            as Lillicrap et al. 2016), ``"normal"``; or ``"weight"``: ``B = W_0``, a copy of the
+            layer's weight at wrap time (or at ``localopt.reset_feedback``), fixed thereafter
+            (a symmetric start: backprop at step 0, feedback alignment as W moves away
+            from ``W_0``).
         match_norm: rescale B to the Frobenius norm of W at wrap time ("norm-matched").
         track_norm: rescale B to the Frobenius norm of W at every backward,
             ``B_t = B ||W_t|| / ||B||``: the direction stays fixed, the scale follows W.
@@ -51,13 +54,16 @@ class FA(FeedbackRule):
 
     def __init__(self, *, init: str = "xavier", match_norm: bool = False,
                  track_norm: bool = False) -> None:
-        check_choice(self.name, "init", init, FEEDBACK_INITS)
+        check_choice(self.name, "init", init, (*FEEDBACK_INITS, "weight"))
         self.init = init
         self.match_norm = check_bool(self.name, "match_norm", match_norm)
         self.track_norm = check_bool(self.name, "track_norm", track_norm)
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
-        B = init_feedback(self.init, site.weight, generator, self.match_norm)
+        if self.init == "weight":
+            B = site.weight.detach().clone()
+        else:
+            B = init_feedback(self.init, site.weight, generator, self.match_norm)
         if self.track_norm:   # stored at unit norm: feedback() multiplies by ||W_t||
             B = B / B.norm().clamp_min(1e-12)
         site.register_buffer("feedback", B)
