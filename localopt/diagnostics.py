@@ -149,9 +149,26 @@ def _hooks_off(model: nn.Module):
             setattr(m, name, hooks)
 
 
+def _site_weights(site_list: list[Site]) -> list[tuple[str, Tensor]]:
+    """(name, weight) of every wrapped layer; a wrapped *module* (module-wise DFA) stands for
+    the layers with a weight matrix / kernel inside it, named ``<module>.<layer>``."""
+    out = []
+    for s in site_list:
+        w = getattr(s.module, "weight", None)
+        if isinstance(w, Tensor):
+            out.append((_name(s), w))
+            continue
+        for rel, sub in s.module.named_modules():
+            w = getattr(sub, "weight", None)
+            if rel and isinstance(w, Tensor) and w.dim() >= 2:
+                out.append((f"{_name(s)}.{rel}", w))
+    return out
+
+
 def _rule_and_bp_grads(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any):
     site_list = _sites(model)
-    weights = [s.module.weight for s in site_list]
+    named = _site_weights(site_list)
+    weights = [w for _, w in named]
 
     def grads() -> list[Tensor | None]:
         with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(model)):
@@ -163,7 +180,7 @@ def _rule_and_bp_grads(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], 
         with _hooks_off(model):
             g_bp = grads()
     keep = [i for i, (a, b) in enumerate(zip(g_rule, g_bp)) if a is not None and b is not None]
-    return [_name(site_list[i]) for i in keep], [g_rule[i] for i in keep], [g_bp[i] for i in keep]
+    return [named[i][0] for i in keep], [g_rule[i] for i in keep], [g_bp[i] for i in keep]
 
 
 def update_angles(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any

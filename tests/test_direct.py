@@ -81,6 +81,22 @@ def test_deep_linear_with_b_products_of_downstream_weights_is_bp(widths, n, seed
     assert_grads_close(grads(net, x, y, F.mse_loss), ref)
 
 
+def test_diagnostics_of_module_wise_dfa_name_the_layers_inside_the_modules():
+    """A wrapped module has no weight of its own: the update angles and norm ratios are those
+    of the layers inside it; the top module gets exact backprop (0 degrees, ratio 1)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(6, 7), nn.Tanh()),
+                        nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 5)),
+                        nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 3)))
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    localopt.wrap(net, "dfa", modules=["0", "1", "2"], seed=0)
+    rep = localopt.diagnostics.compare_to_backprop(net, F.cross_entropy, x, y)
+    assert list(rep["update_angle"]) == ["0.0", "1.0", "1.2", "2.0", "2.1"]
+    for k in ("2.0", "2.1"):
+        assert rep["update_angle"][k] < 1e-3 and abs(rep["norm_ratio"][k] - 1) < 1e-5
+    assert rep["update_angle"]["0.0"] > 1.0
+
+
 def test_hybrid_module_boundary_with_b_equal_jacobian_is_bp():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Sequential(nn.Linear(6, 7), nn.Tanh()),
