@@ -91,6 +91,7 @@ class Config:
     device: str = "auto"                # auto (cuda if available), cpu, cuda, cuda:1...
     threads: int = 0                    # torch.set_num_threads when > 0
     channels_last: bool = True          # on CUDA only
+    compile: bool = False               # torch.compile the training forward (and its backward)
     amp: str = "none"                   # "bf16": autocast the forward pass to bfloat16
     ddp: int = 0                        # > 1: DistributedDataParallel on this many processes
                                         # (spawned on 127.0.0.1; torchrun sets its own)

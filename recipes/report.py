@@ -66,7 +66,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 #: config keys that do not change what is trained (machine, outputs, bookkeeping; the seed
 #: is a row's spread)
 NOT_TRAINING = {"name", "config_name", "reference", "rules", "data", "download", "device",
-                "threads", "channels_last", "ddp", "out_dir", "log_every",
+                "threads", "channels_last", "compile", "ddp", "out_dir", "log_every",
                 "diagnostics_every", "eval_batch_size", "test_every_epoch", "seed"}
 #: of the training keys, those that make a rule variant (the rest make the protocol)
 VARIANT_KEYS = ("rule_options", "feedback_options", "lr", "momentum", "nesterov", "betas", "eps",

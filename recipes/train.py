@@ -169,7 +169,8 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
         if cfg.diagnostics_every and global_step % cfg.diagnostics_every == 0 and ranks.main:
-            extra = step_diagnostics(unwrap_parallel(model), cfg, global_step, x, y)
+            eager = unwrap_parallel(getattr(model, "_orig_mod", model))   # not compiled
+            extra = step_diagnostics(eager, cfg, global_step, x, y)
             if extra:
                 append_jsonl(log_path, {"event": "step", "epoch": epoch, "step": global_step,
                                         **extra})
@@ -266,6 +267,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             torch.manual_seed(localopt_rng.mix(cfg.seed, ranks.rank))
     channels_last = device.type == "cuda" and cfg.channels_last
     opt = make_optimizer(model, cfg)
+    # the training forward (and its backward) compiled; evaluation, diagnostics and
+    # checkpoints use the eager module (the same parameters)
+    forward = torch.compile(model) if cfg.compile else model
     steps_per_epoch = (len(splits["train"]) // cfg.batch_size if cfg.drop_last
                        else math.ceil(len(splits["train"]) / cfg.batch_size))
     sched = make_scheduler(opt, cfg, max(steps_per_epoch, 1))
@@ -301,7 +305,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
-        tr, global_step = train_epoch(model, opt, sched, splits["train"], cfg, epoch, norm,
+        tr, global_step = train_epoch(forward, opt, sched, splits["train"], cfg, epoch, norm,
                                       channels_last, device, log_path, global_step, progress,
                                       ranks)
         rng_ranks = ranks.gather(_rng_state())   # a collective: before rank 0 goes its own way

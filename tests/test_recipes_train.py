@@ -392,3 +392,26 @@ def test_tp_vgg_runs_table_reads_train_logs(tiny_data, tmp_path):
     assert rows[2].startswith("| ldrl | l-drl, {'beta': 89.6}, retarget | 0.035 | 1 | ")
     assert f"| {100 * epoch['test_acc']:.2f} | {epoch['train_loss']:.3f} |" in rows[2]
     assert rows[3] == "| bp | bp | 0.035 | - | 50.00 | nan | 100 | - |"
+
+
+def test_compile_option_compiles_the_training_forward(tiny_data, tmp_path, monkeypatch):
+    """``compile = true``: training runs through ``torch.compile(model)`` (here with the eager
+    backend, for speed); diagnostics, evaluation and the checkpoint use the eager module."""
+    compiled = []
+    real = torch.compile
+
+    def spy(model, **kw):
+        compiled.append(model)
+        return real(model, backend="eager")
+    monkeypatch.setattr(torch, "compile", spy)
+    cfg = load_config(model="mlp3x1024", rule="fa", epochs=1, optimizer="adam", lr=1e-3,
+                      data=str(tiny_data), out_dir=str(tmp_path), val_size=16, batch_size=8,
+                      eval_batch_size=16, threads=1, compile=True, diagnostics_every=2,
+                      name="compiled")
+    final = train.train(cfg, progress=False)
+    assert len(compiled) == 1 and not hasattr(compiled[0], "_orig_mod")
+    assert 0.0 <= final["test_acc"] <= 1.0
+    steps = _records(tmp_path / "compiled", "step")
+    assert steps and set(steps[0]["alignment"]["update_angle"]) == {"1", "3", "5", "7"}
+    ckpt = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=False)
+    assert not any("_orig_mod" in k for k in ckpt["model"])
