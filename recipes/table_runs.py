@@ -41,7 +41,7 @@ TABLE = Path(__file__).resolve().parent / "table.toml"
 #: config keys a row's ``base`` config contributes: the rule's training settings; the protocol
 #: keeps everything else (model, epochs, schedule, batch, augmentation, split, seed)
 TRAINING_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps",
-                 "alpha", "loss", "rule_options", "feedback_options")
+                 "alpha", "aux_lr", "loss", "rule_options", "feedback_options")
 #: files of a finished run that are copied to the results folder
 RESULT_FILES = ("log.jsonl", "curves.png", "alignment.png")
 
