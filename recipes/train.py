@@ -265,7 +265,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             inner, device_ids=[device.index] if device.type == "cuda" else None)
         if not ranks.main:  # each rank's own dropout masks
             torch.manual_seed(localopt_rng.mix(cfg.seed, ranks.rank))
-    channels_last = device.type == "cuda" and cfg.channels_last
+    channels_last = cfg.channels_last
     opt = make_optimizer(model, cfg)
     # the training forward (and its backward) compiled; evaluation, diagnostics and
     # checkpoints use the eager module (the same parameters)
