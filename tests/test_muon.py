@@ -12,6 +12,7 @@ from torch import nn
 import localopt
 from localopt import models
 from localopt.optim import Muon, muon_param_groups
+from trainloop import train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,19 +102,10 @@ def _mlp() -> nn.Sequential:
                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
-def _train(model, opt, steps, sched=None):
+def _train(model, opt, steps):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)
-    losses = []
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(model, x, y, opt, steps)
 
 
 def test_state_dict_round_trip():
