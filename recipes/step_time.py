@@ -8,9 +8,11 @@
 The one benchmark runner of the repo.  A variant is a rule name; ``rule@K`` gives a
 target-propagation rule K feedback iterations per step.  Each variant is a fresh copy of the
 model (same initial weights), wrapped with its rule and trained by the optimizer that rule
-needs: the plain one (``--optimizer``), ``localopt.optim.LocalOptimizer`` around it for rules
-that learn their feedback (``kp``, ``wm``, ...), ``localopt.optim.TargetProp`` around it for
-target propagation (``--feedback-optimizer``, ``--feedback-lr``, ``--noise``).  ``plain`` is the
+needs, built as ``recipes.train`` builds it (``recipes.common.make_optimizer``): the plain one
+(``--optimizer``: ``sgd`` or ``muon`` with momentum 0.9, or ``adam``; no weight decay),
+``localopt.optim.LocalOptimizer`` around it for rules that learn their feedback (``kp``, ``wm``,
+...), ``localopt.optim.TargetProp`` around it for target propagation (``--feedback-optimizer``,
+``--feedback-lr``, ``--noise``).  ``plain`` is the
 unwrapped model with the plain optimizer: the reference.  A step is forward, cross-entropy,
 backward and ``opt.step()`` on a fixed random batch (step time does not depend on the data).
 After two warm-up steps each, rounds of all variants are interleaved so that machine noise
@@ -28,9 +30,9 @@ named LABEL.  ``--options LABEL=TABLE`` (repeatable) gives a variant the options
 ``--variants-from recipes/table.toml`` adds one variant per row of the CIFAR-10 table that has
 ``--model``, labelled by the row, with the row's rule and rule options (its ``base`` config's,
 then its own, then its ``settings`` for the model, as ``recipes.table_runs`` merges them).  A
-row whose settings name an optimizer this runner has (``sgd``, ``adam``; also the target
-propagation's ``feedback_optimizer``) is timed with it and its ``lr`` (and ``feedback_lr``,
-``noise``); a row naming another optimizer is timed with the plain one, and its JSON record
+row whose settings name an optimizer this runner has (``sgd``, ``adam``, ``muon``; also the
+target propagation's ``feedback_optimizer``) is timed with it and its ``lr``, ``aux_lr`` (and
+``feedback_lr``, ``noise``); a row naming another optimizer is timed with the plain one, and its JSON record
 says so (``note``)::
 
     python -m recipes.step_time --model resnet20 --variants-from recipes/table.toml --threads 1
@@ -79,9 +81,11 @@ import torch.nn.functional as F
 import localopt
 from localopt import models
 
-from .common import ConfigError, device_name, pick_device, resolve_config_path
+from .common import Config, ConfigError, device_name, make_optimizer, pick_device, \
+    resolve_config_path
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+OPTIMIZERS = ("sgd", "adam", "muon")   # momentum 0.9 (sgd, muon), no weight decay
+FEEDBACK_OPTIMIZERS = ("sgd", "adam")
 
 
 def parse_variant(spec: str) -> tuple[str, int]:
@@ -103,6 +107,7 @@ class Variant:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     optimizer: str | None = None
     lr: float | None = None
+    aux_lr: float | None = None         # muon: the SGD group's lr
     feedback_optimizer: str | None = None
     feedback_lr: float | None = None
     noise: float | None = None
@@ -201,9 +206,11 @@ def table_variants(model: str, path: Path | str) -> list[Variant]:
                          "have: timed with the plain optimizer")
         if "lr" in values and name in (None, *OPTIMIZERS):
             v.lr = float(values["lr"])
+        if "aux_lr" in values and name == "muon":
+            v.aux_lr = float(values["aux_lr"])
         fb = values.get("feedback_options", {})
         fb_name = fb.get("feedback_optimizer")
-        if fb_name in OPTIMIZERS:
+        if fb_name in FEEDBACK_OPTIMIZERS:
             v.feedback_optimizer = fb_name
         elif fb_name is not None:
             notes.append(f"the row's feedback_optimizer {fb_name!r} is not one step_time has: "
@@ -233,21 +240,19 @@ def build(base: torch.nn.Module, spec: "str | Variant", optimizer: str = "sgd", 
     feedback_lr = feedback_lr if v.feedback_lr is None else v.feedback_lr
     noise = noise if v.noise is None else v.noise
     model = copy.deepcopy(base)
-    cls = OPTIMIZERS[optimizer]
-    kw = {"lr": lr, "momentum": 0.9} if optimizer == "sgd" else {"lr": lr}
-    if v.rule == "plain":
-        return model, cls(model.parameters(), **kw)
-    try:
-        localopt.wrap(model, v.rule, **{"seed": seed, **v.options})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"variant {v.label!r} ({v.describe()}): {e}") from None
-    if localopt.rules.target_prop.is_target_prop(model):
-        return model, localopt.optim.TargetProp(
-            model, cls, feedback_optimizer=OPTIMIZERS[feedback_optimizer],
-            feedback_lr=feedback_lr, feedback_iters=v.iters, noise=noise, **kw)
-    if localopt.sites(model)[0].rule.learns_feedback:
-        return model, localopt.optim.LocalOptimizer(model, cls, **kw)
-    return model, cls(model.parameters(), **kw)
+    if v.rule != "plain":
+        try:
+            localopt.wrap(model, v.rule, **{"seed": seed, **v.options})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"variant {v.label!r} ({v.describe()}): {e}") from None
+    tp = v.rule != "plain" and localopt.rules.target_prop.is_target_prop(model)
+    fb = {"feedback_optimizer": feedback_optimizer, "feedback_lr": feedback_lr,
+          "feedback_iters": v.iters, "noise": noise} if tp else {}
+    # recipes.common.make_optimizer, as recipes.train builds it (LocalOptimizer for rules that
+    # learn feedback, TargetProp for target propagation, Muon's parameter groups)
+    cfg = Config(optimizer=optimizer, lr=lr, momentum=0.9, weight_decay=0.0,
+                 aux_lr=v.aux_lr or 0.0, feedback_options=fb)
+    return model, make_optimizer(model, cfg)
 
 
 def _batch(batch: int, seed: int, dev: torch.device, channels_last: bool = False):
@@ -460,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads when > 0")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--feedback-optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+    p.add_argument("--feedback-optimizer", choices=sorted(FEEDBACK_OPTIMIZERS), default="sgd",
                    help="target propagation")
     p.add_argument("--feedback-lr", type=float, default=1e-4, help="target propagation")
     p.add_argument("--noise", type=float, default=0.05, help="target propagation")

@@ -300,6 +300,14 @@ def test_step_time_variants_from_the_table(tmp_path):
     assert "dfa-stage" in vs and "dtp" not in vs  # dtp: an MLP-only row
     assert vs["dfa-stage"].options == {"modules": ["layers.0", "layers.3", "layers.6"]}
     assert vs["dfa"].lr == 1e-3 and vs["dfa"].optimizer is None
+    # a Muon row: timed with Muon's parameter groups (its lr, the SGD group's aux_lr), no note
+    assert (vs["bp-muon"].optimizer, vs["bp-muon"].lr, vs["bp-muon"].aux_lr,
+            vs["bp-muon"].note) == ("muon", 0.02, 0.1, None)
+    muon = step_time.build(step_time._base_model("lenet", 0, torch.device("cpu")),
+                           vs["bp-muon"])[1]
+    assert isinstance(muon, localopt.optim.Muon)
+    assert sorted((g["use_muon"], g["lr"]) for g in muon.param_groups) == [(False, 0.1),
+                                                                           (True, 0.02)]
     base = step_time._base_model("resnet20", 0, torch.device("cpu"))
     stage = [s.name for s in localopt.sites(step_time.build(base, vs["dfa-stage"])[0])]
     assert stage == ["layers.0", "layers.3", "layers.6"]
