@@ -67,6 +67,10 @@ class Config:
     crop_padding: int = 4               # augment: random crop with this zero padding; 0 = flip only
     # training
     epochs: int = 3
+    max_steps: int = 0                  # > 0: stop after this many optimizer steps (feedback
+                                        # warm-up steps included), mid-epoch if need be, and
+                                        # evaluate as after the last epoch; the schedule spans
+                                        # them (must fit in epochs); 0 = epochs decide
     batch_size: int = 128
     eval_batch_size: int = 1000
     drop_last: bool = True
@@ -116,6 +120,9 @@ class Config:
         for key in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{flag(key)} {getattr(self, key)}: must be >= 1")
+        if self.max_steps < 0:
+            raise ConfigError(f"--max-steps {self.max_steps}: must be >= 0 (a number of optimizer "
+                              "steps; 0 = no limit)")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
         if self.aux_lr < 0:
@@ -319,8 +326,11 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: Config,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per training step; ``milestones`` are in epochs."""
+    """Stepped once per training step; ``milestones`` are in epochs; cosine and onecycle span
+    ``epochs`` or, when it is set and smaller, ``max_steps``."""
     s, total = cfg.schedule, cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
     sched = torch.optim.lr_scheduler
     if s == "constant":
         return sched.LambdaLR(opt, lambda _: 1.0)

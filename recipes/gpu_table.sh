@@ -29,7 +29,7 @@
 # "@dry FLAGS" added under DRY=1; # comments), e.g. the SimpleVGG target-propagation GPU jobs:
 #   PLAN=results/simple_vgg/tp/gpu_vgg_part2/plan.txt OUT=/tmp/out LIMIT=400 bash recipes/gpu_table.sh
 # Output in $OUT: runs.jsonl (every record of every run, tagged with its name; the table:
-# python -m recipes.tp_vgg_short --table $OUT/runs.jsonl) and stdout.log.
+# python -m recipes.report --runs-table $OUT/runs.jsonl) and stdout.log.
 set -u
 OUT=${OUT:?set OUT to the output folder}
 PROTOCOL=${PROTOCOL:-gpu}

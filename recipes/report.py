@@ -5,6 +5,9 @@
     python -m recipes.report --quality '' # without the training-quality section
     python -m recipes.report --runs runs/x/*     # markdown summary of some run folders, with
                                                  # the last per-layer alignment of each
+    python -m recipes.report --runs-table OUT/runs.jsonl   # one row per run of a runs.jsonl
+    python -m recipes.report --runs-table runs/x/*         # (gpu_table.sh PLAN=...) or of run
+                                                           # folders: accuracy, loss per epoch
 
 Reads every ``log.jsonl`` (and ``<name>.log.jsonl``) under ``results/`` written by
 ``recipes.train`` (its ``final`` record: test accuracy, epochs, images/s, device, data copy,
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import statistics
@@ -867,6 +871,54 @@ def run_summary(run_dirs: list[Path]) -> str:
     return "\n".join(rows + layers) + "\n"
 
 
+def runs_table(paths: list[Path]) -> str:
+    """Markdown: one row per ``recipes.train`` run, from ``runs.jsonl`` files (the records of
+    several runs, each tagged with its ``run`` name, as ``recipes/gpu_table.sh`` with a
+    ``PLAN`` writes them) or run folders (their ``log.jsonl``; the folder names the run): rule
+    and options, lr, feedback iterations, test accuracy and training loss per epoch (``nan``:
+    the run diverged), images/s, and the per-layer update angle to BP at steps 100 and 200."""
+    runs: dict[str, dict] = {}
+    for path in paths:
+        tagged = path.is_file()
+        for r in read_jsonl(path if tagged else path / "log.jsonl"):
+            run = runs.setdefault(r["run"] if tagged else path.name, {"epochs": [], "steps": []})
+            if r.get("event") == "start":
+                run["start"] = r
+            elif r.get("event") == "epoch":
+                run["epochs"].append(r)
+            elif r.get("event") == "step":
+                run["steps"].append(r)
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else "nan" if not math.isfinite(v) else format(v, fmt)
+    rows = ["| run | rule, options | lr | feedback iters | test acc per epoch | train loss per "
+            "epoch | img/s | update angle to BP, layers 1-5, at steps 100 / 200 |",
+            "|---|---|---:|---|---|---|---:|---|"]
+    for name, run in runs.items():
+        if "start" not in run:
+            continue
+        cfg = run["start"]["config"]
+        rule = cfg["rule"] + (f", {cfg['rule_options']}" if cfg["rule_options"] else "")
+        if cfg["optimizer"] != "sgd":
+            rule += f", {cfg['optimizer']}"
+        if cfg["rule"] != "bp" and (cfg["feedback_options"].get("retarget") or
+                                    "retarget=True" in run["start"].get("optimizer", "")):
+            rule += ", retarget"
+        iters = cfg["feedback_options"].get("feedback_iters") if cfg["rule"] != "bp" else "-"
+        accs = " / ".join(num(None if e.get("test_acc") is None else 100 * e["test_acc"], ".2f")
+                          for e in run["epochs"])
+        losses = " / ".join(num(e["train_loss"], ".3f") for e in run["epochs"])
+        ips = sum(e["images_per_s"] for e in run["epochs"]) / max(1, len(run["epochs"]))
+        ang = []
+        for st in run["steps"]:
+            if st["step"] in (100, 200) and cfg["rule"] != "bp" and "alignment" in st:
+                vals = list(st["alignment"]["update_angle"].values())[:5]
+                ang.append(" ".join(num(v, ".0f") for v in vals))
+        rows.append(f"| {name} | {rule} | {cfg['lr']} | {iters} | {accs} | {losses} | {ips:.0f} | "
+                    f"{' / '.join(ang) or '-'} |")
+    return "\n".join(rows)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -907,7 +959,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="the training-quality track's definition ('' for no such section)")
     p.add_argument("--runs", nargs="+", metavar="RUN_DIR",
                    help="print a markdown summary of these run folders and exit")
+    p.add_argument("--runs-table", nargs="+", metavar="PATH",
+                   help="print one markdown row per recipes.train run of these runs.jsonl files "
+                        "(recipes/gpu_table.sh with PLAN=...) or run folders, and exit")
     a = p.parse_args(argv)
+    if a.runs_table:
+        missing = [t for t in a.runs_table if not (Path(t).is_file()
+                                                   or (Path(t) / "log.jsonl").is_file())]
+        if missing:
+            p.exit(2, f"error: --runs-table {' '.join(missing)}: neither a runs.jsonl file nor "
+                      "a run folder with a log.jsonl\n")
+        print(runs_table([Path(t) for t in a.runs_table]))
+        return 0
     if a.runs:
         print(run_summary([Path(d) for d in a.runs if (Path(d) / "log.jsonl").is_file()]),
               end="")

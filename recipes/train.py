@@ -3,6 +3,7 @@
     python -m recipes.train --config mlp_bartunov2018 --rule fa --epochs 20
     python -m recipes.train --model resnet20 --rule fa --epochs 40 --optimizer sgd --lr 0.1
     python -m recipes.train --config mlp_bartunov2018 --rule fa --epochs 30 --resume
+    python -m recipes.train --config tp_vgg_ldrl_short --max-steps 100   # a fixed step budget
 
 Writes ``<out_dir>/<name>/``: ``log.jsonl`` (one JSON record per epoch, plus ``start`` and
 ``final`` records), ``checkpoint.pt`` (after every epoch; ``--resume`` continues from it
@@ -139,6 +140,8 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
     if steps == 0:
         raise ConfigError(f"--batch-size {bs} is larger than the training set ({n} images) "
                           "with --drop-last true")
+    if cfg.max_steps:  # the step budget ends in this epoch: its first steps, same batches
+        steps = min(steps, cfg.max_steps - global_step)
     perm = torch.randperm(n, generator=gen, device=device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -272,6 +275,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     forward = torch.compile(model) if cfg.compile else model
     steps_per_epoch = (len(splits["train"]) // cfg.batch_size if cfg.drop_last
                        else math.ceil(len(splits["train"]) / cfg.batch_size))
+    if cfg.max_steps and steps_per_epoch and cfg.max_steps > cfg.epochs * steps_per_epoch:
+        raise ConfigError(f"--max-steps {cfg.max_steps}: more steps than --epochs {cfg.epochs} "
+                          f"hold ({cfg.epochs} x {steps_per_epoch} = "
+                          f"{cfg.epochs * steps_per_epoch}); raise --epochs")
     sched = make_scheduler(opt, cfg, max(steps_per_epoch, 1))
     common = {"run": cfg.run_name(), "model": cfg.model, "rule": cfg.rule, "seed": cfg.seed,
               "data": arrays.description, "device": device_name(device), "git": git_commit()}
@@ -304,13 +311,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         + (f", {ranks.world} data-parallel processes" if ranks.world > 1 else ""))
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if cfg.max_steps and global_step >= cfg.max_steps:
+            break                                # a resumed run that had spent its budget
         lr = opt.param_groups[0]["lr"]
         tr, global_step = train_epoch(forward, opt, sched, splits["train"], cfg, epoch, norm,
                                       channels_last, device, log_path, global_step, progress,
                                       ranks)
+        last = epoch == cfg.epochs or bool(cfg.max_steps and global_step >= cfg.max_steps)
         rng_ranks = ranks.gather(_rng_state())   # a collective: before rank 0 goes its own way
         if not ranks.main:
-            if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+            if stop_after is not None and epoch >= stop_after and not last:
                 return None
             continue
         rec: dict[str, Any] = {"event": "epoch", "epoch": epoch, "step": global_step, "lr": lr,
@@ -321,7 +331,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                                "images_per_s": tr["images_per_s"]}
         t_eval = time.perf_counter()
         evals = ["val"] if "val" in splits else []
-        if cfg.test_every_epoch or epoch == cfg.epochs:
+        if cfg.test_every_epoch or last:
             evals.append("test")
         for name in evals:
             m = evaluate(inner, splits[name], cfg, norm, channels_last, device)
@@ -337,7 +347,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                                                          "test_acc") if rec[k] is not None)
         print(f"[{cfg.run_name()}] epoch {epoch}/{cfg.epochs} {shown} lr={lr:.3g} "
               f"{tr['images_per_s']:.0f} img/s {tr['time_s']:.1f}s", file=sys.stderr)
-        if stop_after is not None and epoch >= stop_after and epoch < cfg.epochs:
+        if last and epoch < cfg.epochs:
+            print(f"[{cfg.run_name()}] stopped at step {global_step} (--max-steps)",
+                  file=sys.stderr)
+        if stop_after is not None and epoch >= stop_after and not last:
             print(f"[{cfg.run_name()}] stopped after epoch {epoch} (--stop-after); continue "
                   "with --resume", file=sys.stderr)
             return None

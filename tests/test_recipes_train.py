@@ -358,36 +358,53 @@ def test_step_time_sweep_cpu(tmp_path, capsys):
     assert torch.get_num_threads() == threads
 
 
-def test_tp_vgg_short_table_flags_divergence(tmp_path):
-    from localopt.recipes.tp_vgg_short import table
-    run = {"test_acc_2000": 0.25, "step_s": 0.5, "lr": 0.01, "warmup": 0,
-           "feedback_iters": [1, 1, 1, 2, 1], "diagnostics": [
-               {"step": 0, "update_angle": {f"{i}": 10.0 * i for i in range(6)}}]}
-    ok = {**run, "loss_curve": [[0, 2.3], [100, 1.9], [200, 1.7], [300, 1.6], [399, 1.5]]}
-    bad = {**run, "loss_curve": [[0, 2.3], [100, 1.9], [200, 7.5], [250, float("nan")]]}
-    (tmp_path / "a.json").write_text(json.dumps({"runs": {"l-drl": ok}, "switches": "clean"}))
-    (tmp_path / "b.json").write_text(json.dumps({"runs": {"l-drl": bad}, "optimizer": "adam",
-                                                 "switches": "perturbed"}))
-    rows = table(sorted(tmp_path.glob("*.json"))).splitlines()
-    assert "switches=clean" in rows[2]
-    assert "2.30 / 1.90 / 1.70 / 1.60 / 1.50" in rows[2] and "| 25.0 |" in rows[2]
-    assert "diverged at 200" in rows[3] and "adam" in rows[3]
-    assert "0 / 10 / 20 / 30 / 40 (step 0)" in rows[3]
+def test_max_steps_ends_training_mid_epoch(tiny_data, tmp_path):
+    """``max_steps``: training stops after that many optimizer steps, mid-epoch, on the batches
+    the uncut run would have seen, and the test set is evaluated then; the schedule spans the
+    budget; a budget the epochs cannot hold, or a negative one, is an error naming the key."""
+    base = dict(data=str(tiny_data), out_dir=str(tmp_path), val_size=16, batch_size=8,
+                eval_batch_size=16, threads=1, model="mlp3x1024", model_options={"hidden": [8]},
+                rule="fa", optimizer="sgd", lr=0.05)   # 32 training images: 4 steps per epoch
+    train.train(load_config(**base, name="cut", epochs=3, max_steps=6, schedule="constant"),
+                progress=False)
+    train.train(load_config(**base, name="two", epochs=2, schedule="constant"), progress=False)
+    cut, two = _records(tmp_path / "cut", "epoch"), _records(tmp_path / "two", "epoch")
+    assert [(r["epoch"], r["step"]) for r in cut] == [(1, 4), (2, 6)]
+    assert cut[0]["test_acc"] is None and cut[1]["test_acc"] is not None
+    assert _records(tmp_path / "cut", "final")[0]["epoch"] == 2
+    assert cut[0]["train_loss"] == two[0]["train_loss"]          # the same batches
+    assert cut[1]["train_loss"] != two[1]["train_loss"]          # half of epoch 2
+    # a resumed run that spent its budget trains no further
+    before = _state(tmp_path / "cut")["model"]
+    train.train(load_config(**base, name="cut", epochs=3, max_steps=6, schedule="constant"),
+                resume=True, progress=False)
+    assert all(torch.equal(v, _state(tmp_path / "cut")["model"][k]) for k, v in before.items())
+    assert len(_records(tmp_path / "cut", "epoch")) == 2
+    # cosine over the 6 steps, not the 12 of the 3 epochs
+    train.train(load_config(**base, name="cos", epochs=3, max_steps=6), progress=False)
+    assert _state(tmp_path / "cos")["scheduler"]["T_max"] == 6
+    with pytest.raises(ConfigError, match=r"--max-steps 13: .*\(3 x 4 = 12\); raise --epochs"):
+        train.train(load_config(**base, name="over", epochs=3, max_steps=13), progress=False)
+    with pytest.raises(ConfigError, match="--max-steps -1: must be >= 0"):
+        load_config(max_steps=-1)
 
 
-def test_tp_vgg_runs_table_reads_train_logs(tiny_data, tmp_path):
-    """``tp_vgg_short --table runs.jsonl``: one row per run of ``recipes.train`` logs (as
-    ``gpu_table.sh`` merges them), the effective ``retarget`` read from the logged optimizer,
-    a non-finite epoch loss printed as nan."""
-    from localopt.recipes.tp_vgg_short import runs_table
-    cfg = load_config("tp_vgg_ldrl", data=str(tiny_data), out_dir=str(tmp_path), name="ldrl",
-                      val_size=16, batch_size=8, eval_batch_size=16, threads=1, epochs=1,
-                      test_every_epoch=True, model_options={"channels": [4, 4, 4, 4, 8]},
+def test_report_runs_table_reads_train_logs(tiny_data, tmp_path, capsys):
+    """``recipes.report --runs-table``: one row per run of ``recipes.train`` logs, from a
+    ``runs.jsonl`` (as ``gpu_table.sh`` merges them) or run folders; the effective ``retarget``
+    read from the logged optimizer, a non-finite epoch loss (divergence) printed as nan.  The
+    run: config ``tp_vgg_ldrl_short`` (its step budget, a feedback warm-up), shrunk."""
+    from localopt.recipes import report
+    cfg = load_config("tp_vgg_ldrl_short", data=str(tiny_data), out_dir=str(tmp_path),
+                      name="ldrl", batch_size=8, eval_batch_size=16, threads=1, max_steps=3,
+                      diagnostics_every=0, model_options={"channels": [4, 4, 4, 4, 8]},
                       feedback_options={"feedback_iters": 1, "feedback_lr": 1e-3,
-                                        "noise": 0.1})
+                                        "noise": 0.1, "feedback_warmup": 1})
     train.train(cfg, progress=False)
     start = _records(tmp_path / "ldrl", "start")[0]
     assert "TargetProp(l-drl" in start["optimizer"] and "retarget=True" in start["optimizer"]
+    (epoch,) = _records(tmp_path / "ldrl", "epoch")
+    assert epoch["step"] == 3 and epoch["test_acc"] is not None and epoch["val_acc"] is None
     lines = [json.dumps({"run": "ldrl", **json.loads(line)})
              for line in (tmp_path / "ldrl" / "log.jsonl").read_text().splitlines()]
     bp_cfg = {**start["config"], "rule": "bp", "rule_options": {}}
@@ -395,11 +412,16 @@ def test_tp_vgg_runs_table_reads_train_logs(tiny_data, tmp_path):
               json.dumps({"run": "bp", "event": "epoch", "test_acc": 0.5,
                           "train_loss": float("nan"), "images_per_s": 100.0})]
     (tmp_path / "runs.jsonl").write_text("\n".join(lines) + "\n")
-    rows = runs_table(tmp_path / "runs.jsonl").splitlines()
-    epoch = _records(tmp_path / "ldrl", "epoch")[0]
+    rows = report.runs_table([tmp_path / "runs.jsonl"]).splitlines()
     assert rows[2].startswith("| ldrl | l-drl, {'beta': 89.6}, retarget | 0.035 | 1 | ")
     assert f"| {100 * epoch['test_acc']:.2f} | {epoch['train_loss']:.3f} |" in rows[2]
     assert rows[3] == "| bp | bp | 0.035 | - | 50.00 | nan | 100 | - |"
+    assert len(rows) == 4
+    assert report.main(["--runs-table", str(tmp_path / "ldrl")]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == rows[2]
+    with pytest.raises(SystemExit) as e:
+        report.main(["--runs-table", str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "--runs-table" in capsys.readouterr().err
 
 
 def test_compile_option_compiles_the_training_forward(tiny_data, tmp_path, monkeypatch):
