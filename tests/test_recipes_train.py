@@ -445,3 +445,22 @@ def test_compile_option_compiles_the_training_forward(tiny_data, tmp_path, monke
     assert steps and set(steps[0]["alignment"]["update_angle"]) == {"1", "3", "5", "7"}
     ckpt = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=False)
     assert not any("_orig_mod" in k for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("rule", ["kp", "brsf", "dfa"])
+def test_diagnostics_leave_the_training_unchanged(tiny_data, tmp_path, rule):
+    """``diagnostics_every`` (the table's ResNet-20 protocols log alignment) only observes: a
+    ResNet-20 with BatchNorm trained with a diagnostics record after every step ends with the
+    same weights, batch-norm statistics and learned feedback as without."""
+    def run(every: int, name: str) -> dict:
+        cfg = load_config(model="resnet20", rule=rule, epochs=1, optimizer="sgd", lr=0.05,
+                          weight_decay=1e-3, data=str(tiny_data), out_dir=str(tmp_path),
+                          val_size=16, batch_size=8, eval_batch_size=16, threads=1,
+                          diagnostics_every=every, name=name)
+        train.train(cfg, progress=False)
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
+    plain, observed = run(0, "plain"), run(1, "observed")
+    assert _records(tmp_path / "observed", "step") and not _records(tmp_path / "plain", "step")
+    assert plain.keys() == observed.keys()
+    for k in plain:
+        torch.testing.assert_close(observed[k], plain[k], rtol=0, atol=0, msg=k)
