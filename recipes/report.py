@@ -38,6 +38,12 @@ when its config equals the one ``recipes.table_runs --table recipes/quality.toml
 that row (it is then not among "Other runs"); a run whose settings equal a row of the table
 proper stays there, and a quality row with those settings shows that row's runs.
 
+Under the table of each table protocol and each quality-track protocol where a row other
+than ``bp`` logged alignment: the per-layer alignment table (where alignment fails, layer by
+layer), one row per layer in the order logged, one column per such row, each cell the update
+angle (degrees) and the norm ratio of that layer in each run's last alignment record (mean
+over seeds).
+
 Figures (``results/figures/``): per model and protocol (the quality track's too), the
 accuracy curves of every row (first seed; :func:`recipes.plots.plot_curves`) and, where the
 runs logged alignment (``--diagnostics-every``), the per-layer angle between each rule's
@@ -506,11 +512,17 @@ def table_markdown(rows: list[Row], all_rows: list[Row], step_times, pub) -> str
     return "\n".join(lines)
 
 
+def last_alignment_record(run: Run, key: str) -> dict[str, Any] | None:
+    """The run's last alignment record (``{"event": "step", "step": ..., "alignment": ...}``)
+    that has ``key`` (``update_angle``, ``norm_ratio``, ...); None when the run logged none."""
+    return next((r for r in reversed(run.alignment) if r["alignment"].get(key)), None)
+
+
 def last_alignment(run: Run, key: str) -> dict[str, float] | None:
     """``{layer: value}`` of ``key`` (``update_angle``, ``norm_ratio``, ...) in the run's last
     alignment record that has it; None when the run logged none."""
-    return next((r["alignment"][key] for r in reversed(run.alignment)
-                 if r["alignment"].get(key)), None)
+    rec = last_alignment_record(run, key)
+    return None if rec is None else rec["alignment"][key]
 
 
 def alignment_cells(row: Row) -> tuple[str, str]:
@@ -525,6 +537,94 @@ def alignment_cells(row: Row) -> tuple[str, str]:
             ratios.append(next(iter(n.values())))
     return (f"{statistics.fmean(angles):.1f}" if angles else "—",
             f"{statistics.fmean(ratios):.3g}" if ratios else "—")
+
+
+def _fmt_ratio(value: float) -> str:
+    """A norm ratio to 2 significant digits (``0.087`` -> ``0.087``, ``123`` -> ``120``)."""
+    if not math.isfinite(value):
+        return str(value)
+    text = f"{value:.2g}"
+    return f"{float(text):.0f}" if "e+" in text and abs(value) < 1e6 else text
+
+
+def _merge_layers(orders: list[list[str]]) -> list[str]:
+    """The layers of several runs in the order they were logged (the model's order): each
+    layer one of them lacks goes after the layer logged before it in a run that has it."""
+    merged: list[str] = []
+    for order in sorted(orders, key=len, reverse=True):
+        for i, name in enumerate(order):
+            if name not in merged:
+                before = next((merged.index(p) for p in reversed(order[:i]) if p in merged), -1)
+                merged.insert(before + 1, name)
+    return merged
+
+
+def layer_alignment_markdown(rows: list[Row]) -> str:
+    """Where alignment fails, layer by layer: one row per layer (in the order logged), one
+    column per row of the group (its label) whose finished runs logged alignment, ``bp`` rows
+    aside (0 degrees by construction), each cell "update angle in degrees / norm ratio" from
+    each run's last alignment record, mean over its seeds; "—" where the layer was not
+    logged.  A sentence says what the values are and the step of the records (per column
+    when they differ).  "" when no such row."""
+    labels = [r.variant for r in rows]
+    columns = []                # (label, layers, {layer: (angle, ratio)}, steps, epochs, runs)
+    for row in rows:
+        if row.rule == "bp":
+            continue
+        recs = [rec for run in row.runs
+                if (rec := last_alignment_record(run, "update_angle")) is not None]
+        if not recs:
+            continue
+        label = f"`{row.variant}`"
+        if labels.count(row.variant) > 1 and row.data:
+            label += f" ({row.data})"
+        layers = _merge_layers([list(r["alignment"]["update_angle"]) for r in recs])
+        values = {}
+        for name in layers:
+            angles = [r["alignment"]["update_angle"][name] for r in recs
+                      if name in r["alignment"]["update_angle"]]
+            ratios = [r["alignment"]["norm_ratio"][name] for r in recs
+                      if name in (r["alignment"].get("norm_ratio") or {})]
+            values[name] = (statistics.fmean(angles) if angles else None,
+                            statistics.fmean(ratios) if ratios else None)
+        columns.append((label, layers, values, [r.get("step") for r in recs],
+                        [r.get("epoch") for r in recs], len(recs)))
+    if not columns:
+        return ""
+
+    def when(steps, epochs) -> str:
+        step = f"step {_distinct(steps)}" if len(set(steps)) == 1 else \
+            f"steps {min(steps)}-{max(steps)}"
+        return step + (f", epoch {epochs[0]}" if len(set(epochs)) == 1
+                       and epochs[0] is not None else "")
+    all_steps = [s for c in columns for s in c[3]]
+    all_epochs = [e for c in columns for e in c[4]]
+    same = len(set(all_steps)) == 1 and len(set(all_epochs)) == 1
+    several = any(c[5] > 1 for c in columns)
+    sentence = (
+        "**Per-layer alignment** of the rows above: each cell is the update "
+        "angle in degrees between the rule's weight gradient and backprop's on a training "
+        "batch, then ||rule grad|| / ||BP grad||, of that layer, from the last diagnostics "
+        "record of the run (`diagnostics_every`; "
+        + (f"{when(all_steps, all_epochs)})" if same else "the step under each column)")
+        + ("; mean over the seeds (their number under the column)" if several else "")
+        + "; one column per row that logged alignment, `bp` rows left out (0° by "
+        "construction); \"—\": the layer was not logged.")
+
+    def head(c) -> str:        # the label; the step when the columns' differ; the seeds
+        notes = ([] if same else [when(c[3], c[4])]) + ([f"{c[5]} seeds"] if c[5] > 1 else [])
+        return c[0] + (f" ({', '.join(notes)})" if notes else "")
+    lines = [sentence, "", "| layer | " + " | ".join(head(c) for c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name in _merge_layers([c[1] for c in columns]):
+        cells_ = []
+        for c in columns:
+            angle, ratio = c[2].get(name, (None, None))
+            cells_.append("—" if angle is None and ratio is None else
+                          ("—" if angle is None else f"{angle:.0f}") + " / "
+                          + ("—" if ratio is None else _fmt_ratio(ratio)))
+        lines.append(f"| `{name}` | " + " | ".join(cells_) + " |")
+    return "\n".join(lines)
 
 
 def _row_changes(row: Row) -> dict[str, Any]:
@@ -719,6 +819,8 @@ def render_quality(rows: list[Row], quality: dict[str, Any], quality_path: Path,
             shown = figure_links(grows[0].group)
             if shown:
                 out += ["", "* figures: " + ", ".join(shown)]
+            if layers := layer_alignment_markdown(grows):
+                out += ["", layers]
     return out
 
 
@@ -785,6 +887,8 @@ def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
                 notes.append("figures: " + ", ".join(shown))
             if notes:
                 out += [""] + [f"* {n}" for n in notes]
+            if g.table and (layers := layer_alignment_markdown(grows)):
+                out += ["", layers]
     if quality is not None:
         out += render_quality(rows, quality, quality_path, figure_links)
     out += ["", "## Published numbers", ""]

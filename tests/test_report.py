@@ -58,13 +58,13 @@ def write_log(results: Path, protocol: str, model: str, row: str, seed: int, tes
 
 
 def table_rows(text: str, heading: str, columns=report.COLUMNS) -> dict[str, dict[str, str]]:
-    """The markdown table under the first heading that starts with ``heading``: rule -> cells
-    (of its first row: a rule's rows on other data copies follow it)."""
+    """The (first) markdown table under the first heading that starts with ``heading``: rule
+    -> cells (of its first row: a rule's rows on other data copies follow it)."""
     lines = text.splitlines()
     start = next(i for i, l in enumerate(lines) if l.lstrip("#").strip().startswith(heading))
     rows = {}
-    for line in lines[start + 1:]:
-        if line.startswith("#"):
+    for i, line in enumerate(lines[start + 1:], start + 1):
+        if line.startswith("#") or (not line.startswith("|") and lines[i - 1].startswith("|")):
             break
         if line.startswith("| `"):
             cells = [c.strip() for c in line.strip("|").split("|")]
@@ -118,8 +118,12 @@ def test_every_cell_of_the_protocol_table(results, tmp_path):
     assert rows["dfa"]["published %"].startswith("52.20")     # published even when not run
     assert rows["usf"]["published %"] == "—"
     # the same protocol on another data copy is its own row, with no bp to compare to
-    other = [l for l in _build(results, tmp_path).splitlines() if "official copy" in l]
+    text = _build(results, tmp_path)
+    other = [l for l in text.splitlines() if "official copy" in l and l.startswith("| `")]
     assert len(other) == 1 and "| 47.00 | — |" in other[0]
+    # ... and its own column, named by its data copy, in the per-layer alignment table
+    assert (f"| layer | `fa` ({JPEG}) | `fa` (CIFAR-10, official copy) | `dtp` |\n"
+            "|---|---:|---:|---:|\n| `1` | 80 / 1 | 0 / 1 | 0 / 1 |") in text
     gpu = table_rows(_build(results, tmp_path), "Protocol gpu: config mlp_gpu")
     assert {c["test acc %"] for c in gpu.values()} == {"not run"}
 
@@ -303,6 +307,144 @@ def test_the_training_quality_track_has_its_own_tables(results, tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
         assert f"[{kind}](results/figures/resnet20/quality-screen-{kind}.png)" in \
             out.read_text()
+
+
+def layer_table(text: str, heading: str):
+    """(sentence, column heads, {layer: cells}) of the per-layer alignment table in the
+    section under the first heading that starts with ``heading``; None when it has none."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.lstrip("#").strip().startswith(heading))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")),
+               len(lines))
+    section = lines[start + 1:end]
+    at = next((i for i, l in enumerate(section) if l.startswith("**Per-layer alignment**")),
+              None)
+    if at is None:
+        return None
+    assert section[at + 1] == "" and section[at + 2].startswith("| layer |")
+    assert section[at + 3] == "|---|" + "---:|" * (section[at + 2].count("|") - 2)
+    body = {}
+    for line in section[at + 4:]:
+        if not line.startswith("| `"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        body[cells[0].strip("`")] = cells[1:]
+    head = [c.strip() for c in section[at + 2].strip("|").split("|")][1:]
+    return section[at], head, body
+
+
+def _edit_steps(path: Path, edit) -> None:
+    """Rewrite a log's records with ``edit(records) -> records``."""
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in edit(recs)))
+
+
+def test_per_layer_alignment_tables(tmp_path):
+    res = tmp_path / "results"
+    for seed in (0, 1):
+        write_log(res, "cpu", "mlp3x1024", "bp", seed, 0.50)        # 0 degrees: left out
+    logs = {"fa": [write_log(res, "cpu", "mlp3x1024", "fa", s, 0.45, angle=a, ratio=r)
+                   for s, a, r in ((0, 80.0, 0.5), (1, 60.0, 0.3))],        # 2 seeds: mean
+            "dtp": [write_log(res, "cpu", "mlp3x1024", "dtp", 0, 0.40, angle=30.0,
+                              ratio=0.0123, drift=10.0)],         # the last record counts
+            "dfa": [write_log(res, "cpu", "mlp3x1024", "dfa", 0, 0.40, angle=70.0,
+                              ratio=2.345)],
+            "kp": [write_log(res, "cpu", "mlp3x1024", "kp", 0, 0.40, angle=50.0,
+                             ratio=123.0)]}
+    write_log(res, "cpu", "mlp3x1024", "usf", 0, 0.40, alignment=False)    # no column
+
+    def without_3(recs):                          # dfa never logged layer "3"
+        for r in recs:
+            for values in r.get("alignment", {}).values():
+                values.pop("3")
+        return recs
+
+    def with_2_one_record_less(recs):   # kp: layers "1", "2", "3" (no run logged all
+        for r in recs:                  # four); its last record an epoch before the others'
+            for key, values in r.get("alignment", {}).items():
+                layers = {}
+                for name, value in values.items():
+                    if name != "5":
+                        layers[name] = value
+                    if name == "1":
+                        layers["2"] = 7.0 if key == "update_angle" else 0.25
+                r["alignment"][key] = layers
+        last = max(i for i, r in enumerate(recs) if "alignment" in r)
+        return recs[:last] + recs[last + 1:]
+    _edit_steps(logs["dfa"][0], without_3)
+    _edit_steps(logs["kp"][0], with_2_one_record_less)
+    qpath = tmp_path / "quality.toml"
+    qpath.write_text(QUALITY_TOML)
+    quality = table_runs.load_table(qpath)
+    write_log(res, "screen", "resnet20", "bp", 0, 0.40, table=quality)
+    write_log(res, "screen", "resnet20", "bp-adam", 0, 0.50, table=quality, angle=5.0)
+    qfa = write_log(res, "screen", "resnet20", "fa", 0, 0.30, table=quality, angle=60.0,
+                    ratio=0.5)
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(res), "--out", str(out), "--readme", "",
+                        "--quality", str(qpath), "--no-figures"]) == 0
+    text = out.read_text()
+
+    def check(table, logs):
+        """Every cell against the logs: mean over a row's runs of the last record's values."""
+        sentence, head, body = table
+        lasts = {label: [[r for r in map(json.loads, p.read_text().splitlines())
+                          if "alignment" in r][-1] for p in paths]
+                 for label, paths in logs.items()}
+        assert [h.split("`")[1] for h in head] == list(logs)
+        for label, h in zip(logs, head):
+            (step,) = {r["step"] for r in lasts[label]}     # said once, or per column
+            assert f"; step {step}, " in sentence or f"(step {step}, " in h, (label, h)
+            if len(lasts[label]) > 1:
+                assert f"{len(lasts[label])} seeds" in h
+        for i, label in enumerate(logs):
+            for layer, cells in body.items():
+                recs = [r["alignment"] for r in lasts[label]]
+                angles = [a["update_angle"][layer] for a in recs if layer in a["update_angle"]]
+                ratios = [a["norm_ratio"][layer] for a in recs if layer in a["norm_ratio"]]
+                if not angles:
+                    assert cells[i] == "—", (label, layer)
+                    continue
+                angle, ratio = cells[i].split(" / ")
+                assert angle == f"{statistics.fmean(angles):.0f}", (label, layer)
+                assert float(ratio) == float(f"{statistics.fmean(ratios):.2g}"), (label, layer)
+        return body
+
+    table = layer_table(text, "Protocol cpu: config mlp_cpu")
+    sentence, head, body = table
+    # table order, bp and the rows without alignment (usf) or runs left out
+    want = [r for r in table_runs.rows_for(TABLE, "mlp3x1024") if r in logs]
+    body = check(table, {label: logs[label] for label in want})
+    assert list(body) == ["1", "2", "3", "5"]                       # the order logged
+    cols = {label: i for i, label in enumerate(want)}
+    assert body["1"][cols["fa"]] == "70 / 0.4"                      # (80 + 60) / 2
+    assert body["3"][cols["fa"]] == "35 / 1" and body["5"][cols["fa"]] == "0 / 1"
+    assert body["1"][cols["dtp"]] == "30 / 0.012"
+    assert body["3"][cols["dfa"]] == "—" and body["2"][cols["dfa"]] == "—"
+    assert body["1"][cols["dfa"]] == "70 / 2.3"
+    assert body["1"][cols["kp"]] == "50 / 120" and body["2"][cols["kp"]] == "7 / 0.25"
+    assert body["5"][cols["kp"]] == "—"
+    assert head[cols["fa"]] == "`fa` (step 200, epoch 20, 2 seeds)"
+    assert head[cols["kp"]] == "`kp` (step 190, epoch 19)"       # the steps differ
+    assert "update angle in degrees between the rule's weight gradient and backprop's" in \
+        sentence and "the step under each column" in sentence and "mean over the seeds" \
+        in sentence
+    # after the group's table
+    section = text[text.index("### Protocol cpu: config mlp_cpu"):]
+    assert section.index("| `bp` |") < section.index("**Per-layer alignment**") < \
+        section.index("### Protocol gpu")
+    assert layer_table(text, "Protocol gpu: config mlp_gpu") is None       # nothing run
+    # the quality track: bp-adam left out; one step for all: said once
+    table = layer_table(text, "ResNet-20, protocol screen")
+    check(table, {"fa": [qfa]})
+    sentence, head, body = table
+    assert head == ["`fa`"] and body["1"] == ["60 / 0.5"] and "(`diagnostics_every`; " \
+        "step 30, epoch 3)" in sentence and "seeds" not in sentence
+    assert layer_table(text, "3x1024 tanh MLP, protocol screen") is None   # only bp
+    assert layer_table(text, "Protocol cpu: config resnet20_cpu") is None  # nothing run
+    # the function itself: "" when no row but bp logged alignment
+    rows = report.build_rows(report.load_runs(res), TABLE)
+    assert report.layer_alignment_markdown([r for r in rows if r.variant == "bp"]) == ""
 
 
 def test_run_summary_lists_each_run_with_its_last_alignment(results, capsys):
