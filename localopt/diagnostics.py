@@ -149,25 +149,20 @@ def _hooks_off(model: nn.Module):
             setattr(m, name, hooks)
 
 
-def _site_weights(site_list: list[Site]) -> list[tuple[str, Tensor]]:
-    """(name, weight) of every wrapped layer; a wrapped *module* (module-wise DFA) stands for
-    the layers with a weight matrix / kernel inside it, named ``<module>.<layer>``."""
-    out = []
-    for s in site_list:
-        w = getattr(s.module, "weight", None)
-        if isinstance(w, Tensor):
-            out.append((_name(s), w))
-            continue
-        for rel, sub in s.module.named_modules():
-            w = getattr(sub, "weight", None)
-            if rel and isinstance(w, Tensor) and w.dim() >= 2:
-                out.append((f"{_name(s)}.{rel}", w))
-    return out
+def _site_weights(model: nn.Module, site_list: list[Site]) -> list[tuple[str, Tensor]]:
+    """(name, weight) of every wrapped layer.  Module-wise rules (a wrapped *module* has no
+    weight of its own, e.g. module-wise DFA): every layer of the model with a weight matrix /
+    kernel, by its name in the model -- the layers inside the wrapped modules and those between
+    them, which receive the direct signal through exact backprop."""
+    if all(isinstance(getattr(s.module, "weight", None), Tensor) for s in site_list):
+        return [(_name(s), s.module.weight) for s in site_list]
+    return [(name, m.weight) for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2]
 
 
 def _rule_and_bp_grads(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], x: Any, y: Any):
     site_list = _sites(model)
-    named = _site_weights(site_list)
+    named = _site_weights(model, site_list)
     weights = [w for _, w in named]
 
     def grads() -> list[Tensor | None]:

@@ -81,9 +81,10 @@ def test_deep_linear_with_b_products_of_downstream_weights_is_bp(widths, n, seed
     assert_grads_close(grads(net, x, y, F.mse_loss), ref)
 
 
-def test_diagnostics_of_module_wise_dfa_name_the_layers_inside_the_modules():
+def test_diagnostics_of_module_wise_dfa_name_every_layer_of_the_model():
     """A wrapped module has no weight of its own: the update angles and norm ratios are those
-    of the layers inside it; the top module gets exact backprop (0 degrees, ratio 1)."""
+    of the model's layers, inside the modules and between them; the top module gets exact
+    backprop (0 degrees, ratio 1)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Sequential(nn.Linear(6, 7), nn.Tanh()),
                         nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 5)),
@@ -95,6 +96,13 @@ def test_diagnostics_of_module_wise_dfa_name_the_layers_inside_the_modules():
     for k in ("2.0", "2.1"):
         assert rep["update_angle"][k] < 1e-3 and abs(rep["norm_ratio"][k] - 1) < 1e-5
     assert rep["update_angle"]["0.0"] > 1.0
+    # a layer outside the wrapped modules gets the direct signal through exact backprop: it is
+    # reported too, by its name in the model
+    localopt.unwrap(net)
+    localopt.wrap(net, "dfa", modules=["1"], seed=0)
+    rep = localopt.diagnostics.compare_to_backprop(net, F.cross_entropy, x, y)
+    assert list(rep["update_angle"]) == ["0.0", "1.0", "1.2", "2.0", "2.1"]
+    assert rep["update_angle"]["0.0"] > 1.0 and rep["update_angle"]["2.0"] < 1e-3
 
 
 def test_hybrid_module_boundary_with_b_equal_jacobian_is_bp():
