@@ -164,7 +164,9 @@ def load_step_times(results: Path) -> list[dict[str, Any]]:
         if isinstance(data, dict) and "ratio_to_plain" in data and "model" in data:
             out.append({"path": path, "model": data["model"],
                         "device": "cuda" if str(data.get("device", "")).startswith("cuda")
-                        else "cpu", "ratios": data["ratio_to_plain"]})
+                        else "cpu", "ratios": data["ratio_to_plain"],
+                        "variants": data.get("variants", {}),
+                        "optimizer": str(data.get("optimizer", "")).split("(")[0]})
     # the file that measured the most rules first: one table's ratios from one measurement
     return sorted(out, key=lambda st: -len(st["ratios"]))
 
@@ -438,15 +440,31 @@ def fmt_gap(row: Row, rows: list[Row]) -> str:
     return f"{gap:+.2f}"
 
 
+def _timed_as(row: Row, variant: dict[str, Any] | None, file_optimizer: str) -> bool:
+    """A ``recipes.step_time`` variant record (``--variants-from`` the table) times this row:
+    same rule, rule options and optimizer (the variant's own, else the file's)."""
+    if not variant or not row.settings:
+        return False
+    return (variant.get("rule") == row.rule
+            and variant.get("options", {}) == row.settings.get("rule_options", {})
+            and variant.get("optimizer", file_optimizer) == row.settings.get("optimizer"))
+
+
 def step_ratio(row: Row, step_times: list[dict[str, Any]]) -> tuple[str, Path | None]:
+    """The row's step-time ratio to plain backprop: a plain rule's from the file that measured
+    the most rules; a row with options or its own optimizer (``fa-best``, ``dfa-stage``) from
+    a file that timed it by its label with the same rule, options and optimizer."""
     device = row.group.device
     if row.runs:
         device = "cuda" if any(r.info["device"].startswith("cuda") for r in row.runs) else "cpu"
-    if not row.plain:
-        return "—", None
     for st in step_times:
-        if st["model"] == row.group.model and st["device"] == device and row.rule in st["ratios"]:
+        if st["model"] != row.group.model or st["device"] != device:
+            continue
+        if row.plain and row.rule in st["ratios"]:
             return f"{st['ratios'][row.rule]:.2f}", st["path"]
+        if (not row.plain and row.variant in st["ratios"]
+                and _timed_as(row, st["variants"].get(row.variant), st["optimizer"])):
+            return f"{st['ratios'][row.variant]:.2f}", st["path"]
     return "—", None
 
 

@@ -471,3 +471,27 @@ def test_committed_results_md_is_up_to_date_with_the_logs():
     """RESULTS.md and README.md's table are regenerated whenever a log, the table or the
     published numbers change (python -m recipes.report)."""
     assert report.main(["--check"]) == 0
+
+
+def test_step_time_ratio_of_a_row_with_options_or_its_own_optimizer(results, tmp_path):
+    """A row with rule options or its own optimizer (``fa-best``: fa init="weight" with Muon;
+    ``dfa-stage``) takes its ratio from a ``--variants-from`` file that timed it by its label
+    with the same rule, options and optimizer -- never from a same-named variant of another
+    definition, nor from its plain rule's ratio."""
+    def write(name: str, variants: dict, optimizer: str = "sgd(lr=0.001)") -> None:
+        (results / "step_time" / name).write_text(json.dumps(
+            {"model": "resnet20", "device": "cpu", "optimizer": optimizer,
+             "ratio_to_plain": {"plain": 1.0, **{k: v.pop("ratio") for k, v in variants.items()}},
+             "variants": variants}))
+    stage = {"modules": ["layers.0", "layers.3", "layers.6"]}
+    write("table_resnet20.json", {
+        "fa": {"rule": "fa", "options": {}, "ratio": 1.05},
+        "fa-best": {"rule": "fa", "options": {"init": "weight"}, "optimizer": "muon",
+                    "ratio": 1.12},
+        "dfa-stage": {"rule": "dfa", "options": {"modules": ["layers.0"]}, "ratio": 7.0},
+        "bp-muon": {"rule": "bp", "options": {}, "ratio": 8.0}})       # timed with sgd
+    write("other_resnet20.json", {"dfa-stage": {"rule": "dfa", "options": stage, "ratio": 0.97}})
+    rows = table_rows(_build(results, tmp_path), "Protocol cpu: config resnet20_cpu")
+    assert rows["fa"]["ratio"] == "1.05" and rows["fa-best"]["ratio"] == "1.12"
+    assert rows["dfa-stage"]["ratio"] == "0.97"   # the file whose options are the row's
+    assert rows["bp-muon"]["ratio"] == "—"        # timed with another optimizer
