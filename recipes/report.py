@@ -865,7 +865,10 @@ def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
            "epoch: the mean over seeds, ± the sample standard deviation where there are 2+.  "
            "Gap: points to `bp` of the same protocol and data copy.  Step time / plain: "
            "`recipes.step_time` ratio of a training step to the unwrapped model on the same "
-           "kind of device (source files listed under each table).  \"not run\": the table "
+           "kind of device (source files listed under each table); img/s: the run's own "
+           "training throughput, which also depends on what else shared the machine (the CPU "
+           "runs ran two or three at a time on two cores), so compare speeds by the step-time "
+           "ratio.  \"not run\": the table "
            "has this row but no finished log yet.  Compare rules only against `bp` on the "
            "same data copy: the JPEG-q75 copy scores 1-3 points below the official files.",
            "",
