@@ -26,6 +26,8 @@ from .data import PROTOCOLS, REPO
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "batch_manhattan", "muon")
+#: target propagation's feedback optimizers (``feedback_options = {feedback_optimizer = ...}``)
+FEEDBACK_OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 LOSSES = ("ce", "bce")
 AMP = ("none", "bf16")
@@ -288,17 +290,16 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     def build(cls, params=params, **kwargs):  # rules that learn feedback: LocalOptimizer
         if localopt.is_wrapped(inner) and localopt.rules.target_prop.is_target_prop(inner):
             fb = dict(cfg.feedback_options)
-            fb_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
             name = fb.pop("feedback_optimizer", "sgd")
-            if name not in fb_cls:
+            if name not in FEEDBACK_OPTIMIZERS:
                 raise ConfigError(f"--feedback-options feedback_optimizer={name!r}: choose one "
-                                  f"of {', '.join(fb_cls)}")
+                                  f"of {', '.join(FEEDBACK_OPTIMIZERS)}")
             if "betas" in fb.get("feedback_options", {}):
                 fb["feedback_options"] = {**fb["feedback_options"],
                                           "betas": tuple(fb["feedback_options"]["betas"])}
             try:
                 return localopt.optim.TargetProp(model, cls, params, feedback_optimizer=
-                                                 fb_cls[name], **fb, **kwargs)
+                                                 FEEDBACK_OPTIMIZERS[name], **fb, **kwargs)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"--feedback-options {cfg.feedback_options}: {e}") from None
         if localopt.is_wrapped(inner) and localopt.sites(inner)[0].rule.learns_feedback:

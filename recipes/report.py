@@ -687,8 +687,8 @@ def quality_cells(row: Row, rows: list[Row]) -> dict[str, str]:
 QUALITY_COLUMNS = ("row", "rule", "optimizer", "rule options", "test acc %", "gap to bp",
                    "update angle", "norm ratio")
 QUALITY_HEADER = ("| row | rule | optimizer | rule options; other settings | test acc % | "
-                  "gap to bp, same optimizer (points) | update angle (deg, mean over layers) | norm ratio, "
-                  "first layer |\n|---|---|---|---|---:|---:|---:|---:|")
+                  "gap to bp, same optimizer (points) | update angle (deg, mean over layers) | "
+                  "norm ratio, first layer |\n|---|---|---|---|---:|---:|---:|---:|")
 
 
 def quality_markdown(rows: list[Row], all_rows: list[Row]) -> str:

@@ -12,9 +12,9 @@ needs, built as ``recipes.train`` builds it (``recipes.common.make_optimizer``):
 (``--optimizer``: ``sgd`` or ``muon`` with momentum 0.9, or ``adam``; no weight decay),
 ``localopt.optim.LocalOptimizer`` around it for rules that learn their feedback (``kp``, ``wm``,
 ...), ``localopt.optim.TargetProp`` around it for target propagation (``--feedback-optimizer``,
-``--feedback-lr``, ``--noise``).  ``plain`` is the
-unwrapped model with the plain optimizer: the reference.  A step is forward, cross-entropy,
-backward and ``opt.step()`` on a fixed random batch (step time does not depend on the data).
+``--feedback-lr``, ``--noise``).  ``plain`` is the unwrapped model with the plain optimizer: the
+reference.  A step is forward, cross-entropy, backward and ``opt.step()`` on a fixed random
+batch (step time does not depend on the data).
 After two warm-up steps each, rounds of all variants are interleaved so that machine noise
 hits every variant alike; the median step time of each is reported with its ratio to
 ``plain``.  ``--diagnostics LABEL`` also times one ``localopt.diagnostics.report`` call on that
@@ -32,8 +32,8 @@ named LABEL.  ``--options LABEL=TABLE`` (repeatable) gives a variant the options
 then its own, then its ``settings`` for the model, as ``recipes.table_runs`` merges them).  A
 row whose settings name an optimizer this runner has (``sgd``, ``adam``, ``muon``; also the
 target propagation's ``feedback_optimizer``) is timed with it and its ``lr``, ``aux_lr`` (and
-``feedback_lr``, ``noise``); a row naming another optimizer is timed with the plain one, and its JSON record
-says so (``note``)::
+``feedback_lr``, ``noise``); a row naming another optimizer is timed with the plain one, and
+its JSON record says so (``note``)::
 
     python -m recipes.step_time --model resnet20 --variants-from recipes/table.toml --threads 1
 
@@ -81,11 +81,10 @@ import torch.nn.functional as F
 import localopt
 from localopt import models
 
-from .common import Config, ConfigError, device_name, make_optimizer, pick_device, \
-    resolve_config_path
+from .common import FEEDBACK_OPTIMIZERS, Config, ConfigError, device_name, make_optimizer, \
+    pick_device, resolve_config_path
 
 OPTIMIZERS = ("sgd", "adam", "muon")   # momentum 0.9 (sgd, muon), no weight decay
-FEEDBACK_OPTIMIZERS = ("sgd", "adam")
 
 
 def parse_variant(spec: str) -> tuple[str, int]:
