@@ -205,6 +205,36 @@ def test_fa_track_norm_follows_the_weight_scale(kind):
     assert not torch.allclose(dx, dx_plain)
 
 
+@pytest.mark.parametrize("rule", ["frsf", "brsf"])
+def test_sign_symmetry_track_norm_follows_the_weight_scale(rule):
+    """frSF/brSF ``track_norm``: B_t = |M| sign(W) ||W_t|| / ||B||, so the sent signal keeps the
+    plain rule's direction and scales with W (the plain rule's does not: its |M| is fixed or
+    drawn independently of W)."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    G = torch.randn_like(layer(x))
+    plain, tracked = copy.deepcopy(layer), copy.deepcopy(layer)
+    localopt.wrap(plain, rule, seed=0)
+    localopt.wrap(tracked, rule, seed=0, track_norm=True)
+    dx = {}
+    for c in (1.0, 3.0):
+        p, t = copy.deepcopy(plain), copy.deepcopy(tracked)   # same stream state: same |M_t|
+        with torch.no_grad():
+            p.weight.mul_(c)
+            t.weight.mul_(c)
+        dx["plain", c] = _grads(p, x, G)[1]
+        dx["tracked", c] = _grads(t, x, G)[1]
+    torch.testing.assert_close(dx["plain", 3.0], dx["plain", 1.0], **TOL[torch.float64])
+    torch.testing.assert_close(dx["tracked", 3.0], 3.0 * dx["tracked", 1.0], **TOL[torch.float64])
+    ratio = dx["tracked", 1.0].norm() / dx["plain", 1.0].norm()
+    torch.testing.assert_close(dx["tracked", 1.0], ratio * dx["plain", 1.0], **TOL[torch.float64])
+    assert not torch.isclose(ratio, torch.ones((), dtype=ratio.dtype), rtol=1e-2)
+    if rule == "frsf":   # the ratio is ||W|| / ||B||, B = |M| sign(W)
+        B = plain.localopt_feedback * torch.sign(plain.weight)
+        torch.testing.assert_close(ratio, layer.weight.norm() / B.norm(), **TOL[torch.float64])
+
+
 def test_fa_init_weight_starts_as_backprop_then_keeps_w0():
     """``init="weight"``: B = W_0, so the first backward is backprop's; after W moves, dx
     still goes through W_0."""

@@ -69,6 +69,10 @@ class BRSF(FeedbackRule):
     :func:`localopt.rng.counter_uniform`: one operator, so ``torch.compile`` traces it
     without a graph break; torch's global RNG is untouched, the stream is saved with the
     model, and every data-parallel rank draws the same ``M_t``.
+
+    ``track_norm=True``: ``B_t = B ||W_t|| / ||B||`` at every backward, the scale of
+    :class:`~localopt.rules.fa.FA`'s option of that name (why: its docstring; a BN-followed
+    layer's signal otherwise shrinks as W grows).
     """
 
     name = "brsf"
@@ -78,14 +82,18 @@ class BRSF(FeedbackRule):
     def feedback_format(self) -> str:
         return self.name  # its state is a random stream, not a B
 
-    def __init__(self, *, init: str = "xavier") -> None:
+    def __init__(self, *, init: str = "xavier", track_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         self.init = init
+        self.track_norm = check_bool(self.name, "track_norm", track_norm)
 
     def feedback(self, site: Site) -> Tensor:
         W = site.weight.detach()
         u = rng.counter_uniform(site, tuple(W.shape), W.device)
-        return feedback_magnitude(self.init, W, u).to(W.dtype) * torch.sign(W)
+        B = feedback_magnitude(self.init, W, u).to(W.dtype) * torch.sign(W)
+        if self.track_norm:
+            return B * (W.norm() / B.norm().clamp_min(1e-12))
+        return B
 
 
 @register_rule
@@ -95,15 +103,18 @@ class FRSF(FeedbackRule):
         B = |M| * sign(W),   M drawn once at wrap time (buffer ``localopt_feedback`` = |M|)
 
     Options: ``init`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`); ``match_norm``:
-    rescale M to the Frobenius norm of W.
+    rescale M to the Frobenius norm of W at wrap time; ``track_norm``: ``B_t = B ||W_t|| /
+    ||B||`` at every backward (as :class:`~localopt.rules.fa.FA`'s option of that name).
     """
 
     name = "frsf"
 
-    def __init__(self, *, init: str = "xavier", match_norm: bool = False) -> None:
+    def __init__(self, *, init: str = "xavier", match_norm: bool = False,
+                 track_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         self.init = init
         self.match_norm = check_bool(self.name, "match_norm", match_norm)
+        self.track_norm = check_bool(self.name, "track_norm", track_norm)
 
     def feedback_format(self) -> str:
         return self.name  # its buffer is |M|, not a B
@@ -113,4 +124,8 @@ class FRSF(FeedbackRule):
         site.register_buffer("feedback", M.abs_())
 
     def feedback(self, site: Site) -> Tensor:
-        return site.buffer("feedback") * torch.sign(site.weight.detach())
+        W = site.weight.detach()
+        B = site.buffer("feedback") * torch.sign(W)
+        if self.track_norm:
+            return B * (W.norm() / B.norm().clamp_min(1e-12)).to(B.dtype)
+        return B
