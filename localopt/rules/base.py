@@ -277,6 +277,12 @@ def feedback_magnitude(init: str, weight: Tensor, u: Tensor) -> Tensor:
     return u * bound
 
 
+def scaled_to(B: Tensor, weight: Tensor) -> Tensor:
+    """``B ||weight||_F / ||B||_F``: B with the Frobenius norm of ``weight`` (its direction kept;
+    tensor ops only, no host sync)."""
+    return B * (weight.norm() / B.norm().clamp_min(1e-12)).to(B.dtype)
+
+
 def init_feedback(init: str, weight: Tensor, generator: torch.Generator | None,
                   match_norm: bool = False, on_device: bool = False) -> Tensor:
     """Draw a random feedback weight shaped like ``weight`` on its device and dtype.
@@ -291,7 +297,7 @@ def init_feedback(init: str, weight: Tensor, generator: torch.Generator | None,
     device = weight.device if on_device else torch.device("cpu")
     B = FEEDBACK_INITS[init](weight, generator, device)
     if match_norm:
-        B = B * (weight.detach().float().norm().to(device) / B.norm().clamp_min(1e-12))
+        B = scaled_to(B, weight.detach().float().to(device))
     return B.to(device=weight.device, dtype=weight.dtype)
 
 

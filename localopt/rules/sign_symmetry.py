@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import rng
 from ..mechanism import Site
 from .base import (FEEDBACK_INITS, FeedbackRule, _fans, check_bool, check_choice, check_number,
-                   feedback_magnitude, init_feedback, register_rule)
+                   feedback_magnitude, init_feedback, register_rule, scaled_to)
 
 _SCALES = ("xavier", "kaiming", "norm", "none")
 
@@ -92,7 +92,7 @@ class BRSF(FeedbackRule):
         u = rng.counter_uniform(site, tuple(W.shape), W.device)
         B = feedback_magnitude(self.init, W, u).to(W.dtype) * torch.sign(W)
         if self.track_norm:
-            return B * (W.norm() / B.norm().clamp_min(1e-12))
+            return scaled_to(B, W)
         return B
 
 
@@ -127,5 +127,5 @@ class FRSF(FeedbackRule):
         W = site.weight.detach()
         B = site.buffer("feedback") * torch.sign(W)
         if self.track_norm:
-            return B * (W.norm() / B.norm().clamp_min(1e-12)).to(B.dtype)
+            return scaled_to(B, W)
         return B
