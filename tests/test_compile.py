@@ -149,3 +149,33 @@ def test_compiled_dfa_still_raises_without_the_output_error():
     h = model[0](x)  # a layer run outside the model's forward: no output error reaches it
     with pytest.raises(RuntimeError, match="inside that forward"):
         torch.compile(model[2], backend="aot_eager")(torch.tanh(model[1](h))).sum().backward()
+
+
+@pytest.mark.parametrize("rule", ["kp", "wm", "bfa", "dkp", "bidfa"])
+def test_compiled_training_learns_the_same_feedback_as_eager(rule):
+    # what a rule learns of its feedback (B.grad, normalisers) is computed in hooks and the
+    # backward pass; under torch.compile it must reach LocalOptimizer exactly as in eager
+    from localopt.optim import LocalOptimizer
+
+    def train(compiled: bool) -> list[dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = localopt.wrap(ResNetLet(), rule, seed=3)
+        opt = LocalOptimizer(model, torch.optim.SGD, lr=0.05, momentum=0.9)
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        g = torch.Generator().manual_seed(1)
+        feedback = []
+        for _ in range(3):
+            x, y = torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 5, (4,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(forward(x), y).backward()
+            opt.step()
+            feedback.append({n: b.clone() for n, b in model.named_buffers()
+                             if n.endswith("feedback") and b.numel()})
+        return feedback
+
+    eager, compiled = train(False), train(True)
+    assert eager[-1] and eager[-1].keys() == compiled[-1].keys()
+    for name, b in eager[-1].items():
+        torch.testing.assert_close(compiled[-1][name], b, rtol=1e-4, atol=1e-6)
+    # the feedback did learn between the first and the last step: not two constants compared
+    assert any(not torch.equal(eager[0][n], b) for n, b in eager[-1].items())

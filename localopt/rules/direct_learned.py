@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..mechanism import Site
 from .base import check_number, register_rule
@@ -63,17 +63,17 @@ class BiDFA(LearnsFeedback, DFA):
     networks", 2017): DFA whose feedback is trained to reconstruct each hooked layer's input
     from the network output.
 
-    The backward pass is DFA's, ``dx = e B``.  In the forward pass, once the output ``z`` is
-    known, the same projection applied to ``z`` reconstructs the input ``x`` of every hooked
-    layer, ``x_hat = z B``, and B descends ``L_B = 1/2 ||x_hat - x||^2`` by normalised least
+    The backward pass is DFA's, ``dx = e B``.  The same projection applied to the (detached)
+    output ``z`` of the forward reconstructs the input ``x`` of every hooked layer,
+    ``x_hat = z B``, and B descends ``L_B = 1/2 ||x_hat - x||^2`` by normalised least
     mean squares (as :class:`~localopt.rules.bidirectional.BFA`)::
 
         B <- B - lr (dL_B/dB / (P ||z||^2) + decay B)
 
     with ``||z||^2`` summed over the batch and ``P`` the number of input positions that share
     one projection (``feedback="channel"``; 1 for ``"dense"``), so any ``lr`` in ``(0, 2)`` is
-    stable.  It is computed once ``z`` is known, added to the pending update by the backward
-    pass (a forward without backward changes nothing; over several backward passes the
+    stable.  It is computed in the backward pass, from the ``x`` and ``z`` of the forward
+    (so a forward without backward changes nothing; over several backward passes the
     gradients and the normalisers are summed separately, so accumulation gives exactly the
     step of one batch holding them all, whatever the loss scale) and applied by
     :class:`localopt.optim.LocalOptimizer`.  ``B`` thus learns the linear read-out of each
@@ -85,6 +85,7 @@ class BiDFA(LearnsFeedback, DFA):
 
     name = "bidfa"
     feedback_from_data = True
+    needs_output = True  # the detached output z reaches send() with the error
 
     def __init__(self, *, lr: float = 0.5, decay: float = 0.0, feedback: str = "dense",
                  init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
@@ -97,46 +98,30 @@ class BiDFA(LearnsFeedback, DFA):
                          max_feedback_mb=max_feedback_mb)
         self.lr, self.decay = float(lr), float(decay)
 
-    def attach(self, model: nn.Module, sites: list[Site]) -> None:
-        super().attach(model, sites)
-        self._seen: dict[Site, tuple[Tensor, list]] = {}
-        self._root = model.register_forward_hook(self._reconstruct)  # after DFA's root hook
-
-    def detach(self, model: nn.Module, sites: list[Site]) -> None:
-        self._root.remove()
-        super().detach(model, sites)
-
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
-        box: list = []  # filled with this forward's (dL_B/dB, P ||z||^2) once z is known
-        self._seen[site] = (x.detach(), box)
-        return super().forward(site, x, out) + (box,)
+        return super().forward(site, x, out) + (x.detach(),)
 
-    def send(self, site: Site, src: Tensor, payload: Any) -> Tensor:
-        *base, box = payload
-        if box:  # accumulated by the backward pass only: a forward alone changes nothing
-            accumulate_feedback_grad(site, *box[0])
-        return super().send(site, src, tuple(base))
+    def source(self, e: Tensor, out: Tensor | None) -> Any:
+        return super().source(e, out), out
 
-    def _reconstruct(self, model: nn.Module, args: tuple, out: Any) -> None:
-        seen, self._seen = self._seen, {}
-        if not seen:
-            return
-        z = self._select_output(model, out).detach()
+    def send(self, site: Site, src: Any, payload: Any) -> Tensor:
+        # In the backward pass, from the payload and the output that the autograd edge
+        # carries: no state outside the graph, so torch.compile keeps it.
+        (e, z), (*base, x) = src, payload
+        dx = super().send(site, e, tuple(base))
+        B = site.buffer("feedback")
         zz = z.to(torch.promote_types(z.dtype, torch.float32)).square().sum()
-        for site, (x, box) in seen.items():
-            B = site.buffer("feedback")
-            if B.numel() == 0:
-                continue
-            positions = 1
-            if self.feedback == "channel" and z.dim() == 2:
-                positions = x[0].numel() // x.shape[self._feature_dim(site, x.dim())]
-            with torch.enable_grad():
-                Bv = B.detach().requires_grad_()
-                x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
-                loss = 0.5 * (x_hat - x.to(x_hat.dtype)).square().sum()
-                g = torch.autograd.grad(loss, Bv)[0]
-            box.append((g, zz * positions))
+        positions = 1
+        if self.feedback == "channel" and z.dim() == 2:
+            positions = x[0].numel() // x.shape[self._feature_dim(site, x.dim())]
+        with torch.enable_grad():
+            Bv = B.detach().requires_grad_()
+            x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
+            loss = 0.5 * (x_hat - x.to(x_hat.dtype)).square().sum()
+            g = torch.autograd.grad(loss, Bv)[0]
+        accumulate_feedback_grad(site, g, zz * positions)
+        return dx
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         apply_feedback_grads(sites, self.lr, self.decay)
