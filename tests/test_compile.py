@@ -82,11 +82,14 @@ def test_root_hooks_trace_into_the_forward_graph(rule):
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason for r in ex.break_reasons]
 
 
-@pytest.mark.parametrize("rule", ["fa", "brsf", "dfa", "kp"])
-def test_compiled_gradients_equal_eager(rule):
+@pytest.mark.parametrize("rule, options", [
+    ("fa", {}), ("fa", {"track_norm": True}), ("usf", {}), ("usf", {"scale": "norm"}),
+    ("brsf", {}), ("frsf", {"track_norm": True}), ("dfa", {}), ("bdfa", {}), ("drtp", {}),
+    ("kp", {})])
+def test_compiled_gradients_equal_eager(rule, options):
     torch.manual_seed(0)
-    eager = localopt.wrap(ResNetLet(), rule, seed=3)
-    compiled_model = localopt.wrap(ResNetLet(), rule, seed=3)
+    eager = localopt.wrap(ResNetLet(), rule, seed=3, **options)
+    compiled_model = localopt.wrap(ResNetLet(), rule, seed=3, **options)
     compiled_model.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_model, backend="aot_eager")
     g = torch.Generator().manual_seed(1)
