@@ -103,15 +103,16 @@ class BiDFA(LearnsFeedback, DFA):
         return super().forward(site, x, out) + (x.detach(),)
 
     def source(self, e: Tensor, out: Tensor | None) -> Any:
-        return super().source(e, out), out
+        """DFA's error, with the detached output ``z`` and ``||z||^2`` (once per backward)."""
+        zz = out.to(torch.promote_types(out.dtype, torch.float32)).square().sum()
+        return super().source(e, out), out, zz
 
     def send(self, site: Site, src: Any, payload: Any) -> Tensor:
         # In the backward pass, from the payload and the output that the autograd edge
         # carries: no state outside the graph, so torch.compile keeps it.
-        (e, z), (*base, x) = src, payload
+        (e, z, zz), (*base, x) = src, payload
         dx = super().send(site, e, tuple(base))
         B = site.buffer("feedback")
-        zz = z.to(torch.promote_types(z.dtype, torch.float32)).square().sum()
         positions = 1
         if self.feedback == "channel" and z.dim() == 2:
             positions = x[0].numel() // x.shape[self._feature_dim(site, x.dim())]
