@@ -85,7 +85,7 @@ def test_root_hooks_trace_into_the_forward_graph(rule):
 @pytest.mark.parametrize("rule, options", [
     ("fa", {}), ("fa", {"track_norm": True}), ("usf", {}), ("usf", {"scale": "norm"}),
     ("brsf", {}), ("frsf", {"track_norm": True}), ("dfa", {}), ("bdfa", {}), ("drtp", {}),
-    ("kp", {})])
+    ("kp", {}), ("dkp", {"fixed_norm": True})])
 def test_compiled_gradients_equal_eager(rule, options):
     torch.manual_seed(0)
     eager = localopt.wrap(ResNetLet(), rule, seed=3, **options)
@@ -154,7 +154,7 @@ def test_compiled_dfa_still_raises_without_the_output_error():
         torch.compile(model[2], backend="aot_eager")(torch.tanh(model[1](h))).sum().backward()
 
 
-@pytest.mark.parametrize("rule", ["kp", "wm", "bfa", "dkp", "bidfa"])
+@pytest.mark.parametrize("rule", ["kp", "wm", "bfa", "dkp", "dkp-fixed", "bidfa"])
 def test_compiled_training_learns_the_same_feedback_as_eager(rule):
     # what a rule learns of its feedback (B.grad, normalisers) is computed in hooks and the
     # backward pass; under torch.compile it must reach LocalOptimizer exactly as in eager
@@ -162,7 +162,8 @@ def test_compiled_training_learns_the_same_feedback_as_eager(rule):
 
     def train(compiled: bool) -> list[dict[str, torch.Tensor]]:
         torch.manual_seed(0)
-        model = localopt.wrap(ResNetLet(), rule, seed=3)
+        model = (localopt.wrap(ResNetLet(), "dkp", seed=3, fixed_norm=True)
+                 if rule == "dkp-fixed" else localopt.wrap(ResNetLet(), rule, seed=3))
         opt = LocalOptimizer(model, torch.optim.SGD, lr=0.05, momentum=0.9)
         forward = torch.compile(model, backend="aot_eager") if compiled else model
         g = torch.Generator().manual_seed(1)

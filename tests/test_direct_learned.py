@@ -97,6 +97,50 @@ def test_dkp_channel_mode_conv_gradient():
     assert B.grad is None and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("feedback", ["dense", "channel"])
+def test_dkp_fixed_norm_signal_is_b_at_its_drawn_norm(feedback):
+    """fixed_norm=True: the signal is e B n0 / ||B|| with n0 = scale sqrt(E) (dense) or
+    scale sqrt(K / P) (channel, P positions sharing e B) -- the expected norm of the drawn B --
+    whatever ||B|| has become; grad B is still e^T x."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
+    fixed = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, fixed_norm=True,
+                          seed=5)
+    plain = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no LocalOptimizer: the feedback is not stepped
+        F.cross_entropy(fixed(x), y).backward()  # draws B
+        F.cross_entropy(plain(x), y).backward()
+        B = fixed[2]._buffers["localopt_feedback"]
+        n0 = 0.7 * (10 ** 0.5 if feedback == "dense" else (10 / 36) ** 0.5)
+        assert B.norm().item() == pytest.approx(n0, rel=0.1)  # n0: the drawn norm's expectation
+        with torch.no_grad():
+            B.mul_(7.0)  # as if B had grown: the signal must not
+            plain[2]._buffers["localopt_feedback"].copy_(B * n0 / B.norm())
+        for m in (fixed, plain):
+            m.zero_grad()
+            for b in (m[2]._buffers["localopt_feedback"],):
+                b.grad = None
+            F.cross_entropy(m(x), y).backward()
+    assert fixed[0].weight.grad.abs().sum() > 0
+    torch.testing.assert_close(fixed[0].weight.grad, plain[0].weight.grad, rtol=1e-5, atol=1e-7)
+    # grad B: e^T x, the same for both (it does not depend on B)
+    torch.testing.assert_close(fixed[2]._buffers["localopt_feedback"].grad,
+                               plain[2]._buffers["localopt_feedback"].grad, rtol=1e-5, atol=1e-8)
+
+
+def test_dkp_fixed_norm_rejects_non_bool():
+    with pytest.raises(TypeError, match="fixed_norm"):
+        localopt.wrap(net(), "dkp", fixed_norm="yes")
+
+
 def test_dkp_with_plain_optimizer_warns():
     model = localopt.wrap(net(), "dkp")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -2,13 +2,14 @@
 & Ahn 2020) and ``bidfa`` (bidirectional DFA, after Luo, Fu & Glass 2017)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..mechanism import Site
-from .base import check_number, register_rule
+from .base import check_bool, check_number, register_rule
 from .direct import DFA
 from .learned import LearnsFeedback, accumulate_feedback_grad, anchor, apply_feedback_grads
 
@@ -29,12 +30,30 @@ class DKP(LearnsFeedback, DFA):
     and is stepped with its layer's optimizer settings (same algorithm, lr, momentum, weight
     decay, its own optimizer state) by :class:`localopt.optim.LocalOptimizer` -- as the
     authors' code steps ``B`` in the same optimizer as the weights.  Weight decay is what makes
-    ``B`` forget its random start.  Options as :class:`~localopt.rules.direct.DFA`.
+    ``B`` forget its random start.
+
+    ``fixed_norm=True`` (an option of this library, not of the paper): the signal uses ``B`` at
+    the Frobenius norm it was drawn with, ``dx = e B n_0 / ||B||`` with ``n_0 = scale
+    sqrt(E)`` (dense; ``scale sqrt(K / P)`` for ``"channel"`` with ``P`` shared positions), so
+    ``B`` learns only the signal's direction; ``grad B`` is unchanged.  Why: nothing in the
+    forward pass depends on ``B``, so the error never answers its growth, and only weight
+    decay bounds it (at ``-E[e^T x] / decay``); on a ResNet-20, whose residual stream feeds
+    large inputs ``x``, ``||B||`` grows by orders of magnitude and the training diverges.
+    Other options as :class:`~localopt.rules.direct.DFA`.
     """
 
     name = "dkp"
     feedback_from_data = True
     mirrors_update = True
+
+    def __init__(self, *, fixed_norm: bool = False, feedback: str = "dense",
+                 init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
+                 modules: Any = None, channel_dim: "int | None" = None,
+                 max_feedback_mb: float = 1024.0, inside: str = "bp") -> None:
+        super().__init__(feedback=feedback, init=init, scale=scale, output=output,
+                         modules=modules, channel_dim=channel_dim,
+                         max_feedback_mb=max_feedback_mb, inside=inside)
+        self.fixed_norm = check_bool(self.name, "fixed_norm", fixed_norm)
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
@@ -42,8 +61,17 @@ class DKP(LearnsFeedback, DFA):
 
     def send(self, site: Site, src: Tensor, payload: Any) -> Tensor:
         *base, x = payload
-        dx = super().send(site, src, tuple(base))
         B = site.buffer("feedback")
+        if self.fixed_norm:
+            shape, dtype = base
+            E, F = B.shape
+            if self.feedback == "channel" and src.dim() == 2:   # P positions share e B
+                F = x[0].numel()
+            n0 = self.scale * math.sqrt(E * B.shape[1] / F)
+            Bn = B * (n0 / torch.linalg.vector_norm(B).clamp_min(1e-30))
+            dx = self._project(site, src, Bn, shape).to(dtype)
+        else:
+            dx = super().send(site, src, tuple(base))
         with torch.enable_grad():
             Bv = B.detach().requires_grad_()
             proj = self._project(site, src.detach(), Bv, x.shape)
