@@ -433,10 +433,15 @@ class DirectRule(Rule):
         if self.feedback == "dense":
             D = math.prod(xshape[1:])
             return (math.prod(zshape[1:]), D), D
-        fdim = self._feature_dim(site, len(xshape))
-        C = xshape[fdim]
-        pos = math.prod(xshape[1:]) // C if len(zshape) == 2 else 1
-        return (zshape[-1], C), C * pos
+        C = xshape[self._feature_dim(site, len(xshape))]
+        return (zshape[-1], C), C * self._shared_positions(site, xshape, len(zshape))
+
+    def _shared_positions(self, site: Site, xshape: torch.Size, e_ndim: int) -> int:
+        """``P``, the input positions that share one projection ``e B``: those of a
+        ``feedback="channel"`` input when the error is per sample (``e_ndim == 2``); else 1."""
+        if self.feedback != "channel" or e_ndim != 2:
+            return 1
+        return math.prod(xshape[1:]) // xshape[self._feature_dim(site, len(xshape))]
 
     def _materialize(self, z: Tensor) -> None:
         st = self._state

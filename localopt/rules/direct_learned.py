@@ -64,10 +64,8 @@ class DKP(LearnsFeedback, DFA):
         B = site.buffer("feedback")
         if self.fixed_norm:
             shape, dtype = base
-            E, F = B.shape
-            if self.feedback == "channel" and src.dim() == 2:   # P positions share e B
-                F = x[0].numel()
-            n0 = self.scale * math.sqrt(E * B.shape[1] / F)
+            n0 = self.scale * math.sqrt(B.shape[0] / self._shared_positions(site, x.shape,
+                                                                             src.dim()))
             Bn = B * (n0 / torch.linalg.vector_norm(B).clamp_min(1e-30))
             dx = self._project(site, src, Bn, shape).to(dtype)
         else:
@@ -141,9 +139,7 @@ class BiDFA(LearnsFeedback, DFA):
         (e, z, zz), (*base, x) = src, payload
         dx = super().send(site, e, tuple(base))
         B = site.buffer("feedback")
-        positions = 1
-        if self.feedback == "channel" and z.dim() == 2:
-            positions = x[0].numel() // x.shape[self._feature_dim(site, x.dim())]
+        positions = self._shared_positions(site, x.shape, z.dim())
         with torch.enable_grad():
             Bv = B.detach().requires_grad_()
             x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
