@@ -205,6 +205,32 @@ def test_fa_track_norm_follows_the_weight_scale(kind):
     assert not torch.allclose(dx, dx_plain)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("opts", [{}, {"init": "weight"}, {"track_norm": True},
+                                  {"match_norm": True}])
+@pytest.mark.parametrize("gain", [0.25, 3.0])
+def test_fa_gain_scales_the_sent_signal_only(kind, opts, gain):
+    """``gain``: dx = g delta B with B as without the gain (same seed, same options), and the
+    weight and bias gradients are the exact local ones, unchanged."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = nn.Linear(6, 5).double(), torch.randn(3, 6, dtype=torch.float64)
+    else:
+        layer, x = nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(2, 3, 5, 5,
+                                                                        dtype=torch.float64)
+    G = torch.randn_like(layer(x))
+    plain = copy.deepcopy(layer)
+    localopt.wrap(plain, "fa", seed=0, **opts)
+    localopt.wrap(layer, "fa", seed=0, gain=gain, **opts)
+    out, dx, gp = _grads(layer, x, G)
+    out_ref, dx_ref, gp_ref = _grads(plain, x, G)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(dx, gain * dx_ref, **TOL[torch.float64])
+    for g, r in zip(gp, gp_ref):
+        torch.testing.assert_close(g, r)
+    assert not torch.allclose(dx, dx_ref)
+
+
 @pytest.mark.parametrize("rule", ["frsf", "brsf"])
 def test_sign_symmetry_track_norm_follows_the_weight_scale(rule):
     """frSF/brSF ``track_norm``: B_t = |M| sign(W) ||W_t|| / ||B||, so the sent signal keeps the

@@ -103,6 +103,10 @@ def test_match_norm_must_be_a_bool(rule, value):
     ({"scale": "big", "rule": "usf"}, ValueError, "scale='big'"),
     ({"max_feedback_mb": -1, "rule": "dfa"}, ValueError, "max_feedback_mb=-1"),
     ({"init": ["xavier"]}, ValueError, "init="),
+    ({"gain": 0}, ValueError, "gain=0"),
+    ({"gain": -0.5}, ValueError, "gain=-0.5"),
+    ({"gain": True}, TypeError, "gain=True"),
+    ({"gain": "half"}, TypeError, "gain='half'"),
 ])
 def test_bad_wrap_arguments(kwargs, err, match):
     model = mlp()

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 
 from ..mechanism import Site
-from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, init_feedback,
-                   register_rule)
+from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, check_number,
+                   init_feedback, register_rule)
 
 
 @register_rule
@@ -29,6 +29,9 @@ class FA(FeedbackRule):
         match_norm: rescale B to the Frobenius norm of W at wrap time ("norm-matched").
         track_norm: rescale B to the Frobenius norm of W at every backward,
             ``B_t = B ||W_t|| / ||B||``: the direction stays fixed, the scale follows W.
+        gain: a constant factor ``g > 0`` on what every layer sends back, ``dx = g delta B``
+            (after ``init``/``match_norm``/``track_norm``; default 1, the papers' rule).
+            This project's option, not a paper's; see "Residual networks" below.
 
     Why ``track_norm``.  A layer followed by batch normalisation is scale-invariant: with
     ``y = BN(x W^T)``, scaling W by ``c`` scales the error BN passes back to the layer's output by
@@ -47,25 +50,36 @@ class FA(FeedbackRule):
     ``match_norm=True``.  :func:`localopt.wrap` warns when the product of the ratios exceeds
     100 (:func:`~localopt.rules.base.check_feedback_scale`).
 
+    Residual networks.  Through a block ``y = x + F(x)`` backprop sends ``dL/dx = dL/dy +
+    J_F^T dL/dy``; under FA the identity term stays exact and only the branch term is carried by
+    the random B's (two of them in a basic block).  ``gain < 1`` scales each branch term by
+    ``g^2`` (one factor per FA layer in the branch) against the identity term, i.e. it weights
+    the residual stream's error toward its exact part; ``g`` also scales the whole signal
+    (the classifier's B), which matters to SGD's step size but not to Muon's orthogonalised
+    hidden-layer updates.  The weight gradients stay the local ``delta^T x`` of each layer.
+
     State: buffer ``localopt_feedback`` (shape of W) on each wrapped layer.
     """
 
     name = "fa"
 
     def __init__(self, *, init: str = "xavier", match_norm: bool = False,
-                 track_norm: bool = False) -> None:
+                 track_norm: bool = False, gain: float = 1.0) -> None:
         check_choice(self.name, "init", init, (*FEEDBACK_INITS, "weight"))
         self.init = init
         self.match_norm = check_bool(self.name, "match_norm", match_norm)
         self.track_norm = check_bool(self.name, "track_norm", track_norm)
+        self.gain = check_number(self.name, "gain", gain, low=0, low_open=True)
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         if self.init == "weight":
             B = site.weight.detach().clone()
         else:
             B = init_feedback(self.init, site.weight, generator, self.match_norm)
-        if self.track_norm:   # stored at unit norm: feedback() multiplies by ||W_t||
-            B = B / B.norm().clamp_min(1e-12)
+        if self.track_norm:   # stored at norm g: feedback() multiplies by ||W_t||
+            B = B * (self.gain / B.norm().clamp_min(1e-12))
+        elif self.gain != 1.0:
+            B = B * self.gain
         site.register_buffer("feedback", B)
 
     def feedback(self, site: Site) -> Tensor:
