@@ -177,16 +177,19 @@ def test_fa_input_grad_differs_from_bp():
     torch.testing.assert_close(dx, G @ layer.localopt_feedback)
 
 
+def _small_layer(kind):
+    """A float64 Linear(6, 5) or Conv2d(3, 4, 3) and an input for it, seed 0."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(6, 5).double(), torch.randn(3, 6, dtype=torch.float64)
+    return nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(2, 3, 5, 5, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_fa_track_norm_follows_the_weight_scale(kind):
     """``track_norm``: dx = delta B ||W_t|| / ||B|| at every backward, so scaling W by c scales
     the sent signal by c (as backprop's does) while the direction of B stays fixed."""
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(6, 5).double(), torch.randn(3, 6, dtype=torch.float64)
-    else:
-        layer, x = nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(2, 3, 5, 5,
-                                                                        dtype=torch.float64)
+    layer, x = _small_layer(kind)
     G = torch.randn_like(layer(x))
     plain = copy.deepcopy(layer)
     localopt.wrap(plain, "fa", seed=0)
@@ -212,12 +215,7 @@ def test_fa_track_norm_follows_the_weight_scale(kind):
 def test_fa_gain_scales_the_sent_signal_only(kind, opts, gain):
     """``gain``: dx = g delta B with B as without the gain (same seed, same options), and the
     weight and bias gradients are the exact local ones, unchanged."""
-    torch.manual_seed(0)
-    if kind == "linear":
-        layer, x = nn.Linear(6, 5).double(), torch.randn(3, 6, dtype=torch.float64)
-    else:
-        layer, x = nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(2, 3, 5, 5,
-                                                                        dtype=torch.float64)
+    layer, x = _small_layer(kind)
     G = torch.randn_like(layer(x))
     plain = copy.deepcopy(layer)
     localopt.wrap(plain, "fa", seed=0, **opts)
