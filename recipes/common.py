@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import os
 import subprocess
@@ -52,6 +53,9 @@ class Config:
     # model and rule
     model: str = "resnet20"
     model_options: dict = field(default_factory=dict)   # to models.create_model (init, shortcut..)
+    freeze: list = field(default_factory=list)  # parameter names or fnmatch patterns kept
+                                        # at their initial values (requires_grad off), e.g.
+                                        # ["*bn*"]: BatchNorm without a learned scale and shift
     rule: str = "bp"                    # a localopt rule; "none" = plain autograd, no hooks
     rule_options: dict = field(default_factory=dict)    # to localopt.wrap (exclude, options...)
     # target-propagation rules: to localopt.optim.TargetProp (feedback_lr, feedback_iters,
@@ -249,10 +253,28 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Modul
         model = models.create_model(cfg.model, num_classes=num_classes, **cfg.model_options)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model!r} / --model-options: {e}") from None
+    freeze_parameters(model, cfg)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def freeze_parameters(model: nn.Module, cfg: Config) -> None:
+    """``requires_grad_(False)`` on the parameters named by ``cfg.freeze`` (names or
+    ``fnmatch`` patterns over ``model.named_parameters()``): no optimizer sees them.  Every
+    pattern must match a parameter, and nothing is frozen unless all do."""
+    if not cfg.freeze:
+        return
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in cfg.freeze:
+        if not isinstance(pattern, str) or not fnmatch.filter(names, pattern):
+            raise ConfigError(f"--freeze {pattern!r}: matches no parameter of --model "
+                              f"{cfg.model!r} (its parameters are named like "
+                              f"{', '.join(names[:3])}, ...)")
+    for n, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(n, pattern) for pattern in cfg.freeze):
+            p.requires_grad_(False)
 
 
 def apply_rule(model: nn.Module, cfg: Config) -> nn.Module:

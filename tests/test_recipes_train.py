@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from localopt.recipes import benchmark, common, train
 from localopt.recipes.common import ConfigError, load_config
@@ -188,6 +189,30 @@ def test_every_optimizer_builds_and_steps(optimizer):
     model(torch.randn(4, 3, 32, 32)).sum().backward()
     opt.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_freeze_keeps_the_named_parameters_at_their_start(optimizer):
+    cfg = load_config(model="resnet20", freeze=["*bn*"], optimizer=optimizer, lr=0.05,
+                      channels_last=False)
+    model = common.apply_rule(common.build_model(cfg, 10, torch.device("cpu")),
+                              load_config(rule="dfa", model="resnet20"))
+    opt = common.make_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    frozen = {n for n in before if "bn" in n}
+    assert len(frozen) == 2 * 19   # the stem's and every block's two BatchNorms
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (n not in frozen), n
+        assert torch.equal(before[n], p) == (n in frozen), n
+
+
+def test_freeze_pattern_that_matches_nothing_names_the_option():
+    cfg = load_config(model="mlp3x1024", model_options={"hidden": [8]}, freeze=["*bn*"])
+    with pytest.raises(ConfigError, match=r"--freeze '\*bn\*': matches no parameter of "
+                                          r"--model 'mlp3x1024'"):
+        common.build_model(cfg, 10, torch.device("cpu"))
 
 
 def test_schedules_per_step():
