@@ -30,6 +30,7 @@ named LABEL.  ``--options LABEL=TABLE`` (repeatable) gives a variant the options
 ``--variants-from recipes/table.toml`` adds one variant per row of the CIFAR-10 table that has
 ``--model``, labelled by the row, with the row's rule and rule options (its ``base`` config's,
 then its own, then its ``settings`` for the model, as ``recipes.table_runs`` merges them).  A
+row's ``freeze`` setting holds those parameters fixed.  A
 row whose settings name an optimizer this runner has (``sgd``, ``adam``, ``muon``; also the
 target propagation's ``feedback_optimizer``) is timed with it and its ``lr``, ``aux_lr`` (and
 ``feedback_lr``, ``noise``); a row naming another optimizer is timed with the plain one, and
@@ -81,8 +82,8 @@ import torch.nn.functional as F
 import localopt
 from localopt import models
 
-from .common import FEEDBACK_OPTIMIZERS, Config, ConfigError, device_name, make_optimizer, \
-    pick_device, resolve_config_path
+from .common import FEEDBACK_OPTIMIZERS, Config, ConfigError, device_name, freeze_parameters, \
+    make_optimizer, pick_device, resolve_config_path
 
 OPTIMIZERS = ("sgd", "adam", "muon")   # momentum 0.9 (sgd, muon), no weight decay
 
@@ -110,6 +111,7 @@ class Variant:
     feedback_optimizer: str | None = None
     feedback_lr: float | None = None
     noise: float | None = None
+    freeze: list[str] | None = None     # parameters kept fixed (recipes' freeze setting)
     note: str | None = None
     row_settings: dict[str, Any] | None = None  # --variants-from: the row's training settings
 
@@ -218,6 +220,8 @@ def table_variants(model: str, path: Path | str) -> list[Variant]:
             v.feedback_lr = float(fb["feedback_lr"])
         if "noise" in fb:
             v.noise = float(fb["noise"])
+        if values.get("freeze"):
+            v.freeze = list(values["freeze"])
         v.note = "; ".join(notes) or None
         out.append(v)
     return out
@@ -239,6 +243,7 @@ def build(base: torch.nn.Module, spec: "str | Variant", optimizer: str = "sgd", 
     feedback_lr = feedback_lr if v.feedback_lr is None else v.feedback_lr
     noise = noise if v.noise is None else v.noise
     model = copy.deepcopy(base)
+    freeze_parameters(model, v.freeze or [], type(base).__name__)
     if v.rule != "plain":
         try:
             localopt.wrap(model, v.rule, **{"seed": seed, **v.options})

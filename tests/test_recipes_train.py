@@ -337,6 +337,11 @@ def test_step_time_variants_from_the_table(tmp_path):
     stage = [s.name for s in localopt.sites(step_time.build(base, vs["dfa-stage"])[0])]
     assert stage == ["layers.0", "layers.3", "layers.6"]
     assert len(localopt.sites(step_time.build(base, vs["dfa"])[0])) > len(stage)
+    # a row's freeze setting holds those parameters fixed in the timed model
+    frozen = step_time.build(base, vs["dfa-lr3e-2-frozen-bn"])[0]
+    assert {n for n, p in frozen.named_parameters() if not p.requires_grad} == \
+        {n for n, _ in base.named_parameters() if "bn" in n}
+    assert all(p.requires_grad for p in step_time.build(base, vs["dfa"])[0].parameters())
     mlp = {v.label: v for v in step_time.table_variants("mlp3x1024", TABLE)}
     assert mlp["dtp"].optimizer == "adam" and mlp["dtp"].feedback_optimizer == "adam"
     assert mlp["dtp"].options["beta"] == pytest.approx(0.0727) and "dfa-stage" not in mlp
