@@ -140,6 +140,8 @@ class Variant:
                 + "}"
         if self.optimizer:
             text += f" [{self.optimizer}]"
+        if self.freeze:
+            text += f" freeze {json.dumps(self.freeze)}"
         return text
 
     def record(self) -> dict[str, Any]:
