@@ -45,7 +45,13 @@ class WM(LearnsFeedback, FeedbackRule):
     data-parallel rank draws the same noise, so B stays identical across ranks.
 
     Options:
-        lr: mirror learning rate (default 0.01: B tracks W over ~100 mirror steps).
+        lr: mirror learning rate (default 0.01: B tracks W over ~100 mirror steps).  When W
+            moves fast, the lag costs more than the estimate's noise: on ResNet-20 with
+            one-cycle SGD (peak lr 0.1, 15 epochs; RESULTS.md, rows ``wm-*``) the default
+            stalls around the peak and ends 5.8 points below backprop, ``samples=200`` (noise
+            of ``lr=0.05, samples=1024``, default lag) 4.2 below, ``lr=0.05, samples=320``
+            (default noise, a fifth of the lag) 2.3 below, and both 1.6 below (seeds 0 and
+            42; the others seed 0).
         decay: ``lambda_WM`` (default ``None``: equal to ``lr``, so B converges to W itself).
         samples: noise samples per layer per mirror step (default 64).  For a still W, B
             settles at an angle of about ``atan(sqrt(fan_in * lr / (2 * samples)))`` from W
