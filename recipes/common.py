@@ -253,25 +253,28 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Modul
         model = models.create_model(cfg.model, num_classes=num_classes, **cfg.model_options)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model!r} / --model-options: {e}") from None
-    freeze_parameters(model, cfg.freeze, cfg.model)
+    freeze_parameters(model, cfg.freeze, f"--model {cfg.model!r}")
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def freeze_parameters(model: nn.Module, patterns: list, model_name: str) -> None:
+def freeze_parameters(model: nn.Module, patterns: list, owner: str) -> None:
     """``requires_grad_(False)`` on the parameters named by ``patterns`` (the ``freeze``
     setting: names or ``fnmatch`` patterns over ``model.named_parameters()``): no optimizer
-    sees them.  Every pattern must match a parameter, and nothing is frozen unless all do."""
+    sees them.  Every pattern must match a parameter, and nothing is frozen unless all do;
+    ``owner`` names the model in the error."""
     if not patterns:
         return
     names = [n for n, _ in model.named_parameters()]
     for pattern in patterns:
-        if not isinstance(pattern, str) or not fnmatch.filter(names, pattern):
-            raise ConfigError(f"--freeze {pattern!r}: matches no parameter of --model "
-                              f"{model_name!r} (its parameters are named like "
-                              f"{', '.join(names[:3])}, ...)")
+        if not isinstance(pattern, str):
+            raise ConfigError(f"--freeze {pattern!r}: a parameter name or pattern must be a "
+                              "string (e.g. \"*bn*\")")
+        if not fnmatch.filter(names, pattern):
+            raise ConfigError(f"--freeze {pattern!r}: matches no parameter of {owner} (its "
+                              f"parameters are named like {', '.join(names[:3])}, ...)")
     for n, p in model.named_parameters():
         if any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns):
             p.requires_grad_(False)

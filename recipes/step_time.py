@@ -245,7 +245,7 @@ def build(base: torch.nn.Module, spec: "str | Variant", optimizer: str = "sgd", 
     feedback_lr = feedback_lr if v.feedback_lr is None else v.feedback_lr
     noise = noise if v.noise is None else v.noise
     model = copy.deepcopy(base)
-    freeze_parameters(model, v.freeze or [], type(base).__name__)
+    freeze_parameters(model, v.freeze or [], f"variant {v.label!r}")
     if v.rule != "plain":
         try:
             localopt.wrap(model, v.rule, **{"seed": seed, **v.options})

@@ -213,6 +213,8 @@ def test_freeze_pattern_that_matches_nothing_names_the_option():
     with pytest.raises(ConfigError, match=r"--freeze '\*bn\*': matches no parameter of "
                                           r"--model 'mlp3x1024'"):
         common.build_model(cfg, 10, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--freeze 3: a parameter name or pattern must be"):
+        common.build_model(load_config(model="mlp3x1024", freeze=[3]), 10, torch.device("cpu"))
 
 
 def test_schedules_per_step():
