@@ -272,7 +272,7 @@ def freeze_parameters(model: nn.Module, patterns: list, owner: str) -> None:
         if not isinstance(pattern, str):
             raise ConfigError(f"--freeze {pattern!r}: a parameter name or pattern must be a "
                               "string (e.g. \"*bn*\")")
-        if not fnmatch.filter(names, pattern):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ConfigError(f"--freeze {pattern!r}: matches no parameter of {owner} (its "
                               f"parameters are named like {', '.join(names[:3])}, ...)")
     for n, p in model.named_parameters():
