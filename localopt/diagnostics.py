@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .mechanism import Site
 from .rules.base import FeedbackRule
 from .rng import preserved_streams
+from .wrap import hooks_disabled
 from .wrap import sites as _sites
 
 __all__ = ["angle", "feedback_angles", "sign_concordance", "update_angles",
@@ -90,22 +91,13 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 @contextlib.contextmanager
 def _preserved(model: nn.Module, site_list: list[Site]):
-    """Restore non-feedback buffers and stash the pending feedback-learning signals (the
-    feedback buffers' ``.grad``, least-squares normalisers, target-propagation traces)."""
+    """Restore non-feedback buffers and set aside the pending feedback-learning signals (the
+    feedback buffers' ``.grad``, least-squares normalisers, target-propagation traces:
+    :meth:`~localopt.Rule.take_pending_feedback`)."""
     feedback = {id(site.module._buffers[b]) for site in site_list for b in site.buffer_names}
     saved = [(buf, buf.clone()) for buf in model.buffers() if id(buf) not in feedback]
-    pending = [(site.module._buffers[b], site.module._buffers[b].grad)
-               for site in site_list for b in site.buffer_names]
-    for buf, _ in pending:
-        buf.grad = None
-    # the other feedback-learning signals of the backward passes since the last step
-    norms = [(site, getattr(site, "feedback_norm", None)) for site in site_list]
     rule = site_list[0].rule if site_list else None
-    traces = (rule._traces, rule._last_trace) if hasattr(rule, "_traces") else None
-    for site, _ in norms:
-        site.feedback_norm = None
-    if traces is not None:
-        rule.clear_traces()
+    pending = rule.take_pending_feedback(site_list) if rule is not None else None
     try:
         with torch.random.fork_rng(devices=_cuda_devices(model)), preserved_streams(site_list):
             yield
@@ -113,40 +105,8 @@ def _preserved(model: nn.Module, site_list: list[Site]):
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)
-        for buf, g in pending:
-            buf.grad = g
-        for site, n in norms:
-            site.feedback_norm = n
-        if traces is not None:
-            rule._traces, rule._last_trace = traces
-
-
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-
-
-def _is_localopt(fn: Any) -> bool:
-    fn = getattr(fn, "func", fn)  # functools.partial
-    fn = getattr(fn, "__func__", fn)  # bound method
-    return getattr(fn, "__module__", "").split(".")[0] == "localopt"
-
-
-@contextlib.contextmanager
-def _hooks_off(model: nn.Module):
-    """Exact backprop: the hooks that localopt (any rule) installed are taken off every
-    module of ``model``; the user's own hooks stay."""
-    saved = []
-    for m in model.modules():
-        for name in _HOOK_DICTS:
-            hooks = m.__dict__.get(name)
-            if hooks and any(_is_localopt(h) for h in hooks.values()):
-                saved.append((m, name, hooks))
-                setattr(m, name, type(hooks)((k, h) for k, h in hooks.items()
-                                             if not _is_localopt(h)))
-    try:
-        yield
-    finally:
-        for m, name, hooks in saved:
-            setattr(m, name, hooks)
+        if rule is not None:
+            rule.restore_pending_feedback(site_list, pending)
 
 
 def _site_weights(model: nn.Module, site_list: list[Site]) -> list[tuple[str, Tensor]]:
@@ -172,7 +132,7 @@ def _rule_and_bp_grads(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], 
 
     with _preserved(model, site_list):
         g_rule = grads()
-        with _hooks_off(model):
+        with hooks_disabled(model):
             g_bp = grads()
     keep = [i for i, (a, b) in enumerate(zip(g_rule, g_bp)) if a is not None and b is not None]
     return [named[i][0] for i in keep], [g_rule[i] for i in keep], [g_bp[i] for i in keep]

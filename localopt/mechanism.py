@@ -41,8 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Site", "input_grad", "from_output", "overrides_forward", "CONV_TYPES",
+__all__ = ["Site", "site_of", "input_grad", "from_output", "overrides_forward", "CONV_TYPES",
            "LAYER_TYPES"]
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -120,8 +121,12 @@ def from_output(z: Tensor, send: Any, aliases: "list[Tensor]") -> Tensor:
     return _FromOutput.apply(z, send, *aliases)
 
 
+#: the attribute of a hooked module that holds its :class:`Site` (read by :func:`site_of`)
+_SITE_ATTR = "_localopt_site"
+
+
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    site: Site | None = module.__dict__.get("_localopt_site")
+    site: Site | None = module.__dict__.get(_SITE_ATTR)
     if site is None or not site.active:
         return None
     if args:
@@ -141,7 +146,7 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _post_hook(module: nn.Module, args: tuple, out: Any):
-    site: Site | None = module.__dict__.get("_localopt_site")
+    site: Site | None = module.__dict__.get(_SITE_ATTR)
     if site is None or not site.active or site._pending is None:
         return None
     x, site._pending = site._pending, None
@@ -171,14 +176,42 @@ def overrides_forward(module: nn.Module) -> bool:
     return True
 
 
+def site_of(module: nn.Module) -> "Site | None":
+    """The :class:`Site` installed on ``module`` (by :func:`localopt.wrap`, or by a rule for
+    a layer it hooks itself), or ``None`` when ``module`` is not hooked."""
+    return module.__dict__.get(_SITE_ATTR)
+
+
 class Site:
     """One hooked module: its name, rule, and the buffers the rule registered on it.
 
-    Rules keep their per-layer state as buffers on the hooked module (named ``localopt_*``),
-    so it follows ``model.to(...)`` and is saved by ``model.state_dict()``.
+    Rules keep their per-layer *tensor* state as buffers on the hooked module (named
+    ``localopt_*``), so it follows ``model.to(...)`` and is saved by ``model.state_dict()``.
+    The per-layer *Python* state some rules keep between calls is declared below (class
+    attributes give the default of every site); no other attribute is set on a site.
     """
 
     BUFFER_PREFIX = "localopt_"
+
+    #: False while the site's hooks pass the module's forward through untouched (exact
+    #: backprop): set by :meth:`bypassed` and by :func:`localopt.hooks_disabled`.
+    active: bool = True
+    #: Rules that learn their feedback (:class:`~localopt.rules.learned.LearnsFeedback`): the
+    #: version counter of the site's weight when its feedback was last updated (``None``:
+    #: not recorded yet, or the module has no parameter).
+    weight_version: "int | None" = None
+    #: Normalised least-squares feedback learning (``bfa``, ``bidfa``): the normaliser summed
+    #: over the backward passes since the last optimizer step (``None``: no pending signal);
+    #: the step divides ``B.grad`` by it (:func:`~localopt.rules.learned.apply_feedback_grads`).
+    feedback_norm: "Tensor | None" = None
+    #: ``wm``: True once the site's feedback carried an error backward (a forward alone does
+    #: not), so the mirror step updates only feedback that is used.
+    sends_feedback: bool = False
+    #: A layer that a direct rule hooks inside one of its modules (``inside="fa"``): the
+    #: ``(module, buffer name)`` that holds the layer's feedback ``B``.
+    feedback_of: "tuple[nn.Module, str] | None" = None
+    #: :mod:`localopt.rng`'s cache of the site's random-stream position (no host read per draw).
+    _rng_cache: "tuple | None" = None
 
     def __init__(self, module: nn.Module, name: str, rule: "Any") -> None:
         self.module = module
@@ -187,7 +220,7 @@ class Site:
         self.active = True
         self.input_kwarg = "input"
         self.buffer_names: list[str] = []
-        self._hook_ids: list[tuple[str, int]] = []
+        self._handles: list[RemovableHandle] = []
         self._pending: Tensor | None = None
         # Plain torch layers (and subclasses that keep their forward) get the closed-form
         # input gradient; others re-run their own forward with W swapped (see input_grad).
@@ -209,21 +242,19 @@ class Site:
     # -- install / remove ------------------------------------------------------------------
     def install(self) -> None:
         m = self.module
-        object.__setattr__(m, "_localopt_site", self)
-        h1 = m.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-        h2 = m.register_forward_hook(_post_hook)
-        self._hook_ids = [("_forward_pre_hooks", h1.id), ("_forward_hooks", h2.id)]
+        object.__setattr__(m, _SITE_ATTR, self)
+        self._handles = [m.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                         m.register_forward_hook(_post_hook)]
 
     def remove(self) -> None:
         m = self.module
-        for dict_name, hid in self._hook_ids:
-            for suffix in ("", "_with_kwargs", "_always_called"):
-                getattr(m, dict_name + suffix, {}).pop(hid, None)
-        self._hook_ids = []
+        for h in self._handles:
+            h.remove()
+        self._handles = []
         for b in self.buffer_names:
             m._buffers.pop(b, None)
         self.buffer_names = []
-        m.__dict__.pop("_localopt_site", None)
+        m.__dict__.pop(_SITE_ATTR, None)
 
     @contextlib.contextmanager
     def bypassed(self):

@@ -1,22 +1,23 @@
 """Install a rule on any ``nn.Module`` with one call, remove it with another."""
 from __future__ import annotations
 
+import contextlib
 import json
 import numbers
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from . import rng
-from .mechanism import Site
+from .mechanism import Site, site_of
 from .rules import FeedbackRule, Rule, make_rule
 from .rules.base import check_feedback_scale, selector_matches
 
-__all__ = ["wrap", "unwrap", "summary", "sites", "is_wrapped", "strip_feedback", "reset_feedback",
-           "UNSUPPORTED_TYPES"]
+__all__ = ["wrap", "unwrap", "wrapping", "Wrapping", "hooks_disabled", "summary", "sites",
+           "is_wrapped", "strip_feedback", "reset_feedback", "UNSUPPORTED_TYPES"]
 
 #: Layer types that transport weights but that no rule covers yet.  Wrapping a model that
 #: contains one is an error unless it is excluded or ``unsupported="bp"`` keeps it (and
@@ -34,7 +35,7 @@ class _Wrapping:
     rule: Rule
     sites: list[Site]
     kept_bp: list[tuple[str, str]] = field(default_factory=list)  # (name, type) left on BP
-    root_hook_ids: list[tuple[str, int]] = field(default_factory=list)
+    root_handles: list = field(default_factory=list)  # torch's RemovableHandle of each root hook
     #: the feedback state was created on the meta device and holds no values yet
     meta_state: bool = False
     #: the buffer whose identity tells that the state was checked since it last changed
@@ -60,9 +61,67 @@ def _record(model: nn.Module) -> _Wrapping | None:
     return model.__dict__.get("_localopt")
 
 
+@dataclass(frozen=True)
+class Wrapping:
+    """What :func:`wrap` installed on a model (a read-only view; see :func:`wrapping`)."""
+
+    #: the rule object (one per wrapped model)
+    rule: Rule
+    #: the hooked modules, in ``named_modules()`` order
+    sites: tuple[Site, ...]
+    #: ``(name, type name)`` of the uncovered layers kept on exact backprop
+    #: (``unsupported="bp"``)
+    kept_bp: tuple[tuple[str, str], ...]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The rule's options, as passed to its constructor (:meth:`Rule.options`)."""
+        return self.rule.options()
+
+
+def wrapping(model: nn.Module) -> Wrapping | None:
+    """The rule and sites :func:`wrap` installed on ``model`` as a :class:`Wrapping`
+    (``rule``, ``sites``, ``kept_bp``, ``options``), or ``None`` if ``model`` is not wrapped.
+
+    The view is a snapshot: it is not updated by a later :func:`unwrap` or :func:`wrap`."""
+    rec = _record(model)
+    if rec is None:
+        return None
+    return Wrapping(rec.rule, tuple(rec.sites), tuple(rec.kept_bp))
+
+
 def is_wrapped(model: nn.Module) -> bool:
     """True if :func:`wrap` installed a rule on ``model``."""
     return _record(model) is not None
+
+
+@contextlib.contextmanager
+def hooks_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: exact backprop through a wrapped ``model`` while it is open.
+
+    Every hook localopt installed on ``model`` does nothing: the site hooks of every hooked
+    module (:attr:`Site.active`), the rule's own hooks (:attr:`Rule.hooks_enabled`) and
+    :func:`wrap`'s state check.  Nothing is removed or re-registered -- the user's own
+    hooks, and the order of all hooks, stay as they are -- and on exit every flag is put
+    back as it was (so it nests).  Yields ``model``.  Used by
+    :func:`localopt.diagnostics.update_angles` for its backprop pass.
+    """
+    rec = _record(model)
+    if rec is None:
+        raise ValueError(f"localopt.hooks_disabled: this {type(model).__name__} is not wrapped")
+    # every site on the model's modules: wrap's, and those a rule hooked itself (inside="fa")
+    site_list = [s for s in map(site_of, model.modules()) if s is not None]
+    saved = [(s, s.active) for s in site_list]
+    rule, was = rec.rule, rec.rule.hooks_enabled
+    try:
+        rule.hooks_enabled = False
+        for s in site_list:
+            s.active = False
+        yield model
+    finally:
+        rule.hooks_enabled = was
+        for s, active in saved:
+            s.active = active
 
 
 def sites(model: nn.Module) -> list[Site]:
@@ -172,7 +231,7 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
         raise RuntimeError(f"localopt: this {type(model).__name__} is already wrapped with rule "
                            f"{rec.rule.name!r}; call localopt.unwrap(model) first")
     for n, m in model.named_modules():
-        if "_localopt_site" in m.__dict__ or (m is not model and _record(m) is not None):
+        if site_of(m) is not None or (m is not model and _record(m) is not None):
             raise RuntimeError(f"localopt: module '{n or '(root)'}' is already wrapped as part "
                                "of another model; unwrap that one first")
     rule_obj = make_rule(rule, options)
@@ -201,14 +260,11 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
                                                                 _device_of(s.module)))
             s.install()
         record.meta_state = _on_meta(site_list)
-        for dict_name, handle in (
-                ("_load_state_dict_pre_hooks", model.register_load_state_dict_pre_hook(
-                    _check_checkpoint)),
-                ("_load_state_dict_post_hooks", model.register_load_state_dict_post_hook(
-                    _after_load)),
-                ("_state_dict_hooks", model.register_state_dict_post_hook(_save_format)),
-                ("_forward_pre_hooks", model.register_forward_pre_hook(_check_state))):
-            record.root_hook_ids.append((dict_name, handle.id))
+        for register, hook in ((model.register_load_state_dict_pre_hook, _check_checkpoint),
+                               (model.register_load_state_dict_post_hook, _after_load),
+                               (model.register_state_dict_post_hook, _save_format),
+                               (model.register_forward_pre_hook, _check_state)):
+            record.root_handles.append(register(hook))
         object.__setattr__(model, "_localopt", record)
         rule_obj.attach(model, site_list)
     except BaseException:
@@ -222,8 +278,8 @@ def _teardown(model: nn.Module, record: _Wrapping, attached: bool) -> None:
         record.rule.detach(model, record.sites)
     for s in record.sites:
         s.remove()
-    for dict_name, hid in record.root_hook_ids:
-        getattr(model, dict_name).pop(hid, None)
+    for handle in record.root_handles:
+        handle.remove()
     model.__dict__.pop("_localopt", None)
 
 
@@ -270,7 +326,9 @@ def _check_state(model: nn.Module, args) -> None:
     if torch.compiler.is_compiling():
         return
     rec = _record(model)
-    first = _first_buffer(rec) if rec is not None else None
+    if rec is None or not rec.rule.hooks_enabled:  # hooks_disabled(model)
+        return
+    first = _first_buffer(rec)
     if first is None or (rec.checked is not None and rec.checked() is first) or first.is_meta:
         return
     if rec.meta_state:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .. import distributed
+from ..mechanism import site_of
 from ..rules.learned import zero_feedback_grads
 
 __all__ = ["LocalOptimizer", "KolenPollack", "WeightMirror", "Bidirectional"]
@@ -165,7 +166,7 @@ class LocalOptimizer(Optimizer):
     # -- torch.optim interface -----------------------------------------------------------------
     def step(self, closure=None):
         site = self._sites[0]
-        if site.module.__dict__.get("_localopt_site") is not site:  # no sync: identity check
+        if site_of(site.module) is not site:  # no sync: identity check
             raise RuntimeError(
                 f"localopt: {type(self).__name__}.step(): the model was unwrapped (or wrapped "
                 "again) after this optimizer was built, so the feedback it trains is gone. "
@@ -194,9 +195,8 @@ class LocalOptimizer(Optimizer):
                 g = s.module._buffers[b].grad
                 if g is not None:
                     out.append(g)
-            norm = getattr(s, "feedback_norm", None)
-            if norm is not None:
-                out.append(norm)
+            if s.feedback_norm is not None:
+                out.append(s.feedback_norm)
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:

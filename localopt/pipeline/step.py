@@ -23,7 +23,8 @@ _TAG_PREDICT = 4 << 20
 
 
 def _rule_of(model: nn.Module):
-    rec = model.__dict__.get("_localopt")
+    from ..wrap import wrapping
+    rec = wrapping(model)
     return None if rec is None else rec.rule
 
 

@@ -104,6 +104,13 @@ class Rule:
     #: feedback): the mechanism hands :meth:`route` an alias of the site's input instead of
     #: calling :meth:`backward` (see :func:`localopt.mechanism.from_output`)
     from_output: ClassVar[bool] = False
+    #: True when the signal the rule sends backward is the exact gradient (``bp``: ``B = W``):
+    #: there is no feedback of its own to check or compare
+    computes_true_gradient: ClassVar[bool] = False
+    #: False while :func:`localopt.hooks_disabled` holds the model in exact backprop.  The
+    #: site hooks are switched off by :attr:`Site.active`; a rule that registers hooks of its
+    #: own (in :meth:`attach`) returns from them at once while this is False.
+    hooks_enabled: bool = True
 
     def select(self, name: str, module: nn.Module) -> bool:
         """Extra per-module selection on top of ``wraps`` and include/exclude (default: all);
@@ -121,7 +128,9 @@ class Rule:
         pass
 
     def attach(self, model: nn.Module, sites: list[Site]) -> None:
-        pass
+        """Once for the whole model, after every site is installed: model-level hooks (kept
+        as the ``RemovableHandle`` torch returns, removed in :meth:`detach`; each returns at
+        once while :attr:`hooks_enabled` is False)."""
 
     def detach(self, model: nn.Module, sites: list[Site]) -> None:
         pass
@@ -158,6 +167,29 @@ class Rule:
     def feedback_start(self, sites: list[Site]) -> None:
         """Feedback-learning rules: called once when a LocalOptimizer is built, before any
         training step (e.g. ``wm``'s initial mirror phase)."""
+
+    def take_pending_feedback(self, sites: list[Site]) -> Any:
+        """Take away the feedback-learning signal accumulated by the backward passes since the
+        last optimizer step, so that passes run next start from none; returns it for
+        :meth:`restore_pending_feedback` (used by :mod:`localopt.diagnostics`).  By default
+        the ``.grad`` of every feedback buffer and :attr:`Site.feedback_norm`; rules that keep
+        more extend it (target propagation: the traces of those passes)."""
+        bufs = [s.module._buffers[b] for s in sites for b in s.buffer_names]
+        taken = ([(t, t.grad) for t in bufs], [(s, s.feedback_norm) for s in sites])
+        for t in bufs:
+            t.grad = None
+        for s in sites:
+            s.feedback_norm = None
+        return taken
+
+    def restore_pending_feedback(self, sites: list[Site], taken: Any) -> None:
+        """Put back what :meth:`take_pending_feedback` took, replacing what was accumulated
+        since."""
+        grads, norms = taken
+        for t, g in grads:
+            t.grad = g
+        for s, n in norms:
+            s.feedback_norm = n
 
     # -- feedback state: checkpoints and redrawing ------------------------------------------
     def feedback_format(self) -> str:
@@ -207,6 +239,9 @@ class FeedbackRule(Rule):
     #: how to bring B to W's norm, named by the exploding-feedback warning
     #: (:func:`check_feedback_scale`)
     scale_remedy: ClassVar[str] = "match_norm=True"
+    #: True when B is drawn afresh at every forward (``brsf``): no fixed B whose scale
+    #: :func:`check_feedback_scale` could check at wrap time
+    redraws_feedback: ClassVar[bool] = False
 
     def feedback(self, site: Site) -> Tensor:
         raise NotImplementedError
@@ -317,7 +352,7 @@ def check_feedback_scale(rule: "FeedbackRule", sites: list[Site]) -> None:
     Xavier W (product 2e3): 108; timm resnet18 (product 0.007): 1.5; ResNet-20 (0.006): 0.29.
     Once per wrap/redraw, one host sync per layer; skipped on the meta device and for
     rules without a fixed B (``bp``, ``brsf``)."""
-    if rule.name == "bp" or getattr(rule, "redraws_feedback", False):
+    if rule.computes_true_gradient or rule.redraws_feedback:
         return
     ratios = []
     with torch.no_grad():

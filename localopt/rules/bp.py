@@ -16,6 +16,7 @@ class BP(FeedbackRule):
     """
 
     name = "bp"
+    computes_true_gradient = True
 
     def __init__(self) -> None:
         pass

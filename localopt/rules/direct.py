@@ -139,7 +139,7 @@ class _State:
         self.routed: list[tuple[Site, Tensor, Any]] | None = None
         self.pending: dict[Site, tuple[torch.Size, torch.device]] = {}
         self.targets: Tensor | None = None
-        self.hook_ids: list[tuple[str, int]] = []
+        self.handles: list[Any] = []  # torch's RemovableHandle of each root hook
 
 
 class _InsideFA(FeedbackRule):
@@ -278,7 +278,7 @@ class DirectRule(Rule):
         state = _State(model, sites)
         h1 = model.register_forward_pre_hook(self._root_pre_hook)
         h2 = model.register_forward_hook(self._root_hook)
-        state.hook_ids = [("_forward_pre_hooks", h1.id), ("_forward_hooks", h2.id)]
+        state.handles = [h1, h2]
         self._state = state
         inner_rule = _InsideFA()
         for outer, layer, name, buf in self._inner:
@@ -293,8 +293,8 @@ class DirectRule(Rule):
         self._inner_sites, self._inner = [], []
         st = self._state
         if st is not None:
-            for dict_name, hid in st.hook_ids:
-                getattr(model, dict_name).pop(hid, None)
+            for h in st.handles:
+                h.remove()
         self._state = None
 
     @contextlib.contextmanager
@@ -311,9 +311,13 @@ class DirectRule(Rule):
 
     # -- root hooks: collect the routed inputs of a forward, route them from the output ------
     def _root_pre_hook(self, model: nn.Module, args: tuple) -> None:
+        if not self.hooks_enabled:  # localopt.hooks_disabled
+            return
         self._state.routed = [] if torch.is_grad_enabled() else None
 
     def _root_hook(self, model: nn.Module, args: tuple, out: Any) -> Any:
+        if not self.hooks_enabled:  # localopt.hooks_disabled
+            return None
         st = self._state
         routed, st.routed = st.routed, None
         if routed is None:
@@ -645,7 +649,8 @@ def set_targets(model: nn.Module, targets: Tensor, scale: float = 1.0) -> None:
     receive ``-scale * y* / R`` (``R`` error rows): ``scale`` is the factor the loss carries
     beyond a batch mean (``1/k`` for ``loss / k`` gradient accumulation over ``k``
     micro-batches; see :class:`DRTP`)."""
-    rec = model.__dict__.get("_localopt")
+    from ..wrap import wrapping
+    rec = wrapping(model)
     if rec is None or not isinstance(rec.rule, DRTP) or rec.rule._state is None:
         raise ValueError("localopt.set_targets: this model is not wrapped with rule 'drtp'")
     if not isinstance(targets, Tensor):

@@ -92,7 +92,7 @@ def accumulate_feedback_grad(site: Site, grad: Tensor, norm: Tensor | None = Non
         grad = grad.detach().to(B.dtype)  # B's dtype: grads computed under autocast are bf16
         B.grad = grad.clone() if B.grad is None else B.grad.add_(grad)
         if norm is not None:
-            cur = getattr(site, "feedback_norm", None)
+            cur = site.feedback_norm
             site.feedback_norm = norm.detach().clone() if cur is None else cur.add_(norm)
 
 
@@ -106,7 +106,7 @@ def zero_feedback_grads(sites: list[Site], set_to_none: bool = True) -> None:
                 B.grad = None
             else:
                 B.grad.zero_()
-        norm = getattr(s, "feedback_norm", None)
+        norm = s.feedback_norm
         if norm is not None:
             s.feedback_norm = None if set_to_none else norm.zero_()
 
@@ -121,7 +121,7 @@ def apply_feedback_grads(sites: list[Site], lr: float, decay: float) -> None:
         G = B.grad
         if G is None:
             continue
-        norm = getattr(s, "feedback_norm", None)
+        norm = s.feedback_norm
         if norm is not None:  # zeroed by zero_grad(set_to_none=False) with G: a zero update
             G = G / norm.clamp_min(1e-12).to(G.dtype)
         if decay:

@@ -502,6 +502,8 @@ class TargetPropRule(Rule):
             tr.x[0] = args[0].detach()
 
     def _record_output(self, b: _Block, module, args, out):
+        if not self.hooks_enabled:  # localopt.hooks_disabled
+            return
         self._outputs[b.index] = out
 
     def __getstate__(self) -> dict:
@@ -551,6 +553,8 @@ class TargetPropRule(Rule):
 
     # -- forward --------------------------------------------------------------------------
     def _root_pre(self, module, args):
+        if not self.hooks_enabled:  # localopt.hooks_disabled
+            return
         self._current = _Trace(len(self._chain)) if torch.is_grad_enabled() else None
         last = self._last_trace  # a TargetProp step consumes it: still here, weights changed?
         if (last is not None and not getattr(self, "_warned_optimizer", False)
@@ -564,6 +568,8 @@ class TargetPropRule(Rule):
                 "instead of a plain torch optimizer.", UserWarning, stacklevel=3)
 
     def _root_post(self, module, args, out):
+        if not self.hooks_enabled:  # localopt.hooks_disabled
+            return None
         tr, self._current = self._current, None
         if tr is None:
             return None
@@ -720,6 +726,15 @@ class TargetPropRule(Rule):
     def clear_traces(self) -> None:
         """Forget the backward passes since the last step (``TargetProp.zero_grad``)."""
         self._traces, self._last_trace = [], None
+
+    def take_pending_feedback(self, sites: list[Site]) -> Any:
+        taken = (super().take_pending_feedback(sites), self._traces, self._last_trace)
+        self.clear_traces()
+        return taken
+
+    def restore_pending_feedback(self, sites: list[Site], taken: Any) -> None:
+        inner, self._traces, self._last_trace = taken
+        super().restore_pending_feedback(sites, inner)
 
     def pop_trace(self) -> _Trace | None:
         """The samples of every backward pass since the last step, as one trace (consumed)."""
@@ -878,7 +893,8 @@ def _target_dtype(x: Tensor) -> torch.dtype:
 
 def target_prop_rule(model: nn.Module) -> TargetPropRule:
     """The target-propagation rule installed on ``model`` (error if there is none)."""
-    rec = model.__dict__.get("_localopt")
+    from ..wrap import wrapping
+    rec = wrapping(model)
     if rec is None or not isinstance(rec.rule, TargetPropRule):
         what = "not wrapped" if rec is None else f"wrapped with rule {rec.rule.name!r}"
         raise ValueError(f"localopt: this {type(model).__name__} is {what}; wrap it with a "
@@ -887,7 +903,8 @@ def target_prop_rule(model: nn.Module) -> TargetPropRule:
 
 
 def is_target_prop(model: nn.Module) -> bool:
-    rec = model.__dict__.get("_localopt")
+    from ..wrap import wrapping
+    rec = wrapping(model)
     return rec is not None and isinstance(rec.rule, TargetPropRule)
 
 

@@ -108,7 +108,7 @@ class WM(LearnsFeedback, FeedbackRule):
         if step % self.every:
             return
         # skip e.g. the first layer: nothing below needs its B
-        self._mirror([s for s in sites if getattr(s, "sends_feedback", False)])
+        self._mirror([s for s in sites if s.sends_feedback])
 
     def feedback_start(self, sites: list[Site]) -> None:
         for _ in range(self.warmup):  # the initial mirror phase (every layer: usage not known)

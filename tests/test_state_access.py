@@ -1,0 +1,190 @@
+"""The public view of a model's wrapping (``localopt.wrapping``) and the hooks-off flag
+(``localopt.hooks_disabled``)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import localopt
+from localopt.mechanism import site_of
+
+torch.set_num_threads(1)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 3))
+
+
+def blocks(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8)), nn.Tanh(),
+                         nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)))
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def grads(model, x, y):
+    """Gradients of the parameters and of the input for one cross-entropy batch."""
+    x = x.clone().requires_grad_()
+    loss = F.cross_entropy(model(x), y)
+    params = [p for _, p in model.named_parameters()]
+    return torch.autograd.grad(loss, params + [x], allow_unused=True)  # dtp: x gets none
+
+
+def same(a, b):
+    return all(u is v is None or (u is not None and v is not None and torch.equal(u, v))
+               for u, v in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- wrapping()
+def test_wrapping_is_none_for_a_plain_model_and_after_unwrap():
+    m = mlp()
+    assert localopt.wrapping(m) is None
+    localopt.wrap(m, "fa", seed=0)
+    assert localopt.wrapping(m) is not None
+    localopt.unwrap(m)
+    assert localopt.wrapping(m) is None
+
+
+def test_wrapping_names_the_rule_sites_options_and_kept_layers():
+    m = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2), nn.Linear(4, 2))
+    localopt.wrap(m, "fa", unsupported="bp", seed=0, init="uniform", match_norm=True)
+    w = localopt.wrapping(m)
+    assert isinstance(w, localopt.Wrapping)
+    assert w.rule.name == "fa" and isinstance(w.rule, localopt.FeedbackRule)
+    assert w.sites == tuple(localopt.sites(m))
+    assert [s.module for s in w.sites] == [m[0], m[2]]
+    assert all(site_of(s.module) is s and s.rule is w.rule for s in w.sites)
+    assert w.kept_bp == (("1", "MultiheadAttention"),)
+    assert w.options["init"] == "uniform" and w.options["match_norm"] is True
+    assert w.options == w.rule.options()
+
+
+def test_wrapping_is_a_read_only_snapshot():
+    m = mlp()
+    localopt.wrap(m, "fa", seed=0)
+    w = localopt.wrapping(m)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.rule = None
+    localopt.unwrap(m)
+    localopt.wrap(m, "dfa", seed=0)
+    assert w.rule.name == "fa" and localopt.wrapping(m).rule.name == "dfa"
+
+
+def test_site_of_is_none_off_the_hooked_modules():
+    m = mlp()
+    assert all(site_of(mod) is None for mod in m.modules())
+    localopt.wrap(m, "fa", seed=0)
+    assert site_of(m) is None and site_of(m[1]) is None
+    localopt.unwrap(m)
+    assert all(site_of(mod) is None for mod in m.modules())
+
+
+# ----------------------------------------------------------------------------- hooks_disabled()
+CASES = {
+    "fa": (mlp, {}),
+    "usf": (mlp, {}),
+    "brsf": (mlp, {}),
+    "dfa": (mlp, {}),
+    "dfa-modules-inside-fa": (blocks, {"modules": ["0", "2"], "inside": "fa"}),
+    "dtp": (mlp, {}),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hooks_disabled_gives_exact_backprop_and_restores_the_rule(case):
+    make, opts = CASES[case]
+    rule = case.split("-")[0]
+    x, y = batch()
+    plain = make()
+    bp = grads(plain, x, y)
+    m = localopt.wrap(make(), rule, seed=0, **opts)
+    rule_grads = grads(m, x, y)
+    assert not same(rule_grads, bp)  # the rule changes the signal: the check below can fail
+    with localopt.hooks_disabled(m) as inside:
+        assert inside is m
+        off = grads(m, x, y)
+        out = m(x)
+    assert None not in off and same(off, bp)
+    assert torch.equal(out, plain(x))
+    again = grads(m, x, y)  # the rule is back, as it was
+    if rule == "brsf":  # a new B at every forward
+        assert not same(again, bp)
+    else:
+        assert same(again, rule_grads)
+
+
+def test_hooks_disabled_keeps_the_users_hooks_and_their_order():
+    m = localopt.wrap(mlp(), "fa", seed=0)
+    calls = []
+    m[2].register_forward_hook(lambda mod, a, out: calls.append("user") or None)
+    order = [list(mod._forward_hooks) for mod in m.modules()]
+    x, y = batch()
+    with localopt.hooks_disabled(m):
+        grads(m, x, y)
+    assert calls == ["user"]
+    assert [list(mod._forward_hooks) for mod in m.modules()] == order
+
+
+def test_hooks_disabled_nests_and_restores_after_an_error():
+    m = localopt.wrap(mlp(), "dfa", seed=0)
+    x, y = batch()
+    ref = grads(m, x, y)
+    with pytest.raises(KeyError):
+        with localopt.hooks_disabled(m):
+            with localopt.hooks_disabled(m):
+                pass
+            assert not localopt.wrapping(m).rule.hooks_enabled
+            assert not any(s.active for s in localopt.sites(m))
+            raise KeyError("boom")
+    assert localopt.wrapping(m).rule.hooks_enabled
+    assert all(s.active for s in localopt.sites(m))
+    assert same(grads(m, x, y), ref)
+
+
+def test_hooks_disabled_refuses_a_plain_model():
+    with pytest.raises(ValueError, match="not wrapped"):
+        with localopt.hooks_disabled(mlp()):
+            pass
+
+
+def test_update_angles_leave_the_model_as_it_was():
+    m = localopt.wrap(mlp(), "fa", seed=0)
+    x, y = batch()
+    ref = grads(m, x, y)
+    angles = localopt.diagnostics.update_angles(m, F.cross_entropy, x, y)
+    assert set(angles) == {"0", "2", "4"}
+    assert angles["4"] == pytest.approx(0.0, abs=1e-4)  # the top layer gets the true error
+    assert angles["0"] > 1.0
+    assert same(grads(m, x, y), ref)
+
+
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+              "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def hook_keys(model):
+    return [[list(getattr(mod, d)) for d in HOOK_DICTS] for mod in model.modules()]
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "kp", "dtp"])
+def test_unwrap_removes_every_hook_it_added_also_from_a_deepcopy(rule):
+    m = mlp()
+    m[2].register_forward_hook(lambda mod, a, out: None)  # the user's: stays
+    before = hook_keys(m)
+    localopt.wrap(m, rule, seed=0)
+    assert hook_keys(m) != before
+    c = copy.deepcopy(m)
+    for model in (m, c):  # the copy's handles name the copy's hook dicts
+        localopt.unwrap(model)
+        assert hook_keys(model) == before
