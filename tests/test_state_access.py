@@ -188,3 +188,94 @@ def test_unwrap_removes_every_hook_it_added_also_from_a_deepcopy(rule):
     for model in (m, c):  # the copy's handles name the copy's hook dicts
         localopt.unwrap(model)
         assert hook_keys(model) == before
+
+
+# ----------------------------------------------------------------------------- pending feedback
+def test_update_angles_leave_the_pending_least_squares_normaliser():
+    m = localopt.wrap(mlp(), "bfa", seed=0)
+    opt = localopt.optim.LocalOptimizer(m, torch.optim.SGD, lr=0.1)
+    x, y = batch()
+    opt.zero_grad()
+    F.cross_entropy(m(x), y).backward()
+    norms = [s.feedback_norm for s in localopt.sites(m)]
+    assert any(n is not None for n in norms)
+    kept = [None if n is None else n.clone() for n in norms]
+    localopt.diagnostics.update_angles(m, F.cross_entropy, x, y)
+    for s, n, k in zip(localopt.sites(m), norms, kept):
+        assert s.feedback_norm is n
+        assert n is None or torch.equal(n, k)
+
+
+def test_update_angles_leave_target_propagation_traces():
+    from localopt.optim import TargetProp
+    from localopt.rules.target_prop import last_targets
+    x, y = batch()
+    runs = []
+    for diagnose in (False, True):
+        m = localopt.wrap(mlp(), "dtp", seed=0)
+        opt = TargetProp(m, torch.optim.SGD, lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            if diagnose:
+                targets = last_targets(m)
+                localopt.diagnostics.update_angles(m, F.cross_entropy, x, y)
+                assert all(a is b for a, b in zip(last_targets(m), targets))
+            opt.step()
+        runs.append(m.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+# ----------------------------------------------------------------------------- declared state
+def _train(rule):
+    if rule == "dfa-inside":  # a rule that hooks layers inside its modules itself
+        m = localopt.wrap(blocks(), "dfa", seed=0, modules=["0", "2"], inside="fa")
+    else:
+        m = localopt.wrap(mlp(), rule, seed=0)
+    r = localopt.wrapping(m).rule
+    if r.name in ("dtp", "sdtp", "ao-sdtp", "drl", "l-drl"):
+        opt = localopt.optim.TargetProp(m, torch.optim.SGD, lr=0.05)
+    else:
+        opt = localopt.optim.LocalOptimizer(m, torch.optim.SGD, lr=0.05)
+    x, y = batch()
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    localopt.diagnostics.update_angles(m, F.cross_entropy, x, y)
+    return m
+
+
+@pytest.mark.parametrize("rule", localopt.available_rules() + ["dfa-inside"])
+def test_rules_set_only_the_declared_site_state(rule):
+    """Every attribute of a site after training is set by Site itself or declared on it."""
+    own = set(vars(localopt.Site(nn.Linear(1, 1), "x", None)))
+    declared = {k for k in vars(localopt.Site) if not k.startswith("__")}
+    m = _train(rule)
+    hooked = [s for s in map(site_of, m.modules()) if s is not None]
+    assert hooked
+    for s in hooked:
+        assert set(vars(s)) <= own | declared, (s, set(vars(s)) - own - declared)
+
+
+# ----------------------------------------------------------------------------- capabilities
+def test_feedback_scale_check_follows_the_declared_capabilities():
+    class Huge(localopt.FeedbackRule):
+        name = "huge-test-only"
+
+        def feedback(self, site):
+            return site.weight.detach() * 1e3
+
+    class Exact(Huge):
+        computes_true_gradient = True
+
+    class Redrawn(Huge):
+        redraws_feedback = True
+
+    import warnings
+    for cls, warns in ((Huge, True), (Exact, False), (Redrawn, False)):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            localopt.wrap(mlp(), cls(), seed=0)
+        assert any("explode" in str(x.message) for x in w) == warns, cls.__name__
