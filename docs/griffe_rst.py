@@ -74,8 +74,8 @@ def _role(match: re.Match, obj: griffe.Object) -> str:
 def convert(text: str, obj: griffe.Object) -> str:
     text = ROLE.sub(lambda m: _role(m, obj), text)
     # "text::" before an indented block: a literal block in RST, a code block in Markdown
-    text = re.sub(r"(?m)^(\s*)::\s*$", "", text)
-    text = re.sub(r"(?m)(\S)::\s*$", r"\1:", text)
+    text = re.sub(r"(?m)^[ \t]*::[ \t]*$", "", text)
+    text = re.sub(r"(?m)(\S)::[ \t]*$", r"\1:", text)
     return text
 
 
