@@ -52,3 +52,11 @@ def test_docstring_roles_become_cross_references():
     assert convert(":func:`torch.autograd.grad`") == "`torch.autograd.grad()`"
     assert convert(":func:`localopt.no_such`") == "[`localopt.no_such()`][localopt.no_such]"
     assert convert("the rule::\n\n    dx = delta B\n") == "the rule:\n\n    dx = delta B\n"
+
+
+def test_readme_is_short_and_keeps_the_generated_blocks():
+    text = (REPO / "README.md").read_text()
+    assert len(text.encode()) <= 12_000
+    for marker in ("results", "pipeline"):
+        assert text.count(f"<!-- {marker}:begin -->") == 1, marker
+        assert text.index(f"<!-- {marker}:begin -->") < text.index(f"<!-- {marker}:end -->")
