@@ -60,3 +60,14 @@ def test_readme_is_short_and_keeps_the_generated_blocks():
     for marker in ("results", "pipeline"):
         assert text.count(f"<!-- {marker}:begin -->") == 1, marker
         assert text.index(f"<!-- {marker}:begin -->") < text.index(f"<!-- {marker}:end -->")
+
+
+def test_readme_links_point_at_files_of_the_repository():
+    """README.md is not part of the site's strict build: its relative links are checked here."""
+    import re
+    text = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert any(link.startswith("docs/") for link in local)
+    missing = [link for link in local if not (REPO / link).exists()]
+    assert not missing, missing
