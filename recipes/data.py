@@ -82,6 +82,22 @@ def default_search_paths() -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
+#: archives a data folder may hold, in the order they are preferred: ``--data DIR`` and
+#: ``LOCALOPT_DATA=DIR`` find them in ``DIR`` (e.g. a shared data folder)
+KNOWN_ARCHIVES = ("cifar10-jpeg75.tar.gz", "cifar-10-python.tar.gz")
+
+
+def _known_in_folder(p: Path) -> Path:
+    """``p`` itself, or -- when ``p`` is a folder that is not a data set itself (no official
+    batches, no ``train/`` and ``test/`` class folders) but holds one of
+    :data:`KNOWN_ARCHIVES` -- that archive."""
+    if not p.is_dir() or (p / "data_batch_1").is_file() \
+            or (p / "cifar-10-batches-py").is_dir() \
+            or ((p / "train").is_dir() and (p / "test").is_dir()):
+        return p
+    return next((p / name for name in KNOWN_ARCHIVES if (p / name).is_file()), p)
+
+
 #: where torchvision fetches the official CIFAR-10 (163 MB)
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -92,6 +108,7 @@ def _not_found(msg: str, searched: Iterable[Path] = ()) -> DataNotFoundError:
              "cifar-10-python.tar.gz,",
              "                          or an ImageFolder folder/archive (.tar.gz/.tgz/.tar/.zip)"
              " with train/<class>/ and test/<class>/",
+             "                          or a folder holding " + " or ".join(KNOWN_ARCHIVES),
              "  LOCALOPT_DATA=PATH      the same, from the environment",
              "  --download true         (default) fetch the official CIFAR-10 when nothing is "
              f"found (needs internet) into {cache_dir() / 'torchvision'}"]
@@ -106,13 +123,15 @@ def find_data(data: str | os.PathLike | None = None, download: bool = True) -> P
     else the first of :func:`default_search_paths` that exists, else -- when ``download`` is
     set (the default) and the official server answers -- the official set, fetched through
     torchvision into ``$LOCALOPT_CACHE/torchvision`` with a progress bar.  Offline, the error
-    lists the options at once (the server check gives up after a few seconds)."""
+    lists the options at once (the server check gives up after a few seconds).  A folder
+    given by ``data`` or ``$LOCALOPT_DATA`` may also be one that holds a known archive
+    (:data:`KNOWN_ARCHIVES`)."""
     for given, origin in ((data, "--data"), (os.environ.get("LOCALOPT_DATA"), "LOCALOPT_DATA")):
         if given:
             p = Path(given).expanduser()
             if not p.exists():
                 raise _not_found(f"{origin} {str(given)!r}: no such file or folder.")
-            return p
+            return _known_in_folder(p)
     searched = default_search_paths()
     for p in searched:
         if p.exists():

@@ -45,6 +45,7 @@ from .data import CifarArrays, DataNotFoundError, Normalizer, Split, load_cifar1
 from .data import random_crop_flip
 from .alignment import plot_alignment
 from .plots import plot_curves
+from .runlog import write_summaries
 
 #: settings a resumed run may change; everything else comes from the checkpoint
 RESUME_MAY_CHANGE = ("epochs", "device", "threads", "data", "download", "out_dir", "log_every",
@@ -340,6 +341,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         rec.update(common)
         rec["config"] = cfg.to_dict()
         append_jsonl(log_path, rec)
+        write_summaries(run_dir)             # summary.csv, TensorBoard scalars
         _save_checkpoint(ckpt_path, model=inner.state_dict(), optimizer=opt.state_dict(),
                          scheduler=sched.state_dict(), rng=rng_ranks[0], rng_ranks=rng_ranks,
                          epoch=epoch, global_step=global_step, config=cfg.to_dict())

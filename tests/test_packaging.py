@@ -69,3 +69,20 @@ def test_recipes_run_from_the_installed_wheel(wheel, tmp_path):
     assert "MLP" in r.stdout and "--rule" in r.stdout and "localopt train" in r.stdout
     r = run("import models")          # no top-level `models` (nor `recipes`) is installed
     assert r.returncode != 0 and "No module named 'models'" in r.stderr
+
+
+def test_wheel_requires_torch_alone_and_offers_the_extras(wheel):
+    """``pip install localopt`` pulls torch only; ``localopt[recipes]`` adds the model zoo's
+    and the recipes' packages (the set a plain install pulled before)."""
+    names = zipfile.ZipFile(wheel).namelist()
+    meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    core = [r for r in requires if "extra ==" not in r]
+    assert [r.split(">")[0].split("=")[0].split(";")[0].strip() for r in core] == ["torch"]
+    recipes = {r.split(">")[0].strip() for r in requires if "extra == \"recipes\"" in r}
+    assert {"torchvision", "timm", "numpy", "pillow", "tqdm", "matplotlib"} <= recipes
+    extras = {line.split(":", 1)[1].strip() for line in meta.splitlines()
+              if line.startswith("Provides-Extra:")}
+    assert {"recipes", "tensorboard", "docs", "dev"} <= extras
+    assert not any("einops" in r for r in requires)

@@ -137,6 +137,41 @@ def test_env_var_and_flag_precedence(tmp_path, arrays, monkeypatch):
     assert D.find_data(str(b)) == b
 
 
+@pytest.mark.parametrize("archive", D.KNOWN_ARCHIVES)
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_a_folder_holding_a_known_archive_finds_it(tmp_path, arrays, monkeypatch, archive, how):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "README").write_text("a data folder")
+    if archive == "cifar-10-python.tar.gz":   # the official archive's layout
+        import tarfile
+        folder = write_official(tmp_path / "official", arrays)
+        with tarfile.open(shared / archive, "w:gz") as tf:
+            tf.add(folder, arcname="cifar-10-batches-py")
+    else:
+        write_imagefolder(shared / archive, arrays, prefix="cifar10/")
+    if how == "env":
+        monkeypatch.setenv("LOCALOPT_DATA", str(shared))
+        assert D.find_data(None) == shared / archive
+        got = D.load_cifar10(None)
+    else:
+        assert D.find_data(str(shared)) == shared / archive
+        got = D.load_cifar10(shared)
+    assert got.source == str(shared / archive)
+    _assert_same(got, arrays)
+
+
+def test_known_archives_in_order_and_data_folders_kept(tmp_path, arrays):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in reversed(D.KNOWN_ARCHIVES):
+        write_imagefolder(shared / name, arrays)
+    assert D.find_data(shared) == shared / D.KNOWN_ARCHIVES[0]
+    folder = write_imagefolder(tmp_path / "imagefolder", arrays)   # a data set itself
+    write_imagefolder(folder / D.KNOWN_ARCHIVES[0], arrays)
+    assert D.find_data(folder) == folder
+
+
 def test_archive_without_imagefolder_layout_is_a_clear_error(tmp_path):
     import zipfile
     bad = tmp_path / "bad.zip"
