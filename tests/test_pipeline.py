@@ -205,8 +205,10 @@ def test_pipelined_step_equals_single_process_accumulation(exact, case):
         r = res["cases"][(rule, schedule, str(opts))]
         assert r["n_params"] > 0 and r["moved"] > 1e-4, r      # the step did something
         assert r["diff"] < 1e-5, (rank, r)
-        if S - 1 in r["stages"]:
-            assert r["loss"] is not None and r["loss"] > 0
+        if rank == len(exact) - 1:           # every schedule: the loss on the last rank
+            assert r["loss"] is not None and r["loss"] > 0, r
+        else:
+            assert r["loss"] is None, r
         assert r["fwd_mbs"] == sorted(list(range(M)) * len(r["stages"])), r
         assert r["kinds"]["backward"] >= M * len(r["stages"]), r
         assert r["kinds"].get("send", 0) + r["kinds"].get("recv", 0) > 0, r
@@ -220,7 +222,7 @@ def test_zero_bubble_on_a_resnet_with_batchnorm_and_a_view_output(exact):
     for res in exact:
         n, diff = res["resnet_zb"]
         assert n > 4 and diff < 1e-5, res["resnet_zb"]
-    assert exact[0]["resnet_predict"] < 1e-5 and exact[1]["resnet_predict"] is None
+    assert exact[1]["resnet_predict"] < 1e-5 and exact[0]["resnet_predict"] is None
 
 
 def test_predict_is_the_model_output(exact):

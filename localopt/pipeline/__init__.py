@@ -17,10 +17,11 @@
 * :class:`Event` / ``PipelineStep.events`` -- what each rank computed and communicated, when;
   :mod:`~localopt.pipeline.timeline` draws and simulates them.
 """
-from .comm import PipelineError, destroy, launch
+from .comm import PipelineError, destroy, free_port, launch
 from .events import Event
-from .split import Stage, split_stages
+from .materialize import materialize
+from .split import Stage, blocks, split_stages
 from .step import SCHEDULES, PipelineStep, build
 
 __all__ = ["build", "PipelineStep", "Event", "PipelineError", "SCHEDULES", "launch", "destroy",
-           "split_stages", "Stage"]
+           "split_stages", "Stage", "blocks", "materialize", "free_port"]

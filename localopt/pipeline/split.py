@@ -26,7 +26,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["Stage", "sequence", "split_stages"]
+__all__ = ["Stage", "sequence", "split_stages", "check_coverage"]
 
 
 class Stage(nn.Module):
@@ -132,3 +132,45 @@ def split_stages(model: nn.Module, split: Sequence[str]) -> list[Stage]:
     bounds = [0] + cuts + [len(seq)]
     return [Stage(i, names[a:b], [m for _, m in seq[a:b]])
             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def check_coverage(model: nn.Module, stages: Sequence[nn.Module]) -> None:
+    """Raise naming every parameter or buffer of ``model`` that no stage holds (a sequence that
+    leaves out, e.g., a ViT's ``cls_token`` would never train it)."""
+    held = {id(t) for st in stages for t in list(st.parameters()) + list(st.buffers())}
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if id(t) not in held]
+    if left:
+        raise ValueError(
+            f"localopt.pipeline: {left[:6]}{' ...' if len(left) > 6 else ''} of this "
+            f"{type(model).__name__} belong to no stage: its sequence leaves them out, so no "
+            "stage would train or keep them.  Give the sequence modules that own them (e.g. a "
+            "module that adds the position embedding), or split a model whose forward is its "
+            "sequence")
+
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def blocks(model: nn.Module) -> list[str]:
+    """The names of ``model``'s blocks, whatever its depth: the children of every container
+    (``nn.Sequential``/``nn.ModuleList``) whose children are all of one module type that is not
+    a single layer -- a CIFAR ResNet's ``layers.0 ... layers.N``, a timm or torchvision ResNet's
+    ``layer1.0 ... layer4.1``, a timm ViT's ``blocks.0 ... blocks.11``.  For module-wise DFA on
+    every block, ``wrap(model, "dfa", modules=blocks(model))``, and split points.  (A name
+    pattern such as ``"layers.?"`` matches one character: blocks 0-9 only.)"""
+    out: list[str] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Sequential, nn.ModuleList)) or not len(m) or \
+                any(name.startswith(b + ".") or name == b for b in out):
+            continue
+        kids = list(m.named_children())
+        kinds = {type(c) for _, c in kids}
+        if len(kinds) == 1 and not issubclass(next(iter(kinds)), _LAYERS) and \
+                any(True for _ in kids[0][1].parameters()):
+            out += [f"{name}.{c}" if name else c for c, _ in kids]
+    if not out:
+        raise ValueError(f"localopt.pipeline.blocks: this {type(model).__name__} has no container "
+                         "of repeated blocks (an nn.Sequential or nn.ModuleList whose children "
+                         "share one type); name its modules yourself")
+    return out
