@@ -46,7 +46,7 @@ def owned_keys(pipe) -> list[str]:
         entry = {n for st in pipe._stage_modules if st.index > 0 for n, _ in st.entry()}
     for st in pipe._stage_modules:
         for name, part in zip(st.names, st.parts):
-            for k in part.state_dict(prefix=f"{name}."):
+            for k in part.state_dict(prefix=f"{name}." if name else ""):
                 owner = k.rsplit(".", 1)[0]
                 if not (_is_rule_state(k) and owner in entry):
                     keys.append(k)

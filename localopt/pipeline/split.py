@@ -12,9 +12,13 @@ A model can be cut where its forward is a *sequence*: ``forward(x) = m_k(...m_2(
   fresh modules under names of their own.  ``build`` checks the composition against
   ``model(example)`` once.
 
-Splitting at arbitrary points of an arbitrary ``forward`` would need tracing (``torch.export``
-/ ``torch.fx``), which hooks and rules of localopt are not written for; a name inside a module
-that is not sequential is an error that says so.
+* any other model is traced by ``torch.fx`` (:mod:`localopt.pipeline.trace`): timm and
+  torchvision ResNets, timm ViTs; its stages are segments of the traced graph that call the
+  model's own modules (so ``wrap``'s hooks fire in them), cut before the modules named.
+
+A name inside a module of the sequence that is not an ``nn.Sequential`` is an error that says
+so.  ``build`` refuses a split that leaves a parameter or buffer in no stage
+(:func:`check_coverage`).
 
 Stages are :class:`Stage` modules that *refer* to the model's modules (no copy, nothing of the
 model is moved or re-parented): training a stage trains the model's own parameters, and the
@@ -32,11 +36,14 @@ __all__ = ["Stage", "sequence", "split_stages", "check_coverage"]
 class Stage(nn.Module):
     """One pipeline stage: the modules ``names`` of a model, applied in order."""
 
-    def __init__(self, index: int, names: list[str], modules: list[nn.Module]) -> None:
+    def __init__(self, index: int, names: list[str], modules: list[nn.Module],
+                 entry: "list[tuple[str, nn.Module]] | None" = None, label: str = "") -> None:
         super().__init__()
         self.index = index
         self.names = list(names)
         self.parts = nn.ModuleList(modules)
+        self._entry = entry       # traced stages (localopt.pipeline.trace) know theirs
+        self.label = label
 
     def forward(self, x: Tensor) -> Tensor:
         for m in self.parts:
@@ -46,6 +53,8 @@ class Stage(nn.Module):
     def entry(self) -> list[tuple[str, nn.Module]]:
         """The modules that receive the stage input as their input, outermost first: the
         first module, and while it is an ``nn.Sequential``, its first child."""
+        if self._entry is not None:
+            return list(self._entry)
         name, m = self.names[0], self.parts[0]
         chain = [(name, m)]
         while isinstance(m, nn.Sequential) and len(m) > 0:
@@ -55,6 +64,8 @@ class Stage(nn.Module):
         return chain
 
     def extra_repr(self) -> str:
+        if self._entry is not None:
+            return f"index={self.index}, traced from {self.label!r}"
         return f"index={self.index}, modules={self.names}"
 
 
@@ -109,6 +120,10 @@ def split_stages(model: nn.Module, split: Sequence[str]) -> list[Stage]:
     for s in split:
         if not isinstance(s, str):
             raise TypeError(f"localopt.pipeline: split entry {s!r} is not a module name (str)")
+    if not (callable(getattr(model, "pipeline_sequence", None)) or
+            isinstance(model, nn.Sequential)):
+        from .trace import traced_stages
+        return traced_stages(model, split)
     seq = sequence(model)
     for name in split:
         opened = _open(seq, name)

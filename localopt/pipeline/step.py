@@ -498,7 +498,7 @@ def _materialise_stages(model, stages, indices, example, seed, device, init, dir
         raise ValueError(f"localopt.pipeline: schedule='direct': '{next_site.name}' (first module "
                          f"of stage {indices[0] + 1}) has no feedback matrix (its input needs no "
                          "gradient): split after a module with parameters")
-    mods = [(n, m) for i in indices for n, m in zip(stages[i].names, stages[i].parts)]
+    mods = [pair for i in indices for pair in _stage_modules(model, stages[i])]
     ids = {id(m) for _, top in mods for m in top.modules()}
     own_sites = [s for s in all_sites if id(s.module) in ids]
     extra = [next_site] if next_site is not None and next_site not in own_sites else []
@@ -517,6 +517,28 @@ def _materialise_stages(model, stages, indices, example, seed, device, init, dir
             if s is next_site or (grad and id(s.module) not in entries):
                 rule.draw_feedback(s, shape, tuple(z.shape))
     return shapes
+
+
+def _stage_modules(model: nn.Module, stage: Stage) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the model's modules that ``stage`` runs.  A traced stage's graph
+    module calls the model's modules; one that also reads the model's tensors directly
+    (``get_attr``: a ViT's ``cls_token``) cannot be materialised alone yet."""
+    if stage.names != [""]:
+        return list(zip(stage.names, stage.parts))
+    gm = stage.parts[0]
+    shared, held = [], set()
+    for name, m in gm.named_modules():
+        if name and m is model.get_submodule(name):
+            shared.append((name, m))
+            held.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
+    direct = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers())
+              if id(t) not in held]
+    if direct:
+        raise ValueError(f"localopt.pipeline: stage {stage.index} reads {direct[:5]} of the model "
+                         "directly (not through a module): materialising such a traced stage on "
+                         "its own is not supported; build the model materialised (every rank "
+                         "holds it), or give it a pipeline_sequence() whose modules own them")
+    return shared
 
 
 def _entry_site(stage: Stage, sites: dict):
