@@ -61,7 +61,9 @@ NUM_CLASSES = 10
 #: options of the direct rules per model (--rule-options overrides): a ResNet cannot be cut
 #: before a layer that layer-wise DFA hooks (a block's input also feeds its shortcut), so the
 #: direct rules run module-wise there (Han et al. 2020): every block receives e at its input.
-DEFAULT_RULE_OPTIONS = {"resnet": {"modules": ["layers.?"]}}
+#: ``"modules": "blocks"`` stands for ``localopt.pipeline.blocks(model)``: every block, whatever
+#: the depth.
+DEFAULT_RULE_OPTIONS = {"resnet": {"modules": "blocks"}}
 DEFAULT_TRAIN = {   # optimizer of --epochs runs: the settings of the repo's configs
     "mlp3x1024": dict(config="mlp_bartunov2018", lr=3.886644634575892e-4,
                       eps=6.565611200656028e-4, model_options={"init": "xavier"}),
@@ -221,29 +223,40 @@ def _family(label: str) -> str:
     return "bp" if label in BACKPROP else label
 
 
-def rule_options(args) -> dict:
-    if args.rule_options is not None:
-        return args.rule_options
-    return next((v for k, v in DEFAULT_RULE_OPTIONS.items() if args.model.startswith(k)), {})
+def rule_options(args, model: nn.Module | None = None) -> dict:
+    """The rule options of ``args`` for ``model`` (``"modules": "blocks"``: its blocks; kept as
+    written without a model)."""
+    from localopt.pipeline import blocks
+    opts = args.rule_options if args.rule_options is not None else next(
+        (v for k, v in DEFAULT_RULE_OPTIONS.items() if args.model.startswith(k)), {})
+    if model is not None and opts.get("modules") == "blocks":
+        opts = {**opts, "modules": blocks(model)}
+    return opts
 
 
 def _rule_schedule(label: str) -> tuple[str, str]:
     return ("none", label) if label in BACKPROP else (label, "direct")
 
 
-def _build(args, label: str, M: int, plan: dict, model_options: dict | None = None):
+def _build(args, label: str, M: int, plan: dict, model_options: dict | None = None,
+           meta: bool = False):
+    """This rank's pipeline of ``label``.  ``meta``: the model is built on the meta device and
+    each rank materialises its stage only (values drawn by module name: throughput runs);
+    else every rank builds the whole model from ``--seed`` (training runs, whose
+    initialisation is the one-process run's)."""
     import localopt
     from localopt import pipeline as lp
     from localopt.models import create_model
     rule, sched = _rule_schedule(label)
     torch.manual_seed(args.seed)
-    model = create_model(args.model, **{**args.model_options, **(model_options or {})})
-    if rule != "none":
-        localopt.wrap(model, rule, seed=args.seed, **rule_options(args))
+    with torch.device("meta" if meta else "cpu"):
+        model = create_model(args.model, **{**args.model_options, **(model_options or {})})
+        if rule != "none":
+            localopt.wrap(model, rule, seed=args.seed, **rule_options(args, model))
     split = plan["splits"]["zb" if label == "zb" else _family(label)]
     pipe = lp.build(model, split=split, schedule=sched, microbatches=M,
                     loss_fn=F.cross_entropy, example=torch.zeros(1, *IMAGE),
-                    timeout=args.timeout)
+                    timeout=args.timeout, seed=args.seed if meta else None)
     return model, pipe
 
 
@@ -278,7 +291,7 @@ def measure_link(sizes: list[int], reps: int = 20) -> dict[str, float]:
 
 def _measure(args, label: str, M: int, plan: dict) -> dict[str, Any]:
     """Throughput run of one (schedule, K) on this rank; gathered on every rank."""
-    model, pipe = _build(args, label, M, plan)
+    model, pipe = _build(args, label, M, plan, meta=True)
     opt = pipe.optimizer(torch.optim.SGD, lr=args.lr_throughput, momentum=0.9)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, *IMAGE, generator=g)
@@ -301,7 +314,8 @@ def _measure(args, label: str, M: int, plan: dict) -> dict[str, Any]:
             steps.append({"t": (t0, t1, t2), "events": [tuple(e) for e in pipe.events]})
     last = time.perf_counter()
     mine = {"rank": dist.get_rank(), "stages": list(getattr(pipe, "stages", [pipe.stage])),
-            "first": first, "last": last, "steps": steps, "losses": losses}
+            "first": first, "last": last, "steps": steps, "losses": losses,
+            **pipe.memory()}                                   # MEMORY_KEYS
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     del pipe, model, opt
@@ -351,8 +365,7 @@ def _train(args, plan: dict) -> dict[str, Any]:
         model, pipe = _build(args, label, M, plan, dflt["model_options"])
         opt = pipe.optimizer(torch.optim.Adam, lr=args.lr or dflt["lr"], eps=dflt["eps"])
         hist = _train_loop(args, model, pipe.step, pipe.predict, opt, splits, norm,
-                           is_last=dist.get_rank() == dist.get_world_size() - 1
-                           if label != "zb" else dist.get_rank() == 0)
+                           is_last=dist.get_rank() == pipe.output_rank)
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, hist)
         hist = next(h for h in everyone if h["epochs"] and h["epochs"][0].get("test_acc")
@@ -416,7 +429,7 @@ def _train_single(args) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         model = create_model(args.model, **{**args.model_options, **dflt["model_options"]})
         if rule != "none":
-            localopt.wrap(model, rule, seed=args.seed, **rule_options(args))
+            localopt.wrap(model, rule, seed=args.seed, **rule_options(args, model))
         opt = torch.optim.Adam(model.parameters(), lr=args.lr or dflt["lr"], eps=dflt["eps"])
 
         def step(x, y):
@@ -434,6 +447,10 @@ def _train_single(args) -> dict[str, Any]:
 def _mean(v: list[float]) -> float:
     """Means, not medians: the sum of the durations is what the step takes."""
     return statistics.fmean(v) if v else 0.0
+
+
+#: what each process holds (localopt.pipeline.PipelineStep.memory), per process in the JSON
+MEMORY_KEYS = ("parameter_bytes", "rule_state_bytes", "state_bytes", "model_parameter_bytes")
 
 
 def analyse(run: dict, batch: int) -> dict[str, Any]:
@@ -479,7 +496,8 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
         per_op = (calls + other) / ops if ops else 0.0
         per_rank.append({"rank": r["rank"], "busy_per_step": busy / nsteps,
                          "comm_calls_per_step": calls / nsteps, "wait_per_step": waited / nsteps,
-                         "overhead_per_step": other / nsteps, "optimizer_step": opt_t})
+                         "overhead_per_step": other / nsteps, "optimizer_step": opt_t,
+                         **{k: r[k] for k in MEMORY_KEYS if k in r}})
         for s, d in per_stage.items():
             costs[s] = {"rank": r["rank"], "forward": _mean(d["forward"]),
                         "backward": _mean(d["backward"]),
@@ -695,8 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's config)")
     p.add_argument("--report", metavar="DIR", help="write DIR/README.md from DIR/*.json")
     p.add_argument("--readme", default=None,
-                   help="with --report: a README whose pipeline block gets the headline "
-                   "(default: the checkout's README.md when DIR is its results/pipeline)")
+                   help="with --report: a page whose pipeline block gets the headline "
+                   "(default: the checkout's docs/guide/model-parallel.md when DIR is its "
+                   "results/pipeline)")
     return p
 
 
@@ -709,8 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = list(os.getloadavg())          # 1, 5, 15 min (recorded in the JSON)
     if args.report:
         repo = Path(__file__).resolve().parents[1]
-        readme = args.readme or (repo / "README.md" if Path(args.report).resolve()
-                                 == repo / "results" / "pipeline" else None)
+        readme = args.readme or (repo / "docs" / "guide" / "model-parallel.md"
+                                 if Path(args.report).resolve() == repo / "results" / "pipeline"
+                                 else None)
         path = write_report(Path(args.report), readme=Path(readme) if readme else None)
         print(f"wrote {path}")
         return 0
@@ -892,9 +912,10 @@ def readme_block(d: Path, files: list, K: int, S_sim: int, root: Path) -> str:
                  "batches for images/s, CIFAR-10 (JPEG-q75 copy) for accuracy; one row per "
                  "measurement file (repeated runs of the same command show the run-to-run "
                  "spread).")
+    cmd = os.path.relpath(d.resolve(), Path(__file__).resolve().parents[1])
     lines = [README_BEGIN,
-             f"Generated by `python -m recipes.pipeline --report {rel}` from the JSON files in "
-             f"[{rel}/]({rel}/README.md) (commands: `{rel}/commands.sh`; timelines, per-process "
+             f"Generated by `python -m recipes.pipeline --report {cmd}` from the JSON files in "
+             f"[{cmd}/]({rel}/README.md) (commands: `{cmd}/commands.sh`; timelines, per-process "
              f"time budgets and the simulation's error against each measurement there).{where}",
              ""]
     for line in _headline(files, K, S_sim):

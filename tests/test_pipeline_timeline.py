@@ -198,6 +198,9 @@ def test_recipe_two_processes_smoke(tmp_path):
         assert r["images_per_s"] > 0
         assert len(r["idle_fraction"]) == 2 and all(0 <= x <= 1 for x in r["idle_fraction"])
         assert len(r["stage_costs"]) == 2 and all(c["forward"] > 0 for c in r["stage_costs"])
+        for proc in r["per_process"]:     # each process materialised its stage only
+            assert 0 < proc["parameter_bytes"] < proc["model_parameter_bytes"], proc
+            assert proc["state_bytes"] > proc["parameter_bytes"], proc
     assert res["splits"] == {"bp": ["3"], "dfa": ["3"]}
     assert {c["label"] for c in res["simulation"]["check"]} == {"gpipe", "dfa"}
     assert {(s["S"], s["label"]) for s in res["simulation"]["scaled"]} == {(4, "gpipe"),
