@@ -132,12 +132,16 @@ def _batch_checks(out):
     out["batch"] = errors
 
 
+AUTOCAST = (("dfa", "direct", ["5"]), ("bp", "gpipe", ["5"]), ("fa", "1f1b", ["5"]),
+            ("bp", "zb", ["3", "5", "7"]))
+
+
 def _autocast(out):
     x, y = _data()
-    for rule, schedule in (("dfa", "direct"), ("bp", "gpipe")):
+    for rule, schedule, split in AUTOCAST:
         make = _Make(rule)
         torch.manual_seed(0)
-        pipe = lp.build(make(), ["5"], schedule, microbatches=M, example=x[:1], timeout=30)
+        pipe = lp.build(make(), split, schedule, microbatches=M, example=x[:1], timeout=30)
         torch.manual_seed(0)
         ref = make()
         ref(x)                                   # dfa: draw its feedback, as build did
@@ -269,7 +273,7 @@ def test_ranks_that_disagree_on_the_batch_are_named_on_every_rank(runs, schedule
         assert got["after"], got
 
 
-@pytest.mark.parametrize("schedule", ["direct", "gpipe"])
+@pytest.mark.parametrize("schedule", [c[1] for c in AUTOCAST])
 def test_bf16_autocast_trains_as_one_process(runs, schedule):
     for rank, res in enumerate(runs):
         r = res["autocast"][schedule]
@@ -372,3 +376,21 @@ def test_launch_under_a_launcher_with_another_size_fails_at_once(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "1")
     with pytest.raises(RuntimeError, match="WORLD_SIZE=3, but launch\\(nprocs=2\\)"):
         lp.launch(_worker, nprocs=2)
+
+
+def test_a_failed_transfer_says_when_it_failed_not_the_timeout():
+    from datetime import timedelta
+
+    from localopt.pipeline.comm import Link
+    from localopt.pipeline.events import Recorder
+
+    class Broken:
+        def wait(self, timeout):
+            raise RuntimeError("Connection closed by peer")
+
+    link = Link.__new__(Link)          # no process group needed to word the error
+    link.rank, link.timeout, link.rec = 0, timedelta(seconds=60), Recorder(False)
+    with pytest.raises(lp.PipelineError, match=r"from rank 1 \(the transfer failed after 0\.\d s\)"
+                       ) as info:
+        link.wait((Broken(), None, 1, "recv"), 0, 0, "an activation")
+    assert "within 60 s" not in str(info.value)
