@@ -16,6 +16,7 @@ from torch import nn
 
 import localopt
 from localopt import pipeline as lp
+from localopt.pipeline.events import KINDS
 from localopt.models import create_model
 from localopt.models.mlp import MLP
 
@@ -120,8 +121,7 @@ def _worker_exact():
         kinds = {}
         for ev in pipe.events:
             kinds[ev.kind] = kinds.get(ev.kind, 0) + 1
-            assert ev.end >= ev.start and ev.kind in ("forward", "backward", "send", "recv",
-                                                      "wait"), ev
+            assert ev.end >= ev.start and ev.kind in KINDS, ev
         out["cases"][(rule, schedule, str(opts))] = {
             "diff": diff, "moved": moved, "n_params": len(names), "n_bufs": len(bufs),
             "loss": None if loss is None else float(loss), "kinds": kinds,
@@ -212,6 +212,10 @@ def test_pipelined_step_equals_single_process_accumulation(exact, case):
         assert r["fwd_mbs"] == sorted(list(range(M)) * len(r["stages"])), r
         assert r["kinds"]["backward"] >= M * len(r["stages"]), r
         assert r["kinds"].get("send", 0) + r["kinds"].get("recv", 0) > 0, r
+    if schedule == "zb":   # zero bubble defers each micro-batch's weight gradients
+        for res in exact:
+            r = res["cases"][(rule, schedule, str(opts))]
+            assert r["kinds"]["backward_weight"] == M * len(r["stages"]), r
     if rule == "drtp":     # the target is known everywhere: stage 0 receives nothing
         assert "recv" not in exact[0]["cases"][(rule, schedule, str(opts))]["kinds"]
     if schedule == "direct" and rule != "drtp":

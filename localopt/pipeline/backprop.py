@@ -10,10 +10,10 @@ gradient accumulation of ``loss/M``.  Any rule whose input gradient needs the gr
 layer above (``bp``, ``fa``, sign-symmetry, ``kp``, ``wm``, ...) runs on them as on one process.
 
 Events: the stage's compute calls (``forward_one_chunk``, ``backward_one_chunk``, and the
-deferred ``backward_weight_one_chunk`` of the zero-bubble schedule: two ``"backward"`` events
-of one micro-batch) are timed on this process's stage objects; the schedule's batched
-isend/irecv calls and its waits are timed by wrapping torch's ``_batch_p2p``/``_wait_batch_p2p``
-for the duration of a step (``microbatch`` -1).
+deferred ``backward_weight_one_chunk`` of the zero-bubble schedule: a ``"backward_weight"``
+event after the micro-batch's ``"backward"``) are timed on this process's stage objects; the
+schedule's batched isend/irecv calls and its waits are timed by wrapping torch's
+``_batch_p2p``/``_wait_batch_p2p`` for the duration of a step (``microbatch`` -1).
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class TorchRunner:
 
         st.forward_one_chunk = timed(st.forward_one_chunk, "forward", "fwd_chunk_id")
         st.backward_one_chunk = timed(st.backward_one_chunk, "backward", "bwd_chunk_id")
-        st.backward_weight_one_chunk = timed(st.backward_weight_one_chunk, "backward",
+        st.backward_weight_one_chunk = timed(st.backward_weight_one_chunk, "backward_weight",
                                              "bwd_chunk_id")
 
     @contextlib.contextmanager

@@ -339,7 +339,8 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
     Args:
         model: an ``nn.Sequential`` or a model with ``pipeline_sequence()``
             (:mod:`localopt.pipeline.split`), optionally wrapped by :func:`localopt.wrap`; not a
-            ``torch.compile``-d model: compile each stage after ``build`` (``pipe.module.compile()``).
+            ``torch.compile``-d model: compile each stage after ``build``
+            (``pipe.module.compile()``).
         split: names of the modules where stages 1, 2, ... begin (``["3"]``, ``["layers.3"]``).
             ``S = len(split) + 1`` stages: one per process (``"zb"``: two per process).  Every
             parameter and buffer of the model must be in a stage.
