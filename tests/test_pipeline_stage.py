@@ -394,3 +394,40 @@ def test_a_failed_transfer_says_when_it_failed_not_the_timeout():
                        ) as info:
         link.wait((Broken(), None, 1, "recv"), 0, 0, "an activation")
     assert "within 60 s" not in str(info.value)
+
+
+class _RootBias(nn.Module):
+    """Traced (no sequence): stage 0 reads the root's own ``bias`` (as a ViT its cls_token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(4))
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) + self.bias)
+
+
+def test_meta_set_ups_that_cannot_be_materialised_fail_before_any_communication(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=r"stage 0 reads \['bias'\] of the model directly"):
+        lp.build(_RootBias, ["b"], "gpipe", example=torch.zeros(1, 4), seed=0)
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    def make():
+        return nn.Sequential(nn.Linear(4, 4), Scale(), nn.Linear(4, 2))
+
+    with pytest.raises(ValueError, match=r"'1' \(Scale: gamma\).*init="):
+        lp.build(make, ["2"], "gpipe", example=torch.zeros(1, 4), seed=0)
+    with pytest.raises(lp.PipelineError, match="torchrun"):      # with init=: the group is next
+        lp.build(make, ["2"], "gpipe", example=torch.zeros(1, 4), seed=0,
+                 init=lambda name, m: nn.init.ones_(m.gamma) if name == "1" else
+                 m.reset_parameters())

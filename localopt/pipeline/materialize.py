@@ -28,7 +28,8 @@ from torch import nn
 from .. import rng
 from ..mechanism import Site
 
-__all__ = ["materialize", "on_meta", "name_seed", "tensor_bytes"]
+__all__ = ["materialize", "on_meta", "name_seed", "tensor_bytes",
+           "check_initialisable"]
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -58,6 +59,22 @@ def _own(module: nn.Module) -> list[str]:
     """Names of ``module``'s own parameters and buffers (localopt's state excluded)."""
     return [n for n, _ in list(module.named_parameters(recurse=False)) +
             list(module.named_buffers(recurse=False)) if not n.startswith(Site.BUFFER_PREFIX)]
+
+
+def check_initialisable(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Raise naming the modules among ``(name, module)`` pairs with parameters or buffers on the
+    meta device that no ``reset_parameters()`` of theirs initialises."""
+    bare = [f"'{n or '(root)'}' ({type(m).__name__}: {', '.join(_own(m))})"
+            for n, m in modules if _own(m) and any(
+                t.is_meta for t in list(m.parameters(recurse=False)) +
+                list(m.buffers(recurse=False)))
+            and not callable(getattr(m, "reset_parameters", None))]
+    if bare:
+        raise ValueError(
+            "localopt.pipeline: cannot initialise " + ", ".join(bare[:5]) +
+            (" ..." if len(bare) > 5 else "") + " on a process of its own: no "
+            "reset_parameters() draws these values (the constructor did, on the meta device: "
+            "nothing).  Pass init=fn(name, module) that initialises them")
 
 
 def _default_init(name: str, module: nn.Module) -> None:
@@ -95,17 +112,7 @@ def materialize(model: nn.Module, seed: int, device: "torch.device | str" = "cpu
             seen.add(id(m))
             todo.append((name, m))
     if init is None:
-        bare = [f"'{n or '(root)'}' ({type(m).__name__}: {', '.join(_own(m))})"
-                for n, m in todo if _own(m) and any(
-                    t.is_meta for t in list(m.parameters(recurse=False)) +
-                    list(m.buffers(recurse=False)))
-                and not callable(getattr(m, "reset_parameters", None))]
-        if bare:
-            raise ValueError(
-                "localopt.pipeline: cannot initialise " + ", ".join(bare[:5]) +
-                (" ..." if len(bare) > 5 else "") + " on a process of its own: no "
-                "reset_parameters() draws these values (the constructor did, on the meta device: "
-                "nothing).  Pass init=fn(name, module) that initialises them")
+        check_initialisable(todo)
     init = init or _default_init
     from ..wrap import is_wrapped
     from ..wrap import sites as all_sites

@@ -18,7 +18,7 @@ from .direct import DIRECT_RULES, DirectRunner
 from . import checkpoint
 from .batch import agree_batch
 from .events import Event, Recorder
-from .materialize import materialize, on_meta, tensor_bytes
+from .materialize import check_initialisable, materialize, on_meta, tensor_bytes
 from .split import Stage, check_coverage, split_stages
 
 __all__ = ["build", "PipelineStep", "SCHEDULES"]
@@ -402,6 +402,7 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
                     f"stage in wrap(..., modules=[...]) (e.g. modules={list(split)})")
     check_coverage(model, stages)
     if meta:
+        plan = _meta_plan(model, stages, example, direct, sites, init)
         device = torch.device("cpu" if device is None else device)
     else:
         param = next(model.parameters(), None)
@@ -434,8 +435,8 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
     if direct and indices[0] < S - 1:
         next_site = _entry_site(stages[indices[0] + 1], sites)
     if meta:
-        shapes = _materialise_stages(model, stages, indices, example, seed, device, init,
-                                     direct, next_site)
+        shapes = _materialise(model, stages, indices, plan, seed, device, init, direct,
+                              next_site)
     else:
         shapes = _shape_pass(model, stages, example.to(device), direct)
     for s in range(1, S if direct else 0):
@@ -460,10 +461,12 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
                         group, rule, shapes, device, next_site, split, meta)
 
 
-def _materialise_stages(model, stages, indices, example, seed, device, init, direct, next_site):
-    """The meta-device path of :func:`build`: a shape pass of the whole model on the meta device
-    (rules bypassed; each hooked module's input shape recorded), then this rank's stages
-    materialised by module name, and (direct rules) the feedback its stage uses drawn."""
+def _meta_plan(model, stages, example, direct, sites, init) -> dict[str, Any]:
+    """The checks and shapes of the meta-device path of :func:`build`, the same on every rank
+    and before any communication (a refused set-up fails on every rank at once): a shape pass of
+    the whole model on the meta device (rules bypassed; each hooked module's input recorded),
+    the stages' composition, each stage's modules (and that ``init`` can give them values),
+    and (direct) that each stage's first hooked module has feedback."""
     all_sites = _sites(model) if _rule_of(model) is not None else []
     inputs: dict[int, tuple] = {}
 
@@ -495,29 +498,42 @@ def _materialise_stages(model, stages, indices, example, seed, device, init, dir
             f"forward (output {tuple(h.shape)}, the model's "
             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}; see "
             "localopt.pipeline.split)")
-    if next_site is not None and not inputs.get(id(next_site.module), (None, False))[1]:
-        raise ValueError(f"localopt.pipeline: schedule='direct': '{next_site.name}' (first module "
-                         f"of stage {indices[0] + 1}) has no feedback matrix (its input needs no "
-                         "gradient): split after a module with parameters")
-    mods = [pair for i in indices for pair in _stage_modules(model, stages[i])]
+    mods = [_stage_modules(model, st) for st in stages]
+    if init is None:
+        check_initialisable((f"{n}.{sub}" if sub else n, m) for pairs in mods
+                            for n, top in pairs for sub, m in top.named_modules())
+    for s in range(1, len(stages) if direct else 0):
+        site = _entry_site(stages[s], sites)
+        if not inputs.get(id(site.module), (None, False))[1]:
+            raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
+                             f"of stage {s}) has no feedback matrix (its input needs no "
+                             "gradient): split after a module with parameters")
+    return {"shapes": shapes, "inputs": inputs, "z": tuple(z.shape), "modules": mods,
+            "sites": all_sites}
+
+
+def _materialise(model, stages, indices, plan, seed, device, init, direct, next_site):
+    """This rank's stages materialised by module name, and (direct rules) the feedback its
+    stage uses drawn, as the whole model's first forward would."""
+    mods = [pair for i in indices for pair in plan["modules"][i]]
     ids = {id(m) for _, top in mods for m in top.modules()}
-    own_sites = [s for s in all_sites if id(s.module) in ids]
+    own_sites = [s for s in plan["sites"] if id(s.module) in ids]
     extra = [next_site] if next_site is not None and next_site not in own_sites else []
     materialize(model, seed, device, modules=mods, init=init, sites=own_sites + extra)
     left = [f"{n}.{k}" for n, top in mods for k, t in
             list(top.named_parameters()) + list(top.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"localopt.pipeline: {left[:5]} of this rank's stage are still on the "
-                         "meta device after initialisation: pass init=fn(name, module) that gives "
-                         "them values")
+                         "meta device after init(): it must give every tensor of its module "
+                         "values")
     if direct:
         rule = _rule_of(model)
         entries = {id(m) for i in indices if i > 0 for _, m in stages[i].entry()}
         for s in own_sites + extra:
-            shape, grad = inputs.get(id(s.module), (None, False))
+            shape, grad = plan["inputs"].get(id(s.module), (None, False))
             if s is next_site or (grad and id(s.module) not in entries):
-                rule.draw_feedback(s, shape, tuple(z.shape))
-    return shapes
+                rule.draw_feedback(s, shape, plan["z"])
+    return plan["shapes"]
 
 
 def _stage_modules(model: nn.Module, stage: Stage) -> list[tuple[str, nn.Module]]:
