@@ -424,13 +424,6 @@ def _ddp_process(rank: int, world: int, port: int, args: argparse.Namespace,
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     args = parser.parse_args(argv)
@@ -445,11 +438,13 @@ def main(argv: list[str] | None = None) -> int:
                 torch.distributed.destroy_process_group()
         elif cfg.ddp > 1:
             import torch.multiprocessing as mp
+
+            from localopt.pipeline import free_port
             if cfg.batch_size % cfg.ddp:
                 raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --ddp "
                                   f"{cfg.ddp} (each process trains on an equal shard)")
             try:
-                mp.start_processes(_ddp_process, args=(cfg.ddp, _free_port(), args, cfg),
+                mp.start_processes(_ddp_process, args=(cfg.ddp, free_port(), args, cfg),
                                    nprocs=cfg.ddp, start_method="spawn")
             except mp.ProcessRaisedException as e:
                 parser.exit(1, f"error: a data-parallel process failed:\n{e}\n")

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
-import time
-import traceback
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 WORLD = 2
 DEADLINE_S = 120
@@ -110,53 +105,29 @@ def _run_case(rule: str, forward_sync_buffers: bool, find: str, rank: int) -> di
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        if sys.platform.startswith("linux"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(1)
-        import torch.distributed as dist
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=60))
-        results = {"cases": [_run_case(*case, rank) for case in CASES]}
-        with warnings.catch_warnings(record=True) as caught:  # no DDP model, no group
-            warnings.simplefilter("always")
-            from localopt.optim import LocalOptimizer
-            LocalOptimizer(_build("bfa", rank), torch.optim.SGD, lr=0.1)
-        results["warned_without_group"] = [str(w.message) for w in caught]
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker() -> dict:
+    """One rank (launched by localopt.pipeline.launch, which sets the env:// variables)."""
+    rank = int(os.environ["RANK"])
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import torch.distributed as dist
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    results = {"cases": [_run_case(*case, rank) for case in CASES]}
+    with warnings.catch_warnings(record=True) as caught:  # no DDP model, no group
+        warnings.simplefilter("always")
+        from localopt.optim import LocalOptimizer
+        LocalOptimizer(_build("bfa", rank), torch.optim.SGD, lr=0.1)
+    results["warned_without_group"] = [str(w.message) for w in caught]
+    dist.barrier()
+    dist.destroy_process_group()
+    return json.loads(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join(10)
-    errors = "\n".join(f.read_text() for f in sorted(out.glob("rank*.err")))
-    assert not hung, f"DDP workers still running after {DEADLINE_S} s\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), errors or [p.exitcode for p in procs]
-    return json.loads((out / "rank0.json").read_text())
+def ddp_results() -> dict:
+    from localopt.pipeline import launch
+    return launch(_worker, nprocs=WORLD, timeout=DEADLINE_S)[0]   # kills what still runs
 
 
 def test_every_rule_keeps_weights_and_feedback_state_identical_across_ranks(ddp_results):

@@ -16,6 +16,7 @@ from torch import nn
 
 import localopt
 from localopt import pipeline as lp
+from localopt.pipeline.events import KINDS
 from localopt.models import create_model
 from localopt.models.mlp import MLP
 
@@ -120,8 +121,7 @@ def _worker_exact():
         kinds = {}
         for ev in pipe.events:
             kinds[ev.kind] = kinds.get(ev.kind, 0) + 1
-            assert ev.end >= ev.start and ev.kind in ("forward", "backward", "send", "recv",
-                                                      "wait"), ev
+            assert ev.end >= ev.start and ev.kind in KINDS, ev
         out["cases"][(rule, schedule, str(opts))] = {
             "diff": diff, "moved": moved, "n_params": len(names), "n_bufs": len(bufs),
             "loss": None if loss is None else float(loss), "kinds": kinds,
@@ -205,11 +205,17 @@ def test_pipelined_step_equals_single_process_accumulation(exact, case):
         r = res["cases"][(rule, schedule, str(opts))]
         assert r["n_params"] > 0 and r["moved"] > 1e-4, r      # the step did something
         assert r["diff"] < 1e-5, (rank, r)
-        if S - 1 in r["stages"]:
-            assert r["loss"] is not None and r["loss"] > 0
+        if rank == len(exact) - 1:           # every schedule: the loss on the last rank
+            assert r["loss"] is not None and r["loss"] > 0, r
+        else:
+            assert r["loss"] is None, r
         assert r["fwd_mbs"] == sorted(list(range(M)) * len(r["stages"])), r
         assert r["kinds"]["backward"] >= M * len(r["stages"]), r
         assert r["kinds"].get("send", 0) + r["kinds"].get("recv", 0) > 0, r
+    if schedule == "zb":   # zero bubble defers each micro-batch's weight gradients
+        for res in exact:
+            r = res["cases"][(rule, schedule, str(opts))]
+            assert r["kinds"]["backward_weight"] == M * len(r["stages"]), r
     if rule == "drtp":     # the target is known everywhere: stage 0 receives nothing
         assert "recv" not in exact[0]["cases"][(rule, schedule, str(opts))]["kinds"]
     if schedule == "direct" and rule != "drtp":
@@ -220,7 +226,7 @@ def test_zero_bubble_on_a_resnet_with_batchnorm_and_a_view_output(exact):
     for res in exact:
         n, diff = res["resnet_zb"]
         assert n > 4 and diff < 1e-5, res["resnet_zb"]
-    assert exact[0]["resnet_predict"] < 1e-5 and exact[1]["resnet_predict"] is None
+    assert exact[1]["resnet_predict"] < 1e-5 and exact[0]["resnet_predict"] is None
 
 
 def test_predict_is_the_model_output(exact):
@@ -320,8 +326,8 @@ def test_split_inside_a_non_sequential_module_is_refused():
         def forward(self, x):
             return self.b(x + self.a(x))
 
-    with pytest.raises(TypeError, match="pipeline_sequence"):
-        lp.split_stages(Residual(), ["b"])
+    with pytest.raises(ValueError, match="names no module that the forward"):
+        lp.split_stages(Residual(), ["x"])       # traced (localopt.pipeline.trace): no module x
 
 
 @pytest.mark.parametrize("rule, schedule, match", [

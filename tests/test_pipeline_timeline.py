@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from localopt.pipeline.timeline import (CommCost, StageCost, deepen, idle_fractions,
-                                        plot_timeline, plot_timelines, simulate)
+from localopt.pipeline.analysis import best_split, speedups
+from localopt.pipeline.timeline import CommCost, StageCost, deepen, idle_fractions, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = settings(max_examples=25, deadline=None)
@@ -171,6 +171,7 @@ def test_bad_arguments_are_named():
 
 
 def test_plots_write_pngs(tmp_path):
+    from localopt.recipes.plots import plot_timeline, plot_timelines
     r = {s: simulate([StageCost(1.0, 2.0)] * 3, s, 4).events for s in ("gpipe", "zb", "direct")}
     p = plot_timeline(r["direct"], tmp_path / "one.png", title="direct")
     q = plot_timelines(r, tmp_path / "all.png", title="S=3, M=4")
@@ -198,6 +199,9 @@ def test_recipe_two_processes_smoke(tmp_path):
         assert r["images_per_s"] > 0
         assert len(r["idle_fraction"]) == 2 and all(0 <= x <= 1 for x in r["idle_fraction"])
         assert len(r["stage_costs"]) == 2 and all(c["forward"] > 0 for c in r["stage_costs"])
+        for proc in r["per_process"]:     # each process materialised its stage only
+            assert 0 < proc["parameter_bytes"] < proc["model_parameter_bytes"], proc
+            assert proc["state_bytes"] > proc["parameter_bytes"], proc
     assert res["splits"] == {"bp": ["3"], "dfa": ["3"]}
     assert {c["label"] for c in res["simulation"]["check"]} == {"gpipe", "dfa"}
     assert {(s["S"], s["label"]) for s in res["simulation"]["scaled"]} == {(4, "gpipe"),
@@ -216,7 +220,6 @@ def test_recipe_two_processes_smoke(tmp_path):
 
 
 def test_split_balances_the_slowest_stage_and_the_v_placement():
-    from localopt.recipes.pipeline import best_split
     cost, ok = [6.0, 0.1, 3.0, 0.1, 3.0, 0.1], [True] * 6
     assert best_split(cost, ok, 2) == [2]                  # 6.1 | 6.2
     assert best_split(cost, [True, True, False, True, True, True], 2) == [1]   # 6 | 6.3
@@ -227,10 +230,18 @@ def test_split_balances_the_slowest_stage_and_the_v_placement():
 
 
 def test_speedups_are_over_the_fastest_backprop_schedule():
-    from localopt.recipes.pipeline import speedups
     rows = [{"S": 8, "M": 8, "label": "gpipe", "images_per_s": 100.0},
             {"S": 8, "M": 8, "label": "zb", "images_per_s": 125.0},
             {"S": 8, "M": 8, "label": "dfa", "images_per_s": 200.0}]
     (s,) = speedups(rows)
     assert (s["label"], s["over"]) == ("dfa", "zb")
     assert s["speedup"] == pytest.approx(1.6) and s["over_gpipe"] == pytest.approx(2.0)
+
+
+def test_the_library_timeline_needs_no_matplotlib():
+    """Drawing lives in recipes.plots: importing localopt.pipeline never loads matplotlib."""
+    code = ("import sys, localopt.pipeline, localopt.pipeline.timeline, "
+            "localopt.pipeline.analysis; print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -10,10 +10,10 @@ gradient accumulation of ``loss/M``.  Any rule whose input gradient needs the gr
 layer above (``bp``, ``fa``, sign-symmetry, ``kp``, ``wm``, ...) runs on them as on one process.
 
 Events: the stage's compute calls (``forward_one_chunk``, ``backward_one_chunk``, and the
-deferred ``backward_weight_one_chunk`` of the zero-bubble schedule: two ``"backward"`` events
-of one micro-batch) are timed on this process's stage objects; the schedule's batched
-isend/irecv calls and its waits are timed by wrapping torch's ``_batch_p2p``/``_wait_batch_p2p``
-for the duration of a step (``microbatch`` -1).
+deferred ``backward_weight_one_chunk`` of the zero-bubble schedule: a ``"backward_weight"``
+event after the micro-batch's ``"backward"``) are timed on this process's stage objects; the
+schedule's batched isend/irecv calls and its waits are timed by wrapping torch's
+``_batch_p2p``/``_wait_batch_p2p`` for the duration of a step (``microbatch`` -1).
 """
 from __future__ import annotations
 
@@ -62,7 +62,6 @@ class TorchRunner:
         self.schedule, self.M, self.loss_fn = schedule, microbatches, loss_fn
         self.group, self.device, self.rec = group, device, recorder
         self._cache: dict[int, tuple] = {}
-        self._last_n: int | None = None
 
     def _build(self, N: int):
         from torch.distributed import pipelining as pp
@@ -93,7 +92,7 @@ class TorchRunner:
 
         st.forward_one_chunk = timed(st.forward_one_chunk, "forward", "fwd_chunk_id")
         st.backward_one_chunk = timed(st.backward_one_chunk, "backward", "bwd_chunk_id")
-        st.backward_weight_one_chunk = timed(st.backward_weight_one_chunk, "backward",
+        st.backward_weight_one_chunk = timed(st.backward_weight_one_chunk, "backward_weight",
                                              "bwd_chunk_id")
 
     @contextlib.contextmanager
@@ -118,20 +117,13 @@ class TorchRunner:
         finally:
             schedules._batch_p2p, schedules._wait_batch_p2p = batch, wait
 
-    def step(self, x: Tensor | None, y: Tensor | None) -> Tensor | None:
+    def step(self, x: Tensor | None, y: Tensor | None, N: int) -> Tensor | None:
+        """One step on a batch of ``N`` (agreed by every rank); returns the ``M`` micro-batch
+        losses on the rank holding the last stage, None elsewhere."""
         first, last = 0 in self.indices, self.S - 1 in self.indices
-        if first and x is None:
-            raise PipelineError("localopt.pipeline: the rank holding stage 0 needs the input x")
         if last and y is None:
             raise PipelineError("localopt.pipeline: the rank holding the last stage needs the "
                                 "targets y")
-        N = x.shape[0] if x is not None else (y.shape[0] if y is not None else self._last_n)
-        if N is None:
-            raise PipelineError("localopt.pipeline: pass the batch (x, y) on every rank")
-        if N % self.M:
-            raise PipelineError(f"localopt.pipeline: a batch of {N} does not divide into "
-                                f"microbatches={self.M} equal micro-batches")
-        self._last_n = N
         sched, _ = self._build(N)
         args = (x.to(self.device),) if first else ()
         kwargs = {}
@@ -156,4 +148,4 @@ class TorchRunner:
                     f"or timed out (see their errors): {exc}") from exc
         if not last:
             return None
-        return torch.stack([loss.detach() for loss in losses]).mean()
+        return torch.stack([loss.detach() for loss in losses])

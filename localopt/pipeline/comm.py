@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -13,7 +15,21 @@ from torch import Tensor
 
 from .events import Recorder
 
-__all__ = ["PipelineError", "init_group", "Link", "launch", "destroy"]
+__all__ = ["PipelineError", "init_group", "Link", "launch", "destroy", "free_port",
+           "under_launcher"]
+
+
+def under_launcher() -> bool:
+    """True when a launcher (torchrun) started this process as one rank of a job."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a local process group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class PipelineError(RuntimeError):
@@ -75,22 +91,25 @@ class Link:
 
     def wait(self, op, stage: int, mb: int, what: str) -> Tensor:
         work, t, peer, direction = op
+        t0 = time.monotonic()
         with self.rec.span(stage, "wait", mb):
             try:
                 ok = work.wait(self.timeout)
             except Exception as exc:  # noqa: BLE001 -- gloo/nccl raise RuntimeError subclasses
-                raise self._error(peer, direction, what, exc) from exc
+                raise self._error(peer, direction, what, exc, time.monotonic() - t0) from exc
             if ok is False:
-                raise self._error(peer, direction, what, "timed out")
+                raise self._error(peer, direction, what, "timed out", None)
         return t
 
-    def _error(self, peer: int, direction: str, what: str, why) -> PipelineError:
+    def _error(self, peer: int, direction: str, what: str, why, after: float | None
+               ) -> PipelineError:
         verb = "receive" if direction == "recv" else "send"
         prep = "from" if direction == "recv" else "to"
+        when = (f"within {self.timeout.total_seconds():g} s" if after is None else
+                f"(the transfer failed after {after:.1f} s)")
         return PipelineError(
             f"localopt.pipeline: rank {self.rank} could not {verb} {what} {prep} rank {peer} "
-            f"within {self.timeout.total_seconds():g} s: rank {peer} failed, died, or is stuck "
-            f"(see its own error) [{why}]")
+            f"{when}: rank {peer} failed, died, or is stuck (see its own error) [{why}]")
 
     @staticmethod
     def done(op) -> bool:
@@ -100,12 +119,6 @@ class Link:
 # ---------------------------------------------------------------------------------------
 # A local launcher (tests, single-machine runs without torchrun).
 # ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(fn, rank: int, nprocs: int, port: int, args: tuple, queue, threads) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nprocs))
@@ -113,7 +126,7 @@ def _entry(fn, rank: int, nprocs: int, port: int, args: tuple, queue, threads) -
         torch.set_num_threads(threads)
     try:
         result = fn(*args)
-        queue.put((rank, True, result))
+        queue.put((rank, True, pickle.dumps(result)))   # plain bytes: no shared tensor fds
     except BaseException:  # noqa: BLE001 -- reported to the parent
         queue.put((rank, False, traceback.format_exc()))
         raise SystemExit(1)
@@ -134,14 +147,31 @@ def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), timeou
     everything still running is killed, and a ``RuntimeError`` reports each rank's error.
     The processes are daemonic (none outlives the caller), so ``fn`` cannot start processes of
     its own (e.g. ``DataLoader(num_workers > 0)``); use torchrun for that.
+
+    Under torchrun (or any launcher that sets ``RANK``/``WORLD_SIZE``), the launcher has made
+    the ranks already: ``launch`` steps aside and runs ``fn(*args)`` once in this process
+    (returning its result at this rank's index, None at the others'); a ``nprocs`` other than
+    ``WORLD_SIZE`` is an error at once.  So one script runs both ways.
     """
     import multiprocessing as mp
     import queue as queue_mod
-    import time
 
+    if under_launcher():
+        world = int(os.environ["WORLD_SIZE"])
+        if world != nprocs:
+            raise RuntimeError(
+                f"localopt.pipeline.launch: this process was started by a launcher (torchrun) "
+                f"with WORLD_SIZE={world}, but launch(nprocs={nprocs}) asks for {nprocs}: start "
+                f"torchrun with --nproc-per-node {nprocs}, or run without torchrun")
+        results: list[Any] = [None] * nprocs   # torchrun made the ranks: run fn here, once
+        try:
+            results[int(os.environ["RANK"])] = fn(*args)
+        finally:
+            destroy()
+        return results
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, nprocs, port, tuple(args), q, threads),
                          daemon=True) for r in range(nprocs)]
     for p in procs:
@@ -156,7 +186,7 @@ def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), timeou
                 break
             try:
                 rank, ok, value = q.get(timeout=0.2)
-                results[rank] = (ok, value)
+                results[rank] = (ok, pickle.loads(value) if ok else value)
                 if not ok and failed_at is None:
                     failed_at = time.monotonic()
             except queue_mod.Empty:
@@ -167,7 +197,7 @@ def launch(fn: Callable[..., Any], nprocs: int, args: Sequence[Any] = (), timeou
                     try:
                         while True:
                             rank, ok, value = q.get_nowait()
-                            results[rank] = (ok, value)
+                            results[rank] = (ok, pickle.loads(value) if ok else value)
                     except queue_mod.Empty:
                         pass
                     if r not in results:

@@ -51,7 +51,7 @@ __all__ = ["DirectRunner", "DIRECT_RULES"]
 #: rules the direct schedule runs (module-wise dfa is ``dfa`` with ``modules=[...]``)
 DIRECT_RULES = ("dfa", "bdfa", "drtp", "dkp")
 
-_TAG_HEADER, _TAG_ACT, _TAG_ERR = 1 << 20, 2 << 20, 3 << 20
+_TAG_ACT, _TAG_ERR = 2 << 20, 3 << 20
 
 
 class DirectRunner:
@@ -60,12 +60,13 @@ class DirectRunner:
     def __init__(self, stage: nn.Module, index: int, num_stages: int, rule: DirectRule,
                  next_site: Site | None, microbatches: int, loss_fn, link: Link,
                  recorder: Recorder, in_shape: tuple, in_dtype: torch.dtype, out_shape: tuple,
-                 out_dtype: torch.dtype, device: torch.device) -> None:
+                 out_dtype: torch.dtype, act_dtype: torch.dtype, device: torch.device) -> None:
         self.stage, self.s, self.S = stage, index, num_stages
         self.rule, self.next_site = rule, next_site
         self.M, self.loss_fn, self.link, self.rec = microbatches, loss_fn, link, recorder
         self.in_shape, self.in_dtype = in_shape, in_dtype
         self.out_shape, self.out_dtype = out_shape, out_dtype     # of the model output z
+        self.act_dtype = act_dtype           # of this stage's output, as the next one receives it
         self.device = device
         self.drtp = isinstance(rule, DRTP)
 
@@ -82,47 +83,14 @@ class DirectRunner:
                                 f"micro-batch, the output has {z_rows}")
         return t.mul(-1.0 / (rows * self.M))
 
-    def _header(self, x: Tensor | None, y: Tensor | None) -> int:
-        """Agree on the batch size along the pipeline; returns it."""
-        s, link = self.s, self.link
-        for t in (x, y):   # refuse locally first: every rank given the batch fails at once
-            if t is not None and t.shape[0] % self.M:
-                raise PipelineError(f"localopt.pipeline: a batch of {t.shape[0]} does not "
-                                    f"divide into microbatches={self.M} equal micro-batches")
-        if s == 0:
-            if x is None:
-                raise PipelineError("localopt.pipeline: the first stage (rank 0) needs the input "
-                                    "batch x")
-            N = x.shape[0]
-        else:
-            hdr = torch.empty(2, dtype=torch.int64, device=self.device)
-            link.wait(link.irecv(hdr, s - 1, _TAG_HEADER, s, -1), s, -1,
-                      "the batch header")
-            N, M = int(hdr[0]), int(hdr[1])
-            if M != self.M:
-                raise PipelineError(f"localopt.pipeline: rank {s - 1} runs microbatches={M}, "
-                                    f"rank {s} microbatches={self.M}: pass the same to build() "
-                                    "on every rank")
-            if x is not None and x.shape[0] != N:
-                raise PipelineError(f"localopt.pipeline: rank {s} got a batch of {x.shape[0]}, "
-                                    f"rank 0 one of {N}: pass the same batch on every rank")
-        if y is not None and y.shape[0] != N:
-            raise PipelineError(f"localopt.pipeline: rank {s}: y has {y.shape[0]} rows but the "
-                                f"batch has {N} (rank 0's x)")
-        if N % self.M:
-            raise PipelineError(f"localopt.pipeline: a batch of {N} does not divide into "
-                                f"microbatches={self.M} equal micro-batches")
-        if s < self.S - 1:
-            hdr = torch.tensor([N, self.M], dtype=torch.int64, device=self.device)
-            self._sends.append(link.isend(hdr, s + 1, _TAG_HEADER, s, -1))
-        return N
-
     # -- one step --------------------------------------------------------------------------------
-    def step(self, x: Tensor | None, y: Tensor | None) -> Tensor | None:
+    def step(self, x: Tensor | None, y: Tensor | None, N: int) -> Tensor | None:
+        """One step on a batch of ``N`` (agreed by every rank); returns the ``M`` micro-batch
+        losses on the last stage, None elsewhere.  Messages cross stages in the dtypes of the
+        build-time shape pass (under autocast, each is cast to it on sending)."""
         s, S, M, link, rec = self.s, self.S, self.M, self.link, self.rec
         last = s == S - 1
         self._sends: list = []
-        N = self._header(x, y)
         n = N // M
         if (last or self.drtp) and y is None:
             raise PipelineError(f"localopt.pipeline: rank {s} needs the targets y "
@@ -136,18 +104,18 @@ class DirectRunner:
                                        device=self.device), S - 1, _TAG_ERR + m, s, m)
                 for m in range(M)] if not (last or self.drtp) else None
         todo: deque = deque()     # (m, out, next payload, routes) waiting for their signal
-        total = None
+        losses = []
         for m in range(M):
             inp = xs[m] if s == 0 else link.wait(acts[m], s, m, f"micro-batch {m}'s activation")
             if last:
-                loss = self._last(m, inp, ys[m], errs)
-                total = loss if total is None else total + loss
+                losses.append(self._last(m, inp, ys[m], errs))
                 continue
             with rec.span(s, "forward", m), self.rule.collect_routes() as routed, \
                     torch.enable_grad():
                 out = self.stage(inp)
                 payload = self.rule.forward(self.next_site, out, None)
-            self._sends.append(link.isend(out.detach().contiguous(), s + 1, _TAG_ACT + m, s, m))
+            self._sends.append(link.isend(out.detach().to(self.act_dtype).contiguous(), s + 1,
+                                          _TAG_ACT + m, s, m))
             if self.drtp:
                 src = self._drtp_signal(ys[m], n * math.prod(self.out_shape[:-1]),
                                          self.out_shape[-1], self.out_dtype)
@@ -161,7 +129,7 @@ class DirectRunner:
         for op in self._sends:
             link.wait(op, s, -1, "a message")
         self._sends = []
-        return total
+        return torch.stack(losses) if last else None
 
     def _backward_when_ready(self, item, errs) -> None:
         m, out, payload, routed = item
@@ -189,11 +157,12 @@ class DirectRunner:
                 raise PipelineError(f"localopt.pipeline: the last stage returned "
                                     f"{type(z).__name__}, not a Tensor")
             zd = z.detach().requires_grad_()
-            loss = self.loss_fn(zd, y) / self.M
-            e = torch.autograd.grad(loss, zd)[0]
+            loss = self.loss_fn(zd, y)
+            e = torch.autograd.grad(loss / self.M, zd)[0]
         if not self.drtp:
+            sent = e.to(self.out_dtype).contiguous()
             for peer in range(self.S - 1):     # e to every stage, before this stage's backward
-                self._sends.append(self.link.isend(e, peer, _TAG_ERR + m, s, m))
+                self._sends.append(self.link.isend(sent, peer, _TAG_ERR + m, s, m))
             src = rule.source(e, None)
         else:
             src = self._drtp_signal(y, e.numel() // e.shape[-1], e.shape[-1], e.dtype)

@@ -7,9 +7,11 @@ from typing import Iterator, NamedTuple
 
 __all__ = ["Event", "KINDS"]
 
-#: ``forward``/``backward``: a stage's computation for one micro-batch; ``send``/``recv``: time
-#: inside the (non-blocking) communication calls; ``wait``: blocked waiting for a message.
-KINDS = ("forward", "backward", "send", "recv", "wait")
+#: ``forward``/``backward``: a stage's computation for one micro-batch (``backward_weight``: the
+#: weight gradients a zero-bubble schedule defers after the input gradient of ``backward``);
+#: ``send``/``recv``: time inside the (non-blocking) communication calls; ``wait``: blocked
+#: waiting for a message.
+KINDS = ("forward", "backward", "backward_weight", "send", "recv", "wait")
 
 
 class Event(NamedTuple):

@@ -1,6 +1,7 @@
 """``build``: cut a (wrapped) model into stages, one per process, and run a schedule."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -9,17 +10,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..mechanism import Site
 from ..rules.direct import DirectRule
 from .backprop import BACKPROP_SCHEDULES, TorchRunner, stages_of_rank
 from .comm import Link, PipelineError, init_group
 from .direct import DIRECT_RULES, DirectRunner
+from . import checkpoint
+from .batch import agree_batch
 from .events import Event, Recorder
-from .split import Stage, split_stages
+from .materialize import check_initialisable, materialize, on_meta, tensor_bytes
+from .split import Stage, check_coverage, split_stages
 
 __all__ = ["build", "PipelineStep", "SCHEDULES"]
 
 SCHEDULES = BACKPROP_SCHEDULES + ("direct",)
-_TAG_PREDICT = 4 << 20
+_TAG_PREDICT, _TAG_OUT = 4 << 20, 6 << 20
 
 
 def _rule_of(model: nn.Module):
@@ -62,21 +67,23 @@ def check_rule(model: nn.Module, schedule: str) -> None:
 class PipelineStep:
     """This process's part of a pipelined model; made by :func:`build`.
 
-    ``step(x, y)`` runs one training step's forward and backward over ``microbatches``
-    micro-batches and leaves the gradients of this rank's stage(s) in ``.grad``; returns the
-    batch's mean loss on the rank holding the last stage, ``None`` elsewhere.  Step the
-    optimizer from :meth:`optimizer` (or any torch optimizer on :meth:`parameters`) as usual.
-    ``events`` lists what the last step did on this rank (:class:`Event`).
+    ``step(x, y)`` (or torch's spelling ``step(x, target=y, losses=[])``) runs one training
+    step's forward and backward over ``microbatches`` micro-batches and leaves the gradients of
+    this rank's stage(s) in ``.grad``; it returns the batch's mean loss on rank
+    :attr:`output_rank` (the last rank, for every schedule), ``None`` elsewhere.  Step the
+    optimizer from :meth:`optimizer` (one per pipeline) as usual.  ``events`` lists what the
+    last step did on this rank (:class:`Event`).
     """
 
     def __init__(self, model, stages, indices, num_stages, schedule, microbatches, runner,
-                 link, recorder, group, rule, shapes, device, next_site_weight) -> None:
+                 link, recorder, group, rule, shapes, device, next_site, split, meta) -> None:
         self.model = model
         self.stages = tuple(indices)
         self.stage = self.stages[0]
         self.num_stages = num_stages
         self.schedule = schedule
         self.microbatches = microbatches
+        self.split = list(split)
         self.module: nn.Module = stages[0] if len(stages) == 1 else nn.ModuleList(stages)
         self._stage_modules = stages
         self._runner = runner
@@ -85,10 +92,19 @@ class PipelineStep:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        #: the rank on which :meth:`step` returns the loss and :meth:`predict` the output
+        self.output_rank = self.world_size - 1
         self.rule = rule
+        self.meta = meta
         self._shapes = shapes            # [(per-sample shape, dtype)] of each stage's output
         self._device = device
-        self._next_site_weight = next_site_weight
+        self._next_site = next_site      # direct schedule: the next stage's first hooked module
+        w = None if next_site is None else getattr(next_site.module, "weight", None)
+        self._next_site_weight = w if isinstance(w, nn.Parameter) or next_site is None else \
+            next(next_site.module.parameters(), None)
+        self._owner = {i: r for r in range(self.world_size)
+                       for i in stages_of_rank(schedule, r, self.world_size)}
+        self._optimizer: tuple | None = None
 
     @property
     def events(self) -> list[Event]:
@@ -106,11 +122,21 @@ class PipelineStep:
         return out
 
     def optimizer(self, optimizer: type = torch.optim.SGD, **kwargs: Any) -> torch.optim.Optimizer:
-        """An ``optimizer`` over this rank's parameters; a
+        """The pipeline's optimizer over this rank's parameters, made at the first call; later
+        calls return the same one (with other arguments: an error).  A
         :class:`~localopt.optim.LocalOptimizer` when the rule learns its feedback (``dkp``,
         ``kp``, ...).  With ``dkp`` on the direct schedule it also steps this stage's copy of the
         feedback of the next stage's first module, with the hyperparameters of that module's
         weight (which this rank never updates: it has no gradient here)."""
+        if self._optimizer is not None:
+            made, args, opt = self._optimizer
+            if (made, args) != (optimizer, kwargs):
+                raise ValueError(
+                    f"localopt.pipeline: this pipeline already has its optimizer "
+                    f"({made.__name__}, {args}); optimizer() returns that one (asked now: "
+                    f"{getattr(optimizer, '__name__', optimizer)}, {kwargs}): build the pipeline "
+                    "again for another optimizer")
+            return opt
         params = self.parameters()
         if self.rule is not None and self.rule.learns_feedback:
             from ..optim import LocalOptimizer
@@ -119,25 +145,58 @@ class PipelineStep:
             with warnings.catch_warnings():  # the ranks hold different stages: no data-parallel
                 warnings.filterwarnings(      # group to average the learned feedback over
                     "ignore", message="localopt: torch.distributed runs", category=UserWarning)
-                return LocalOptimizer(self.model, optimizer, params=params, **kwargs)
-        return optimizer(params, **kwargs)
+                opt = LocalOptimizer(self.model, optimizer, params=params, **kwargs)
+        else:
+            opt = optimizer(params, **kwargs)
+        self._optimizer = (optimizer, dict(kwargs), opt)
+        return opt
 
-    def step(self, x: Tensor | None, y: Tensor | None) -> Tensor | None:
+    def step(self, x: Tensor | None = None, y: Tensor | None = None, *,
+             target: Tensor | None = None, losses: list | None = None) -> Tensor | None:
         """One training step (forward and backward of every micro-batch).  Pass the same batch
-        on every rank: ``x`` is read on the first stage, ``y`` on the last (and on every stage
-        for ``drtp``)."""
+        on every rank: ``x`` is read on the first stage, ``y`` (or ``target=``, torch's name) on
+        the last (and on every stage for ``drtp``); every rank checks its batch against the
+        others' first (size, contents by checksum, autocast) and raises naming the ranks that
+        disagree before anything runs.  Returns the mean loss on :attr:`output_rank`, None
+        elsewhere; ``losses``, a list, gets the ``M`` micro-batch losses appended there."""
+        if target is not None:
+            if y is not None:
+                raise TypeError("localopt.pipeline: step() got both y and target=; pass one")
+            y = target
+        N = agree_batch(x, y, self.microbatches, self.group, self._device,
+                        self._link.timeout.total_seconds(), self.rank)
         self._rec.reset()
-        return self._runner.step(x, y)
+        mb = self._runner.step(x, y, N)
+        mb = self._to_output_rank(mb, (self.microbatches,), torch.float32, self.num_stages)
+        if mb is None:
+            return None
+        if losses is not None:
+            losses.extend(mb.unbind())
+        return mb.mean()
+
+    def _to_output_rank(self, t: Tensor | None, shape: tuple, dtype: torch.dtype,
+                        tag_stage: int) -> Tensor | None:
+        """``t`` (held by the rank of the last stage) on :attr:`output_rank`."""
+        holder, link = self._owner[self.num_stages - 1], self._link
+        if holder == self.output_rank:
+            return t
+        if self.rank == holder:
+            link.wait(link.isend(t.to(dtype).contiguous(), self.output_rank, _TAG_OUT, tag_stage,
+                                 -1), tag_stage, -1, "the output")
+            return None
+        if self.rank == self.output_rank:
+            buf = torch.empty(shape, dtype=dtype, device=self._device)
+            return link.wait(link.irecv(buf, holder, _TAG_OUT, tag_stage, -1), tag_stage, -1,
+                             "the output")
+        return None
 
     @torch.no_grad()
     def predict(self, x: Tensor | None) -> Tensor | None:
-        """The model output for ``x`` (no gradients, the whole batch at once): a tensor on the
-        rank holding the last stage, ``None`` elsewhere.  ``x`` is read on the first stage."""
-        link, S = self._link, self.num_stages
-        owner = {i: r for r in range(self.world_size)
-                 for i in stages_of_rank(self.schedule, r, self.world_size)}
+        """The model output for ``x`` (no gradients, the whole batch at once): a tensor on
+        :attr:`output_rank`, ``None`` elsewhere.  ``x`` is read on the first stage."""
+        link, S, owner = self._link, self.num_stages, self._owner
         mine = dict(zip(self.stages, self._stage_modules))
-        h = None
+        h, n = None, None
         for i in range(S):
             if i not in mine:
                 continue
@@ -150,17 +209,74 @@ class PipelineStep:
                 link.wait(link.irecv(hdr, owner[i - 1], _TAG_PREDICT, i, -1), i, -1,
                           "the predict header")
                 shape, dtype = self._shapes[i - 1]
-                buf = torch.empty((int(hdr[0]),) + shape, dtype=dtype, device=self._device)
+                n = int(hdr[0])
+                buf = torch.empty((n,) + shape, dtype=dtype, device=self._device)
                 h = link.wait(link.irecv(buf, owner[i - 1], _TAG_PREDICT + 1, i, -1), i, -1,
                               "a predict activation")
             h = mine[i](h)
+            n = h.shape[0]
             if i < S - 1 and owner[i + 1] != self.rank:
-                n = torch.tensor([h.shape[0]], dtype=torch.int64, device=self._device)
-                sends = [link.isend(n, owner[i + 1], _TAG_PREDICT, i, -1),
-                         link.isend(h.contiguous(), owner[i + 1], _TAG_PREDICT + 1, i, -1)]
+                hdr = torch.tensor([n], dtype=torch.int64, device=self._device)
+                sends = [link.isend(hdr, owner[i + 1], _TAG_PREDICT, i, -1),
+                         link.isend(h.to(self._shapes[i][1]).contiguous(), owner[i + 1],
+                                    _TAG_PREDICT + 1, i, -1)]
                 for op in sends:
                     link.wait(op, i, -1, "a predict message")
-        return h if S - 1 in mine else None
+        holder = owner[S - 1]
+        if holder != self.output_rank:    # zero bubble: the last stage is on rank 0
+            if self.rank == holder:
+                link.wait(link.isend(torch.tensor([n], device=self._device), self.output_rank,
+                                     _TAG_PREDICT, S, -1), S, -1, "the predict header")
+            elif self.rank == self.output_rank:
+                hdr = torch.empty(1, dtype=torch.int64, device=self._device)
+                link.wait(link.irecv(hdr, holder, _TAG_PREDICT, S, -1), S, -1,
+                          "the predict header")
+                n = int(hdr[0])
+            h = self._to_output_rank(h, (n,) + self._shapes[-1][0], self._shapes[-1][1], S)
+        return h if self.rank == self.output_rank else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of the run (its stage in the plain model's keys, the optimizer's
+        state, the set-up): save one per rank; :mod:`localopt.pipeline.checkpoint`."""
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from this rank's :meth:`state_dict` (same set-up) or load this rank's part of
+        a plain whole-model state dict (any split); anything else is refused, naming why, before
+        anything is loaded.  :mod:`localopt.pipeline.checkpoint`."""
+        checkpoint.load_state_dict(self, state)
+
+    def gather_state_dict(self, dst: int = 0) -> dict[str, Tensor] | None:
+        """The whole model's plain ``state_dict`` on rank ``dst`` (None elsewhere), loadable by
+        the unsplit model; call on every rank."""
+        return checkpoint.gather_state_dict(self, dst)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this process holds: ``parameter_bytes`` (the materialised parameters and
+        buffers of its stage(s)), ``rule_state_bytes`` (the rule's feedback and streams it
+        holds), ``state_bytes`` (all of these plus gradients and the optimizer's state), and the
+        whole model's ``model_parameter_bytes`` (its parameters and buffers, rule state not
+        counted)."""
+        def split(named):
+            plain, rule = [], []
+            for n, t in named:
+                (rule if n.rsplit(".", 1)[-1].startswith(Site.BUFFER_PREFIX) else plain).append(t)
+            return plain, rule
+
+        plain, rule = split((n, t) for m in self._stage_modules for n, t in
+                            list(m.named_parameters()) + list(m.named_buffers()))
+        if self._next_site is not None:
+            rule += [self._next_site.module.get_buffer(b) for b in self._next_site.buffer_names]
+        params, rule_bytes = tensor_bytes(plain), tensor_bytes(rule)
+        grads = tensor_bytes(p.grad for p in self.parameters())
+        opt = 0
+        if self._optimizer is not None:
+            opt = tensor_bytes(v for st in self._optimizer[2].state.values()
+                               for v in st.values() if isinstance(v, Tensor))
+        whole, _ = split(list(self.model.named_parameters()) + list(self.model.named_buffers()))
+        return {"parameter_bytes": params, "rule_state_bytes": rule_bytes,
+                "state_bytes": params + rule_bytes + grads + opt,
+                "model_parameter_bytes": tensor_bytes(whole, materialised_only=False)}
 
     def __repr__(self) -> str:
         return (f"PipelineStep(schedule={self.schedule!r}, stages={self.stages} of "
@@ -196,20 +312,39 @@ def _shape_pass(model: nn.Module, stages: list[Stage], example: Tensor, direct: 
     return shapes
 
 
-def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
-          microbatches: int = 4, loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+def _is_compiled(model: nn.Module) -> bool:
+    return type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
+
+
+def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
+          schedule: str = "direct", microbatches: int = 4,
+          loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
           example: Tensor | None = None, group=None, timeout: float = 60.0,
-          record: bool = True) -> PipelineStep:
+          record: bool = True, seed: int | None = None, device=None,
+          init: Callable[[str, nn.Module], None] | None = None) -> PipelineStep:
     """Cut ``model`` into stages and return this process's :class:`PipelineStep`.
 
-    Call on every rank with the same arguments and an identical ``model`` (same seed; wrapped
-    with the same rule and ``seed=``).  The model is not modified: stages refer to its modules.
+    Call on every rank with the same arguments.  Two ways to give the model:
+
+    * **on the meta device** (built under ``with torch.device("meta"):``, wrapped or not), or a
+      function that builds it (called here under the meta device): each rank then materialises
+      only its stage -- parameters, buffers, and the rule state its stage uses -- on ``device``
+      (default: the CPU), drawn by module name from ``seed``
+      (:mod:`localopt.pipeline.materialize`; ``init(name, module)`` for modules whose values
+      no ``reset_parameters()`` draws).  No rank ever holds the whole model.
+      :func:`localopt.pipeline.materialize` of the whole model gives one process the same values.
+    * **materialised** (same seed on every rank; wrapped with the same rule and ``seed=``): every
+      rank holds the whole model and trains its stage; the model is not modified (stages refer
+      to its modules).
 
     Args:
         model: an ``nn.Sequential`` or a model with ``pipeline_sequence()``
-            (:mod:`localopt.pipeline.split`), optionally wrapped by :func:`localopt.wrap`.
+            (:mod:`localopt.pipeline.split`), optionally wrapped by :func:`localopt.wrap`; not a
+            ``torch.compile``-d model: compile each stage after ``build``
+            (``pipe.module.compile()``).
         split: names of the modules where stages 1, 2, ... begin (``["3"]``, ``["layers.3"]``).
-            ``S = len(split) + 1`` stages: one per process (``"zb"``: two per process).
+            ``S = len(split) + 1`` stages: one per process (``"zb"``: two per process).  Every
+            parameter and buffer of the model must be in a stage.
         schedule: ``"gpipe"``, ``"1f1b"``, ``"zb"`` (torch's backprop schedules; no rule or a
             rule that needs the next stage's gradient) or ``"direct"`` (``dfa``, ``bdfa``,
             ``drtp``, ``dkp``, module-wise ``dfa``; every stage ``s >= 1`` must begin with a
@@ -220,21 +355,35 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
         loss_fn: ``loss_fn(output, y)`` of one micro-batch, mean-reduced; the step's gradient
             is that of the mean over micro-batches.
         example: an input batch (any size; only its per-sample shape and dtype matter), run once
-            through the model in eval mode to size messages and check the stages.
+            through the model in eval mode to size messages and check the stages (on the meta
+            device: shapes only).
         group: the process group (default: the world, initialised from torchrun's environment
             variables if needed: gloo on CPU, nccl on CUDA).
         timeout: seconds any message or collective may take before the rank raises an error
             naming the peer (a dead or stuck rank never hangs the others).
         record: record :attr:`PipelineStep.events` (two ``perf_counter`` calls per event).
+        seed, device, init: the materialisation of a meta-device model (see above).
     """
+    if callable(model) and not isinstance(model, nn.Module):
+        with torch.device("meta"):
+            model = model()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"localopt.pipeline.build expects an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"localopt.pipeline.build expects an nn.Module (or a function that builds "
+                        f"one), got {type(model).__name__}")
+    if _is_compiled(model):
+        raise TypeError("localopt.pipeline.build takes the model itself, not torch.compile(model) "
+                        "(whose stages cannot be cut): build the pipeline from the uncompiled "
+                        "model, then compile this rank's stage(s): pipe.module.compile()")
     if not (isinstance(microbatches, int) and microbatches >= 1):
         raise ValueError(f"localopt.pipeline: microbatches={microbatches!r} must be a positive "
                          "int")
     if not isinstance(example, Tensor) or example.dim() < 1:
         raise ValueError("localopt.pipeline: example= must be an input batch (a tensor with the "
                          "batch dimension first), e.g. x[:1]")
+    meta = on_meta(model)
+    if meta and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError("localopt.pipeline: this model is on the meta device: pass seed=<int> "
+                         "(each rank draws its stage's values by module name from it)")
     check_rule(model, schedule)
     stages = split_stages(model, split)
     S = len(stages)
@@ -252,8 +401,13 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
                     f"gradient at stage {s - 1}'s output would need stage {s}'s backward.  Split "
                     "before a hooked layer, or (module-wise dfa) name the first module of each "
                     f"stage in wrap(..., modules=[...]) (e.g. modules={list(split)})")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
+    check_coverage(model, stages)
+    if meta:
+        plan = _meta_plan(model, stages, example, direct, sites, init)
+        device = torch.device("cpu" if device is None else device)
+    else:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
     init_group(device, timeout)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -265,45 +419,144 @@ def build(model: nn.Module, split: Sequence[str], schedule: str = "direct",
                          f"{schedule!r} on {world} process(es) needs {want} ({per}): pass "
                          f"{want - 1} split point(s) or run {S // 2 if schedule == 'zb' else S} "
                          "processes")
-    config = (schedule, microbatches, list(split), None if rule is None else rule.name)
+    config = (schedule, microbatches, list(split), None if rule is None else rule.name,
+              "meta" if meta else "materialised", seed if meta else None)
     configs: list = [None] * world
     dist.all_gather_object(configs, config, group=group)
     for r, c in enumerate(configs):
         if c != config:
-            fields = ("schedule", "microbatches", "split", "rule")
+            fields = ("schedule", "microbatches", "split", "rule", "model", "seed")
             diff = [f"{f}: rank {rank} {a!r}, rank {r} {b!r}" for f, a, b in zip(fields, config, c)
                     if a != b]
             raise ValueError(f"localopt.pipeline: ranks disagree on the set-up ({'; '.join(diff)})"
                              ": call build() with the same arguments on every rank")
-    shapes = _shape_pass(model, stages, example.to(device), direct)
+    indices = stages_of_rank(schedule, rank, world)
+    mine = [stages[i] for i in indices]
+    next_site = None
+    if direct and indices[0] < S - 1:
+        next_site = _entry_site(stages[indices[0] + 1], sites)
+    if meta:
+        shapes = _materialise(model, stages, indices, plan, seed, device, init, direct,
+                              next_site)
+    else:
+        shapes = _shape_pass(model, stages, example.to(device), direct)
     for s in range(1, S if direct else 0):
         site = _entry_site(stages[s], sites)
-        if site.buffer("feedback").numel() == 0:
+        if not meta and site.buffer("feedback").numel() == 0:
             raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
                              f"of stage {s}) has no feedback matrix (its input needs no "
                              "gradient): split after a module with parameters")
     recorder = Recorder(record)
     link = Link(group, timeout, recorder)
-    indices = stages_of_rank(schedule, rank, world)
-    mine = [stages[i] for i in indices]
-    next_weight = None
     if direct:
         s = indices[0]
-        next_site = None
-        if s < S - 1:
-            next_site = _entry_site(stages[s + 1], sites)
-            w = getattr(next_site.module, "weight", None)
-            next_weight = w if isinstance(w, nn.Parameter) else next(
-                next_site.module.parameters(), None)
         out_shape, out_dtype = shapes[-1]
         in_shape, in_dtype = shapes[s - 1] if s > 0 else (tuple(example.shape[1:]), example.dtype)
         runner = DirectRunner(stages[s], s, S, rule, next_site, microbatches, loss_fn, link,
-                              recorder, in_shape, in_dtype, out_shape, out_dtype, device)
+                              recorder, in_shape, in_dtype, out_shape, out_dtype, shapes[s][1],
+                              device)
     else:
         runner = TorchRunner(mine, indices, S, schedule, microbatches, loss_fn, group, device,
                              recorder)
     return PipelineStep(model, mine, indices, S, schedule, microbatches, runner, link, recorder,
-                        group, rule, shapes, device, next_weight)
+                        group, rule, shapes, device, next_site, split, meta)
+
+
+def _meta_plan(model, stages, example, direct, sites, init) -> dict[str, Any]:
+    """The checks and shapes of the meta-device path of :func:`build`, the same on every rank
+    and before any communication (a refused set-up fails on every rank at once): a shape pass of
+    the whole model on the meta device (rules bypassed; each hooked module's input recorded),
+    the stages' composition, each stage's modules (and that ``init`` can give them values),
+    and (direct) that each stage's first hooked module has feedback."""
+    all_sites = _sites(model) if _rule_of(model) is not None else []
+    inputs: dict[int, tuple] = {}
+
+    def record_input(module, args):
+        if args and isinstance(args[0], Tensor):
+            inputs[id(module)] = (tuple(args[0].shape), args[0].requires_grad)
+
+    hooks = [s.module.register_forward_pre_hook(record_input) for s in all_sites]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            for s in all_sites:
+                stack.enter_context(s.bypassed())
+            ex = torch.empty(example.shape, dtype=example.dtype, device="meta")
+            z = model(ex)
+            shapes, h = [], torch.empty(example.shape, dtype=example.dtype, device="meta")
+            for st in stages:
+                h = st(h)
+                shapes.append((tuple(h.shape[1:]), h.dtype))
+    finally:
+        for hk in hooks:
+            hk.remove()
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(z, Tensor) or z.shape != h.shape:
+        raise ValueError(
+            f"localopt.pipeline: the stages of this {type(model).__name__} do not compose to its "
+            f"forward (output {tuple(h.shape)}, the model's "
+            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}; see "
+            "localopt.pipeline.split)")
+    mods = [_stage_modules(model, st) for st in stages]
+    if init is None:
+        check_initialisable((f"{n}.{sub}" if sub else n, m) for pairs in mods
+                            for n, top in pairs for sub, m in top.named_modules())
+    for s in range(1, len(stages) if direct else 0):
+        site = _entry_site(stages[s], sites)
+        if not inputs.get(id(site.module), (None, False))[1]:
+            raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
+                             f"of stage {s}) has no feedback matrix (its input needs no "
+                             "gradient): split after a module with parameters")
+    return {"shapes": shapes, "inputs": inputs, "z": tuple(z.shape), "modules": mods,
+            "sites": all_sites}
+
+
+def _materialise(model, stages, indices, plan, seed, device, init, direct, next_site):
+    """This rank's stages materialised by module name, and (direct rules) the feedback its
+    stage uses drawn, as the whole model's first forward would."""
+    mods = [pair for i in indices for pair in plan["modules"][i]]
+    ids = {id(m) for _, top in mods for m in top.modules()}
+    own_sites = [s for s in plan["sites"] if id(s.module) in ids]
+    extra = [next_site] if next_site is not None and next_site not in own_sites else []
+    materialize(model, seed, device, modules=mods, init=init, sites=own_sites + extra)
+    left = [f"{n}.{k}" for n, top in mods for k, t in
+            list(top.named_parameters()) + list(top.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"localopt.pipeline: {left[:5]} of this rank's stage are still on the "
+                         "meta device after init(): it must give every tensor of its module "
+                         "values")
+    if direct:
+        rule = _rule_of(model)
+        entries = {id(m) for i in indices if i > 0 for _, m in stages[i].entry()}
+        for s in own_sites + extra:
+            shape, grad = plan["inputs"].get(id(s.module), (None, False))
+            if s is next_site or (grad and id(s.module) not in entries):
+                rule.draw_feedback(s, shape, plan["z"])
+    return plan["shapes"]
+
+
+def _stage_modules(model: nn.Module, stage: Stage) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the model's modules that ``stage`` runs.  A traced stage's graph
+    module calls the model's modules; one that also reads the model's tensors directly
+    (``get_attr``: a ViT's ``cls_token``) cannot be materialised alone yet."""
+    if stage.names != [""]:
+        return list(zip(stage.names, stage.parts))
+    gm = stage.parts[0]
+    shared, held = [], set()
+    for name, m in gm.named_modules():
+        if name and m is model.get_submodule(name):
+            shared.append((name, m))
+            held.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
+    direct = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers())
+              if id(t) not in held]
+    if direct:
+        raise ValueError(f"localopt.pipeline: stage {stage.index} reads {direct[:5]} of the model "
+                         "directly (not through a module): materialising such a traced stage on "
+                         "its own is not supported; build the model materialised (every rank "
+                         "holds it), or give it a pipeline_sequence() whose modules own them")
+    return shared
 
 
 def _entry_site(stage: Stage, sites: dict):

@@ -1,13 +1,8 @@
-"""Pipeline timelines: a figure of who computed what when, and an event simulation.
+"""Pipeline timelines: an event simulation of who computes what when, and idle fractions.
 
-Figures
--------
-:func:`plot_timeline` draws one row per stage (or per process): a box per forward, backward
-and communication call, labelled with its micro-batch, and the idle time of the row hatched,
-so the pipeline bubble is visible.  :func:`plot_timelines` puts several schedules in one
-figure, one panel each, on the same time axis.  Both take any sequence of
-:class:`localopt.pipeline.Event` -- measured by a :class:`~localopt.pipeline.PipelineStep`
-or produced by :func:`simulate`.
+:func:`simulate` and a :class:`~localopt.pipeline.PipelineStep` produce the same
+:class:`localopt.pipeline.Event` lists; :func:`idle_fractions` measures the pipeline bubble in
+them (``recipes.plots.plot_timelines`` draws them: this module needs torch alone).
 
 Simulation
 ----------
@@ -51,7 +46,6 @@ the costs of more stages from measured ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 __all__ = ["StageCost", "CommCost", "SimResult", "simulate", "deepen", "idle_fractions",
@@ -499,84 +493,3 @@ def deepen(costs: Sequence[StageCost], stages: int, assumption: str = "blocks") 
                       direct=total(lambda c: c.direct_part), act_bytes=sum(act) / len(act),
                       step=total(lambda c: c.step))
     return [stage] * stages
-
-
-# --------------------------------------------------------------------------- figures
-
-COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "backward_weight": "#F2C09B",
-          "send": "#8C8C8C", "recv": "#B5B5B5", "step": "#55A868"}
-LABELS = {"forward": "forward", "backward": "backward", "backward_weight": "weight gradient",
-          "send": "send", "recv": "recv", "step": "optimizer step", "wait": "waiting (idle)"}
-
-
-def _draw(ax, events: Sequence, t0: float, title: str | None, rows: int) -> float:
-    """One panel: a hatched (idle) bar per row, a box per event on top; returns its span."""
-    tmax = max((e.end for e in events), default=t0) - t0
-    for s in range(rows):
-        ax.barh(s, tmax * 1e3, left=0, height=0.8, color="white", edgecolor="#BBBBBB",
-                hatch="///", linewidth=0.5, zorder=0)
-    for e in events:
-        if e.kind == "wait":                          # idle: the hatched background shows
-            continue
-        x0, w = (e.start - t0) * 1e3, (e.end - e.start) * 1e3
-        h = 0.8 if e.kind not in ("send", "recv") else 0.35
-        ax.barh(e.stage, w, left=x0, height=h, color=COLORS.get(e.kind, "#C44E52"),
-                edgecolor="black", linewidth=0.4, zorder=2)
-        if e.microbatch is not None and e.microbatch >= 0 and e.kind not in ("send", "recv") \
-                and tmax > 0 and w / (tmax * 1e3) > 0.012:
-            ax.text(x0 + w / 2, e.stage, str(e.microbatch), ha="center", va="center",
-                    fontsize=7, zorder=3, color="white" if e.kind == "forward" else "black")
-    ax.set_yticks(range(rows))
-    ax.set_yticklabels([f"stage {s}" for s in range(rows)])
-    ax.set_ylim(rows - 0.5, -0.5)
-    if title is not None:
-        idle = idle_fractions(events, rows, tmax if tmax > 0 else None, t0)
-        text = (", ".join(f"{100 * b:.0f}%" for b in idle) if rows <= 4 else
-                f"{100 * sum(idle) / rows:.0f}% per stage on average")
-        ax.set_title(f"{title}   (idle: {text})", fontsize=9, loc="left")
-    return tmax
-
-
-def plot_timeline(events: Sequence, path: Path | str, title: str | None = None) -> Path:
-    """One row per stage: forward/backward/communication boxes with their micro-batch
-    numbers, idle time hatched.  Times are shown relative to the first event."""
-    return plot_timelines({title or "": events}, path)
-
-
-def plot_timelines(panels: Mapping[str, Sequence], path: Path | str,
-                   title: str | None = None) -> Path:
-    """One panel per schedule (``{label: events}``), on the same time axis (each panel's time
-    starts at its first event)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = {k: list(v) for k, v in panels.items()}
-    rows = [max((e.stage for e in ev), default=0) + 1 for ev in panels.values()]
-    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False,
-                             figsize=(11, 0.9 + sum(0.45 * r + 0.7 for r in rows)),
-                             gridspec_kw={"height_ratios": [r + 1.2 for r in rows]})
-    from matplotlib.patches import Patch
-
-    tmax = 0.0
-    for ax, (label, ev), n in zip(axes[:, 0], panels.items(), rows):
-        t0 = min((e.start for e in ev), default=0.0)
-        tmax = max(tmax, _draw(ax, ev, t0, label, n))
-    axes[-1, 0].set_xlabel("time (ms)")
-    axes[0, 0].set_xlim(0, tmax * 1e3 * 1.02 if tmax > 0 else 1)
-    used = {e.kind for ev in panels.values() for e in ev}
-    handles = [Patch(facecolor=COLORS[k], edgecolor="black", label=LABELS[k])
-               for k in COLORS if k in used]
-    handles.append(Patch(facecolor="white", edgecolor="#BBBBBB", hatch="///",
-                         label=LABELS["wait"]))
-    height = fig.get_size_inches()[1]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
-               frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - (0.3 / height if title else 0)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

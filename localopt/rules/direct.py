@@ -478,6 +478,13 @@ class DirectRule(Rule):
                 cur.set_(B.to(cur.device, cur.dtype))
         st.pending.clear()
 
+    def draw_feedback(self, site: Site, input_shape, output_shape) -> None:
+        """Draw ``site``'s feedback now, as the first forward of the whole model would for layer
+        inputs ``input_shape`` and model outputs ``output_shape`` (for a pipeline stage, which
+        never runs the whole model's forward: :mod:`localopt.pipeline`)."""
+        self._state.pending[site] = (torch.Size(input_shape), site.buffer("feedback").device)
+        self._materialize(torch.empty(tuple(output_shape), device="meta"))
+
     def draw(self, shape: tuple[int, ...], std: float, generator: torch.Generator) -> Tensor:
         """A feedback matrix of ``shape`` with entries of standard deviation ``std``."""
         if self.binary:
