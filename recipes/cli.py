@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 #: modules of this package that are libraries, not commands
-_NOT_COMMANDS = {"cli", "common", "data", "plots", "alignment", "synthetic"}
+_NOT_COMMANDS = {"cli", "common", "data", "plots", "alignment", "synthetic", "runlog", "variants"}
 
 
 def commands() -> list[str]:
