@@ -99,13 +99,16 @@ class Variant:
 
 def parse_options(text: str) -> dict[str, Any]:
     """A TOML inline table, ``'{modules = ["layers.0"], output = 1}'`` -> a dict."""
+    return _inline_table(text, f"options {text!r}", "'{modules = [\"layers.0\"]}'")
+
+
+def _inline_table(text: str, what: str, example: str) -> dict[str, Any]:
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"options {text!r}: not a TOML inline table ({e})") from None
+        raise ConfigError(f"{what}: not a TOML inline table ({e})") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"options {text!r}: write a TOML inline table, e.g. "
-                          "'{modules = [\"layers.0\"]}'")
+        raise ConfigError(f"{what}: write a TOML inline table, e.g. {example}")
     return value
 
 
@@ -134,12 +137,7 @@ def parse_variants(entries: list[str], options: list[str] | None = None,
 def parse_variants_table(text: str, flag: str = "--variants") -> list[Variant]:
     """The deprecated form ``{label = {rule = "dfa", rule_options = {...}}}`` (``flag`` names
     the option in errors); the variants get no ``iters`` (the runner's default)."""
-    try:
-        raw = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{flag}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{flag}: write a TOML inline table {{label = {{rule = \"...\"}}}}")
+    raw = _inline_table(text, flag, "'{fa = {rule = \"fa\"}}'")
     out = []
     for label, v in raw.items():
         if not isinstance(v, dict) or "rule" not in v or set(v) - {"rule", "rule_options"}:

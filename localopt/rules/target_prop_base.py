@@ -472,15 +472,16 @@ def is_target_prop(model: nn.Module) -> bool:
 def last_targets(model: nn.Module) -> list[Tensor | None]:
     """Targets ``x̂_0..x̂_n`` of the last backward not yet consumed by an optimizer step
     (``x̂_n`` is the top target; ``None`` where none was computed).  For inspection/tests."""
-    tr = target_prop_rule(model)._last_trace
-    if tr is None:
-        raise ValueError("localopt: no backward since the last optimizer step")
-    return list(tr.t)
+    return list(_last_trace(model).t)
 
 
 def last_inputs(model: nn.Module) -> list[Tensor | None]:
     """Recorded block inputs ``x_0..x_n`` (``x_n`` = output) of the last backward's forward."""
+    return list(_last_trace(model).x)
+
+
+def _last_trace(model: nn.Module) -> Trace:
     tr = target_prop_rule(model)._last_trace
     if tr is None:
         raise ValueError("localopt: no backward since the last optimizer step")
-    return list(tr.x)
+    return tr
