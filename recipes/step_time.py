@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import platform
@@ -92,8 +91,8 @@ from localopt import models
 from .common import FEEDBACK_OPTIMIZERS, Config, ConfigError, add_config_args, \
     config_from_args, device_name, freeze_parameters, load_config, make_optimizer, pick_device, \
     resolve_config_path
-from .variants import Variant, add_options_arg, parse_options, parse_variant, \
-    parse_variants  # noqa: F401
+from .variants import Variant, add_options_arg, parse_variants
+from .variants import parse_options, parse_variant  # noqa: F401  (their former home)
 
 OPTIMIZERS = ("sgd", "adam", "muon")   # momentum 0.9 (sgd, muon), no weight decay
 #: step_time's default config; the settings it reads from a config

@@ -80,8 +80,6 @@ block inputs ``x_i`` (references the autograd graph keeps anyway) until the opti
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch
