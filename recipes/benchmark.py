@@ -2,31 +2,38 @@
 
     python -m recipes.benchmark                                  # the main job (configs/main.toml)
     python -m recipes.benchmark --config resnet20_biotorch_sgd --rules bp,fa --epochs 5
-    python -m recipes.benchmark --config resnet20_biotorch_sgd --epochs 3 --variants \
-        '{bp = {rule = "bp"}, hybrid = {rule = "dfa", rule_options = {modules = ["layers.0"]}}}'
+    python -m recipes.benchmark --config resnet20_biotorch_sgd --epochs 3 \
+        --rules bp,hybrid=dfa --options 'hybrid={modules = ["layers.0"]}'
 
-Every setting of ``recipes.train`` applies to all rules; ``--rules`` picks them (default: the
-config's ``rules``).  ``--variants`` instead names each run and gives it a rule *with its
-options* (a TOML inline table ``{label = {rule = ..., rule_options = {...}}}``), so that e.g.
-layer-wise and module-wise DFA share one invocation, device and data copy; ``--config ''``
-runs the recipe defaults.  Runs go to ``<out_dir>/<name>/<rule>/``; the table (``table.md``), a
-``summary.json`` and one accuracy figure for all rules (``curves.png``) go to
-``<out_dir>/<name>/`` and, with ``--results DIR``, are copied to DIR with the runs' logs.
+Every setting of ``recipes.train`` applies to all rules; ``--rules`` picks the variants
+(default: the config's ``rules``), in the syntax of ``recipes.step_time``
+(:mod:`recipes.variants`): ``RULE``, ``RULE@K`` (``K`` feedback iterations per step of a
+target-propagation rule, in place of ``feedback_options``' ``feedback_iters``), ``LABEL=RULE``
+or ``LABEL=RULE@K``; ``--options LABEL=TABLE`` (repeatable) adds options of ``localopt.wrap`` to
+variant ``LABEL``'s (over the config's ``rule_options``), so that e.g. layer-wise and
+module-wise DFA share one invocation, device and data copy.  The older ``--variants '{label =
+{rule = ..., rule_options = {...}}}'`` is still read (deprecated; its ``rule_options`` replace
+the config's).  ``--config ''`` runs the recipe defaults.  Runs go to
+``<out_dir>/<name>/<label>/``; the table (``table.md``), a ``summary.json`` and one accuracy
+figure for all variants (``curves.png``) go to ``<out_dir>/<name>/`` and, with
+``--results DIR``, are copied to DIR with the runs' logs.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from .common import ConfigError, config_from_args, read_jsonl
+from .common import Config, ConfigError, config_from_args, read_jsonl
 from .data import PROTOCOLS, DataNotFoundError, load_cifar10
 from .plots import plot_curves
 from .train import build_parser, plot_title, train
+from .variants import add_options_arg, parse_variants as parse_variants_list, \
+    parse_variants_table
 
 
 def _pct(v: float | None) -> str:
@@ -52,17 +59,34 @@ def format_table(finals: list[dict[str, Any]]) -> str:
 
 
 def parse_variants(text: str) -> dict[str, dict[str, Any]]:
-    """``--variants``: ``{label = {rule = "dfa", rule_options = {...}}}`` -> label -> variant."""
-    try:
-        raw = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--variants: {e}") from None
-    out = {}
-    for label, v in raw.items():
-        if not isinstance(v, dict) or "rule" not in v or set(v) - {"rule", "rule_options"}:
-            raise ConfigError(f"--variants: {label} = {v!r} should be {{rule = \"...\"}} with "
-                              "optional rule_options = {...}")
-        out[label] = {"rule": v["rule"], "rule_options": v.get("rule_options", {})}
+    """The deprecated ``--variants`` form, ``{label = {rule = "dfa", rule_options = {...}}}``
+    -> label -> ``{"rule": ..., "rule_options": ...}``
+    (:func:`recipes.variants.parse_variants_table`)."""
+    return {v.label: {"rule": v.rule, "rule_options": v.options}
+            for v in parse_variants_table(text)}
+
+
+def run_configs(args: argparse.Namespace, cfg: Config, bench: str) -> list[tuple[str, Config]]:
+    """Each variant's label and run config: ``--rules`` with ``--options`` (the config's
+    ``rule_options`` updated by the variant's; ``@K`` sets ``feedback_iters``), or the
+    deprecated ``--variants`` (its ``rule_options`` replace the config's)."""
+    if args.variants:
+        if args.options:
+            raise ConfigError("--options goes with --rules LABEL=RULE, not with the deprecated "
+                              "--variants")
+        print("note: --variants is deprecated: use --rules LABEL=RULE with --options "
+              "LABEL='{...}'", file=sys.stderr)
+        variants, shared = parse_variants_table(args.variants), {}
+    else:
+        variants = parse_variants_list(cfg.rules, args.options, default_iters=None)
+        shared = cfg.rule_options
+    out = []
+    for v in variants:
+        fb = cfg.feedback_options if v.iters is None else {**cfg.feedback_options,
+                                                           "feedback_iters": v.iters}
+        out.append((v.label, dataclasses.replace(cfg, rule=v.rule, name=f"{bench}/{v.label}",
+                                                 rule_options={**shared, **v.options},
+                                                 feedback_options=fb)))
     return out
 
 
@@ -70,23 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__)
     parser.add_argument("--results", metavar="DIR",
                         help="also copy table, summary, figure and run logs to DIR")
-    parser.add_argument("--variants", metavar="TOML",
-                        help="instead of --rules: {label = {rule = ..., rule_options = {...}}}")
+    add_options_arg(parser)
+    parser.add_argument("--variants", metavar="TOML", help="deprecated, instead of --rules: "
+                        "{label = {rule = ..., rule_options = {...}}}")
     args = parser.parse_args(argv)
     if args.config is None:
         args.config = "main"
     try:
         cfg = config_from_args(args)
-        variants = parse_variants(args.variants) if args.variants else {
-            rule: {"rule": rule, "rule_options": cfg.rule_options} for rule in cfg.rules}
-        if not variants:
-            raise ConfigError("--rules: give at least one rule, e.g. --rules bp,fa")
         bench = cfg.name or f"bench-{cfg.config_name or cfg.model}-s{cfg.seed}"
+        runs = run_configs(args, cfg, bench)
+        if not runs:
+            raise ConfigError("--rules: give at least one rule, e.g. --rules bp,fa")
         arrays = load_cifar10(cfg.data or None, cfg.download)
         finals = []
-        for label, v in variants.items():
-            rcfg = dataclasses.replace(cfg, rule=v["rule"], name=f"{bench}/{label}",
-                                       rule_options=dict(v["rule_options"]))
+        for label, rcfg in runs:
             resume = args.resume and (Path(cfg.out_dir) / bench / label / "checkpoint.pt").is_file()
             final = train(rcfg, resume=resume, overwrite=args.overwrite or args.resume,
                           arrays=arrays, progress=False if args.no_progress else None,

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 #: modules of this package that are libraries, not commands
-_NOT_COMMANDS = {"cli", "common", "data", "plots", "alignment", "synthetic", "pipeline_report",
-                 "pipeline_train"}
+_NOT_COMMANDS = {"cli", "common", "data", "plots", "alignment", "synthetic", "runlog", "variants",
+                 "pipeline_report", "pipeline_train"}
 
 
 def commands() -> list[str]:

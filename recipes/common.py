@@ -215,21 +215,28 @@ def _is_number(t: str) -> bool:
         return False
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """``--config`` plus one flag per Config field (unset flags keep the config's value)."""
+def add_config_args(parser: argparse.ArgumentParser, keys: typing.Iterable[str] | None = None,
+                    aliases: dict[str, typing.Sequence[str]] | None = None,
+                    defaults: Config | None = None) -> None:
+    """``--config`` plus one flag per Config field (unset flags keep the config's value);
+    ``keys``: only these fields (a recipe that reads a few settings); ``aliases``: more flag
+    names of a field (``{"batch_size": ["--batch"]}``); ``defaults``: the config whose values
+    the help shows (a recipe's own default config; else Config's defaults).  A true/false
+    flag alone means true (``--compile`` is ``--compile true``)."""
     parser.add_argument("--config", help="a TOML file or a name in recipes/configs "
                         f"({', '.join(sorted(f.stem for f in CONFIG_DIR.glob('*.toml')))})")
     group = parser.add_argument_group("settings (override the config file)")
-    for key in FIELDS:
+    for key in FIELDS if keys is None else keys:
         if key == "config_name":
             continue
         kind = TYPES[key].__name__
         f = FIELDS[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-            else f.default
-        group.add_argument(flag(key), dest=key, default=None, metavar=kind.upper(),
-                           type=lambda text, key=key: _parse_value(key, text),
-                           help=f"default {default!r}")
+        default = getattr(defaults, key) if defaults is not None else f.default_factory() \
+            if f.default_factory is not dataclasses.MISSING else f.default
+        extra = {"nargs": "?", "const": True} if TYPES[key] is bool else {}
+        group.add_argument(flag(key), *(aliases or {}).get(key, ()), dest=key, default=None,
+                           metavar=kind.upper(), help=f"default {default!r}",
+                           type=lambda text, key=key: _parse_value(key, text), **extra)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

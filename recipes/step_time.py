@@ -20,9 +20,16 @@ hits every variant alike; the median step time of each is reported with its rati
 ``plain``.  ``--diagnostics LABEL`` also times one ``localopt.diagnostics.report`` call on that
 variant's model.  ``--json`` writes the result.
 
-Rule options.  An entry of ``--rules`` may be ``LABEL=RULE`` (or ``LABEL=RULE@K``): a variant
-named LABEL.  ``--options LABEL=TABLE`` (repeatable) gives a variant the options of
-``localopt.wrap`` as a TOML inline table (a label without ``=`` is its own label)::
+Settings.  The model, variants, batch, device, threads, optimizer, lr, seed, compile,
+channels_last and the target propagation's feedback optimizer, lr and noise come from a config,
+as in ``recipes.train``: ``recipes/step_time.toml`` (the defaults) or ``--config FILE``, then
+the flags of those settings (``--batch`` is ``--batch-size``; ``--feedback-optimizer``,
+``--feedback-lr`` and ``--noise`` set those keys of ``feedback_options``).
+
+Variants (the syntax of ``recipes.variants``, shared with ``recipes.benchmark``).  An entry of
+``--rules`` may be ``LABEL=RULE`` (or ``LABEL=RULE@K``): a variant named LABEL.
+``--options LABEL=TABLE`` (repeatable) gives a variant the options of ``localopt.wrap`` as a
+TOML inline table (a label without ``=`` is its own label)::
 
     python -m recipes.step_time --model resnet20 --rules bp,dfa,dfa-stage=dfa \\
         --options 'dfa-stage={modules = ["layers.0", "layers.3", "layers.6"]}'
@@ -65,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import platform
@@ -82,103 +88,18 @@ import torch.nn.functional as F
 import localopt
 from localopt import models
 
-from .common import FEEDBACK_OPTIMIZERS, Config, ConfigError, device_name, freeze_parameters, \
-    make_optimizer, pick_device, resolve_config_path
+from .common import FEEDBACK_OPTIMIZERS, Config, ConfigError, add_config_args, \
+    config_from_args, device_name, freeze_parameters, load_config, make_optimizer, pick_device, \
+    resolve_config_path
+from .variants import Variant, add_options_arg, parse_variants
+from .variants import parse_options, parse_variant  # noqa: F401  (their former home)
 
 OPTIMIZERS = ("sgd", "adam", "muon")   # momentum 0.9 (sgd, muon), no weight decay
-
-
-def parse_variant(spec: str) -> tuple[str, int]:
-    """``"l-drl@5"`` -> ``("l-drl", 5)``; ``"fa"`` -> ``("fa", 1)``."""
-    rule, _, k = spec.partition("@")
-    if k and not k.isdigit():
-        raise ValueError(f"variant {spec!r}: write rule@K with K a number of feedback iterations")
-    return rule, int(k) if k else 1
-
-
-@dataclasses.dataclass
-class Variant:
-    """One timed variant: ``rule`` (``"plain"``: the unwrapped model) with ``iters`` feedback
-    iterations (target propagation) and ``options`` to ``localopt.wrap``; the optimizer
-    settings left ``None`` are the runner's (``--optimizer``, ``--lr``, ...)."""
-    label: str
-    rule: str
-    iters: int = 1
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    optimizer: str | None = None
-    lr: float | None = None
-    aux_lr: float | None = None         # muon: the SGD group's lr
-    feedback_optimizer: str | None = None
-    feedback_lr: float | None = None
-    noise: float | None = None
-    freeze: list[str] | None = None     # parameters kept fixed (recipes' freeze setting)
-    note: str | None = None
-    row_settings: dict[str, Any] | None = None  # --variants-from: the row's training settings
-
-    @classmethod
-    def parse(cls, entry: str) -> "Variant":
-        """``"fa"``, ``"dtp@2"``, ``"dfa-stage=dfa"``, ``"tp5=l-drl@5"``."""
-        label, eq, spec = entry.partition("=")
-        if not eq:
-            spec = label
-        label, spec = label.strip(), spec.strip()
-        if not label or not spec:
-            raise ValueError(f"variant {entry!r}: write RULE, RULE@K, LABEL=RULE or "
-                             "LABEL=RULE@K")
-        rule, iters = parse_variant(spec)
-        return cls(label, rule, iters)
-
-    @property
-    def spec(self) -> str:
-        return self.rule if self.iters == 1 else f"{self.rule}@{self.iters}"
-
-    def describe(self) -> str:
-        """The rule, its options and any optimizer of its own, for the printed table."""
-        text = self.spec
-        if self.options:
-            text += " {" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in self.options.items()) \
-                + "}"
-        if self.optimizer:
-            text += f" [{self.optimizer}]"
-        if self.freeze:
-            text += f" freeze {json.dumps(self.freeze)}"
-        return text
-
-    def record(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if v is not None and k != "label"}
-
-
-def parse_options(text: str) -> dict[str, Any]:
-    """A TOML inline table, ``'{modules = ["layers.0"], output = 1}'`` -> a dict."""
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"options {text!r}: not a TOML inline table ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"options {text!r}: write a TOML inline table, e.g. "
-                         "'{modules = [\"layers.0\"]}'")
-    return value
-
-
-def parse_variants(entries: list[str], options: list[str] | None = None) -> list[Variant]:
-    """The variants of ``--rules`` entries, with ``--options LABEL=TABLE`` attached."""
-    variants = [Variant.parse(e) for e in entries]
-    by_label: dict[str, Variant] = {}
-    for v in variants:
-        if v.label in by_label:
-            raise ValueError(f"variant label {v.label!r} is given twice")
-        by_label[v.label] = v
-    for text in options or []:
-        label, eq, table = text.partition("=")
-        label = label.strip()
-        if not eq:
-            raise ValueError(f"--options {text!r}: write LABEL='{{key = value, ...}}'")
-        if label not in by_label:
-            raise ValueError(f"--options {text!r}: no variant labelled {label!r} (variants: "
-                             f"{', '.join(by_label) or 'none'})")
-        by_label[label].options.update(parse_options(table))
-    return variants
+#: step_time's default config; the settings it reads from a config
+DEFAULTS = Path(__file__).resolve().parent / "step_time.toml"
+SETTINGS = ("model", "rules", "batch_size", "device", "threads", "optimizer", "lr", "seed",
+            "compile", "channels_last", "feedback_options")
+FEEDBACK_SETTINGS = ("feedback_optimizer", "feedback_lr", "noise")
 
 
 def table_variants(model: str, path: Path | str) -> list[Variant]:
@@ -200,33 +121,33 @@ def table_variants(model: str, path: Path | str) -> list[Variant]:
         v = Variant(label, row["rule"], options=dict(values.pop("rule_options", {})))
         if values:
             v.row_settings = values
-        notes = []
+        notes: list[str] = []
         name = values.get("optimizer")
-        if name in OPTIMIZERS:
-            v.optimizer = name
-        elif name is not None:
-            notes.append(f"the row trains with optimizer {name!r}, which step_time does not "
-                         "have: timed with the plain optimizer")
+        v.optimizer = _known(name, OPTIMIZERS, notes, f"the row trains with optimizer {name!r}, "
+                             "which step_time does not have: timed with the plain optimizer")
         if "lr" in values and name in (None, *OPTIMIZERS):
             v.lr = float(values["lr"])
         if "aux_lr" in values and name == "muon":
             v.aux_lr = float(values["aux_lr"])
         fb = values.get("feedback_options", {})
         fb_name = fb.get("feedback_optimizer")
-        if fb_name in FEEDBACK_OPTIMIZERS:
-            v.feedback_optimizer = fb_name
-        elif fb_name is not None:
-            notes.append(f"the row's feedback_optimizer {fb_name!r} is not one step_time has: "
-                         "timed with --feedback-optimizer")
-        if "feedback_lr" in fb:
-            v.feedback_lr = float(fb["feedback_lr"])
-        if "noise" in fb:
-            v.noise = float(fb["noise"])
+        v.feedback_optimizer = _known(fb_name, FEEDBACK_OPTIMIZERS, notes,
+                                      f"the row's feedback_optimizer {fb_name!r} is not one "
+                                      "step_time has: timed with --feedback-optimizer")
+        v.feedback_lr, v.noise = (float(fb[k]) if k in fb else None
+                                  for k in ("feedback_lr", "noise"))
         if values.get("freeze"):
             v.freeze = list(values["freeze"])
         v.note = "; ".join(notes) or None
         out.append(v)
     return out
+
+
+def _known(name: str | None, known, notes: list[str], note: str) -> str | None:
+    """``name`` if this runner has it; else ``None``, and ``note`` when a name was given."""
+    if name is not None and name not in known:
+        notes.append(note)
+    return name if name in known else None
 
 
 def _as_variant(spec: "str | Variant") -> Variant:
@@ -453,75 +374,86 @@ def _print_sweep(res: dict) -> None:
           f", compile {'on' if b['compile'] else 'off'}: {b['images_per_s']:.1f} images/s")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
-    p.add_argument("--rules", help="comma list of variants: RULE, RULE@K, LABEL=RULE or "
-                   "LABEL=RULE@K (default bp,fa; with --sweep-cpu, one variant: bp)")
-    p.add_argument("--options", action="append", default=[], metavar="LABEL=TABLE",
-                   help="options of variant LABEL to localopt.wrap, a TOML inline table, "
-                   "e.g. 'dfa-stage={modules = [\"layers.0\"]}' (repeatable)")
+    add_config_args(p, SETTINGS, {"batch_size": ["--batch"]}, load_config(str(DEFAULTS)))
+    add_options_arg(p)
     p.add_argument("--variants-from", metavar="TABLE_TOML",
                    help="also time every row of this table (recipes/table.toml) for --model")
-    p.add_argument("--batch", "--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=21, help="timed steps per variant")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads when > 0")
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--feedback-optimizer", choices=sorted(FEEDBACK_OPTIMIZERS), default="sgd",
-                   help="target propagation")
-    p.add_argument("--feedback-lr", type=float, default=1e-4, help="target propagation")
-    p.add_argument("--noise", type=float, default=0.05, help="target propagation")
+    p.add_argument("--feedback-optimizer", choices=sorted(FEEDBACK_OPTIMIZERS),
+                   help="target propagation: feedback_options' feedback_optimizer")
+    p.add_argument("--feedback-lr", type=float, help="feedback_options' feedback_lr")
+    p.add_argument("--noise", type=float, help="feedback_options' noise")
     p.add_argument("--diagnostics", metavar="LABEL", help="also time diagnostics.report on it")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true",
-                   help="time every model (plain included) through torch.compile")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (--compile, --sweep-cpu)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="every model (plain included) and the batch in torch.channels_last")
     p.add_argument("--sweep-cpu", action="store_true",
                    help="images/s of one variant on the CPU for threads {1,2} x channels_last "
                    "x compile")
     p.add_argument("--json", "--out", dest="json", help="also write the result to this file")
+    return p
+
+
+def _settings(a: argparse.Namespace) -> tuple[Config, dict[str, Any], list[Variant]]:
+    """The config (``recipes/step_time.toml`` or ``--config``, then the flags), the target
+    propagation's feedback settings and the variants."""
+    a.config = a.config or str(DEFAULTS)
+    cfg = config_from_args(a)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {cfg.optimizer!r}: step_time times "
+                          f"{', '.join(OPTIMIZERS)}")
+    fb = {k: v for k, v in {**load_config(str(DEFAULTS)).feedback_options,
+                            **cfg.feedback_options}.items() if k in FEEDBACK_SETTINGS}
+    fb.update({k: getattr(a, k) for k in FEEDBACK_SETTINGS if getattr(a, k) is not None})
+    if fb["feedback_optimizer"] not in FEEDBACK_OPTIMIZERS:
+        raise ConfigError(f"--feedback-options feedback_optimizer={fb['feedback_optimizer']!r}: "
+                          f"choose one of {', '.join(FEEDBACK_OPTIMIZERS)}")
+    entries = cfg.rules
+    if a.rules is None and (a.sweep_cpu or a.variants_from):
+        entries = ["bp"] if a.sweep_cpu else []
+    variants = parse_variants(entries, a.options)
+    if a.variants_from:
+        taken = {v.label for v in variants}
+        rows = table_variants(cfg.model, a.variants_from)
+        clash = [v.label for v in rows if v.label in taken]
+        if clash:
+            raise ConfigError(f"--rules labels {', '.join(clash)} are also rows of "
+                              f"{a.variants_from}: rename them (LABEL=RULE)")
+        if not rows:
+            raise ConfigError(f"{a.variants_from} has no row for model {cfg.model!r}")
+        variants = rows + variants
+    return cfg, fb, variants
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
-        entries = [r for r in (a.rules or "").split(",") if r.strip()]
-        if a.rules is None and not a.variants_from:
-            entries = ["bp"] if a.sweep_cpu else ["bp", "fa"]
-        variants = parse_variants(entries, a.options)
-        if a.variants_from:
-            taken = {v.label for v in variants}
-            rows = table_variants(a.model, a.variants_from)
-            clash = [v.label for v in rows if v.label in taken]
-            if clash:
-                raise ValueError(f"--rules labels {', '.join(clash)} are also rows of "
-                                 f"{a.variants_from}: rename them (LABEL=RULE)")
-            if not rows:
-                raise ValueError(f"{a.variants_from} has no row for model {a.model!r}")
-            variants = rows + variants
+        cfg, fb, variants = _settings(a)
+        common = dict(optimizer=cfg.optimizer, lr=cfg.lr, feedback_lr=fb["feedback_lr"],
+                      noise=fb["noise"], seed=cfg.seed,
+                      feedback_optimizer=fb["feedback_optimizer"],
+                      compile_backend=a.compile_backend)
         if a.sweep_cpu:
             if len(variants) != 1 or a.variants_from:
                 raise ValueError("--sweep-cpu times one variant: give one entry of --rules")
-            bad = [f for f, on in (("--threads", a.threads > 0), ("--compile", a.compile),
+            bad = [f for f, on in (("--threads", (a.threads or 0) > 0), ("--compile", a.compile),
                                    ("--channels-last", a.channels_last),
                                    ("--diagnostics", a.diagnostics is not None),
-                                   ("--device", a.device not in ("auto", "cpu"))) if on]
+                                   ("--device", a.device not in (None, "auto", "cpu"))) if on]
             if bad:
                 raise ValueError(f"--sweep-cpu sets threads, channels_last and compile itself "
                                  f"on the CPU: drop {', '.join(bad)}")
-            res = sweep_cpu(a.model, variants[0], a.batch, a.steps, a.rounds, a.optimizer,
-                            a.lr, a.feedback_lr, a.noise, a.seed, a.feedback_optimizer,
-                            compile_backend=a.compile_backend)
+            res = sweep_cpu(cfg.model, variants[0], cfg.batch_size, a.steps, a.rounds, **common)
         else:
-            if a.threads > 0:
-                torch.set_num_threads(a.threads)
-            res = measure(a.model, variants, a.batch, a.steps, a.rounds, a.device, a.optimizer,
-                          a.lr, a.feedback_lr, a.noise, a.diagnostics, a.seed,
-                          a.feedback_optimizer, a.compile, a.channels_last, a.compile_backend)
+            if cfg.threads > 0:
+                torch.set_num_threads(cfg.threads)
+            res = measure(cfg.model, variants, cfg.batch_size, a.steps, a.rounds, cfg.device,
+                          diagnostics=a.diagnostics, compile=cfg.compile,
+                          channels_last=cfg.channels_last, **common)
     except (ValueError, ConfigError) as e:
         p.exit(2, f"error: {e}\n")
     (_print_sweep if a.sweep_cpu else _print_measure)(res)
