@@ -60,8 +60,8 @@ def test_dkp_one_hidden_layer_feedback_decays_to_the_output_weight(lr, wd):
 
 def test_dkp_learns_faster_than_dfa_and_state_round_trips():
     losses = {}
-    for rule in ("dfa", "dkp"):
-        model = localopt.wrap(net(), rule, seed=5)
+    for rule, opts in (("dfa", {}), ("dkp", {"fixed_norm": False})):  # dkp as published
+        model = localopt.wrap(net(), rule, seed=5, **opts)
         opt = LocalOptimizer(model, torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=1e-3)
         x, y = data(n=128)
         first = step(model, opt, x, y)
@@ -113,7 +113,8 @@ def test_dkp_fixed_norm_signal_is_b_at_its_drawn_norm(feedback):
     x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
     fixed = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, fixed_norm=True,
                           seed=5)
-    plain = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, seed=5)
+    plain = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, fixed_norm=False,
+                          seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no LocalOptimizer: the feedback is not stepped
         F.cross_entropy(fixed(x), y).backward()  # draws B

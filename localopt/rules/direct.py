@@ -422,6 +422,14 @@ class DirectRule(Rule):
                 "position signals need equal positions (use feedback='dense' otherwise)")
         return s.movedim(-1, fdim) if fdim != len(shape) - 1 else s
 
+    def at_drawn_norm(self, site: Site, B: Tensor, xshape: torch.Size, e_ndim: int) -> Tensor:
+        """``B n_0 / ||B||_F``: the feedback at the Frobenius norm it was drawn with, ``n_0 =
+        scale sqrt(E)`` (dense; ``scale sqrt(K / P)`` for ``"channel"`` with ``P`` shared
+        positions) -- the learned rules' ``fixed_norm`` (``dkp``, ``bidfa``): ``B`` learns the
+        signal's direction only.  Tensor ops only (no host sync)."""
+        n0 = self.scale * math.sqrt(B.shape[0] / self._shared_positions(site, xshape, e_ndim))
+        return B * (n0 / torch.linalg.vector_norm(B).clamp_min(1e-30))
+
     def _shape_msg(self, site: Site, had: str, now: str) -> str:
         return (f"localopt: rule {self.name!r}: the feedback of layer '{site.name}' was drawn "
                 f"for {had}, but this output has {now}; the output shape must stay fixed "

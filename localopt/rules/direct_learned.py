@@ -46,7 +46,7 @@ class DKP(LearnsFeedback, DFA):
     feedback_from_data = True
     mirrors_update = True
 
-    def __init__(self, *, fixed_norm: bool = False, feedback: str = "dense",
+    def __init__(self, *, fixed_norm: bool = True, feedback: str = "dense",
                  init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
                  modules: Any = None, channel_dim: "int | None" = None,
                  max_feedback_mb: float = 1024.0, inside: str = "bp") -> None:
@@ -64,9 +64,7 @@ class DKP(LearnsFeedback, DFA):
         B = site.buffer("feedback")
         if self.fixed_norm:
             shape, dtype = base
-            n0 = self.scale * math.sqrt(B.shape[0] / self._shared_positions(site, x.shape,
-                                                                             src.dim()))
-            Bn = B * (n0 / torch.linalg.vector_norm(B).clamp_min(1e-30))
+            Bn = self.at_drawn_norm(site, B, x.shape, src.dim())
             dx = self._project(site, src, Bn, shape).to(dtype)
         else:
             dx = super().send(site, src, tuple(base))
