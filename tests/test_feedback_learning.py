@@ -518,3 +518,29 @@ def test_wm_warmup_mirrors_before_training():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(batch()[0])
+
+
+def test_local_optimizer_check_every_names_the_rule_step_and_tensor():
+    """check_every=N: every N-th step checks gradients, weights and feedback for NaN/inf and
+    raises naming the rule and the step; off (0) by default, and bad values are refused."""
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    x, y = batch()
+    with pytest.raises(ValueError, match="check_every"):
+        LocalOptimizer(model, torch.optim.SGD, lr=0.1, check_every=-1)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1, check_every=2)
+    step(model, opt, x, y)
+    step(model, opt, x, y)                               # checked: all finite
+    with torch.no_grad():
+        model[2]._buffers["localopt_feedback"][0, 0] = float("nan")
+    step(model, opt, x, y)                               # step 3: not checked
+    with pytest.raises(FloatingPointError, match=r"rule 'kp' diverged: a non-finite gradient at "
+                                                 r"optimizer step 4"):
+        step(model, opt, x, y)                           # the NaN B reached the gradients
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    plain = LocalOptimizer(model, torch.optim.SGD, lr=0.1)     # no check: NaN trains on
+    step(model, plain, x, y)
+    with torch.no_grad():
+        model[2]._buffers["localopt_feedback"][0, 0] = float("nan")
+    for _ in range(3):
+        step(model, plain, x, y)
+    assert not torch.isfinite(model[0].weight).all()
