@@ -504,3 +504,17 @@ def test_outputs_must_be_named_and_loss_must_use_them():
     localopt.wrap(nn.Linear(2, 2), rule)
     with pytest.raises(RuntimeError, match="already installed on another model"):
         localopt.wrap(nn.Linear(2, 2), rule)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp", "dkp", "bidfa"])
+def test_a_scale_that_blows_up_the_signal_is_an_error_at_the_first_forward(rule):
+    """scale > 100 would send every layer 100x the output error's norm: the first forward
+    (where the feedback is drawn) refuses, naming the option, and draws nothing."""
+    torch.manual_seed(0)
+    net = localopt.wrap(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), rule,
+                        seed=0, scale=1e3)
+    with pytest.raises(ValueError, match=rf"rule '{rule}': option scale=1000 "):
+        net(torch.randn(3, 5))
+    assert net[2]._buffers["localopt_feedback"].numel() == 0
+    localopt.wrap(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), rule, seed=0,
+                  scale=100.0)(torch.randn(3, 5))           # the limit itself is allowed

@@ -101,8 +101,10 @@ The rules
   cross-entropy error ``e = (softmax(z) - y*) / c`` (``c = R``, the number of error rows ``N``
   or ``N*T``, for the plain batch mean; ``R k`` for ``loss / k``), i.e. the target part of the
   error, so it scales with the loss like every gradient.  (Frenkel writes ``B^T y*``; ``B`` is
-  symmetric random, so the sign convention only fixes which of ``B``, ``-B`` is used.)  The
-  output layer still trains on its true gradient.  ``target="ce"`` (default) recovers ``y*``
+  symmetric random, so the sign convention only fixes which of ``B``, ``-B`` is used.)  By
+  default (``gate=True``, this library's stabilised form) each row's signal is scaled by
+  ``1 - p_t``, i.e. the target component of the error is projected; ``gate=False`` is the
+  paper's rule (see :class:`DRTP`).  The output layer still trains on its true gradient.  ``target="ce"`` (default) recovers ``y*``
   and ``c`` from the captured error of a hard-label ``F.cross_entropy`` on the named output,
   any reduction or scale (see :class:`DRTP`); another loss, or soft labels, raise.
   ``target="given"``: call ``localopt.set_targets(model, y, scale=s)`` (class indices or
@@ -120,8 +122,8 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, from_output
-from .base import (FeedbackRule, Rule, check_bool, check_choice, check_number, init_feedback,
-                   register_rule, selector_matches)
+from .base import (EXPLODING_FEEDBACK, FeedbackRule, Rule, check_bool, check_choice,
+                   check_number, init_feedback, register_rule, selector_matches)
 
 __all__ = ["DirectRule", "DFA", "BDFA", "DRTP", "set_targets"]
 
@@ -457,6 +459,12 @@ class DirectRule(Rule):
         if len(z.shape) < 2:
             raise RuntimeError(f"localopt: rule {self.name!r} needs a batched model output "
                                f"(N, ..., K); got shape {tuple(z.shape)}")
+        if self.scale > EXPLODING_FEEDBACK:  # before any buffer is drawn
+            raise ValueError(
+                f"localopt: rule {self.name!r}: option scale={self.scale:g} makes every layer's "
+                f"direct signal {self.scale:g}x the norm of the output error (the feedback's "
+                f"entries have std scale / sqrt(fan)); above {EXPLODING_FEEDBACK:g} the updates "
+                "blow up from the first step. Use a scale near 1 (the default)")
         plans = []
         for s in todo:
             xshape, dev = st.pending[s]
