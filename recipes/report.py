@@ -68,6 +68,7 @@ from typing import Any
 from .common import FIELDS, ConfigError, load_config, read_jsonl
 from .data import REPO
 from .table_runs import TABLE, item_config, items, load_table
+from .train import diverged
 
 PUBLISHED = Path(__file__).resolve().parent / "published.toml"
 QUALITY = Path(__file__).resolve().parent / "quality.toml"
@@ -116,6 +117,29 @@ class Run:
     def info(self) -> dict[str, Any]:
         """The last record with the run's provenance (device, data, seed)."""
         return next(r for r in reversed(self.records) if "device" in r)
+
+    @property
+    def diverged(self) -> dict[str, Any] | None:
+        """Where the run diverged: its final record's ``diverged`` (``recipes.train`` stopped
+        it), or, for logs from before that check, the first epoch whose training loss fails
+        :func:`recipes.train.diverged` against the first epoch's; None if it did not."""
+        if self.final is not None and self.final.get("diverged"):
+            return self.final["diverged"]
+        losses = [(r["epoch"], r["train_loss"]) for r in self.epochs]
+        start = losses[0][1] if losses and math.isfinite(losses[0][1]) else None
+        return next(({"epoch": e, "loss": v, "start_loss": start} for e, v in losses
+                     if diverged(v, start)), None)
+
+    def test_at_best_val(self) -> float | None:
+        """Test accuracy at the epoch of best validation accuracy: the final record's, or,
+        for older logs, the last epoch's test accuracy when that epoch had the best."""
+        f = self.final
+        if f.get("test_acc_at_best_val") is not None:
+            return f["test_acc_at_best_val"]
+        vals = [r for r in self.epochs if r.get("val_acc") is not None]
+        if vals and max(vals, key=lambda r: r["val_acc"])["epoch"] == f["epoch"]:
+            return f.get("test_acc")
+        return None
 
 
 def load_runs(results: Path) -> list[Run]:
@@ -239,6 +263,7 @@ class Row:
     data: str | None = None
     runs: list[Run] = dataclasses.field(default_factory=list)
     running: list[Run] = dataclasses.field(default_factory=list)
+    diverged: list[Run] = dataclasses.field(default_factory=list)   # finished, no result
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)  # a definition file's
                              # row: the training settings recipes.table_runs gives it
     shared: str = ""         # a quality row with the settings of a table row: "<protocol>/
@@ -368,16 +393,17 @@ def build_rows(runs: list[Run], table: dict[str, Any],
         seeds = {r.info["seed"] for r in row.runs}
         if run.final is None:
             row.running.append(run)
-        elif run.info["seed"] not in seeds:     # one run per seed: the first by path
-            row.runs.append(run)
+        elif run.info["seed"] not in seeds | {r.info["seed"] for r in row.diverged}:
+            (row.diverged if run.diverged else row.runs).append(run)  # one per seed: the first
     for row in rows.values():       # a quality row with a table row's settings: its runs
-        if row.shared and not (row.runs or row.running):
+        if row.shared and not (row.runs or row.running or row.diverged):
             proto, label = row.shared.split("/", 1)
             same = next((r for r in rows.values() if r.group.table and not r.group.quality
                          and r.group.model == row.group.model and r.group.key == proto
-                         and r.variant == label and (r.runs or r.running)), None)
+                         and r.variant == label and (r.runs or r.running or r.diverged)), None)
             if same is not None:
                 row.data, row.runs, row.running = same.data, same.runs, same.running
+                row.diverged = same.diverged
     for g in groups.values():
         if not g.table:
             names = sorted(g.names)
@@ -486,9 +512,18 @@ def _distinct(values) -> str:
     return ", ".join(dict.fromkeys(str(v) for v in values))
 
 
+def fmt_diverged(row: Row) -> str:
+    """"diverged (seed S: epoch E, ...)" for the row's diverged runs ("" if none): such a run
+    has no result."""
+    where = [f"seed {r.info['seed']}: epoch {r.diverged['epoch']}" for r in row.diverged]
+    return f"**diverged** ({'; '.join(where)})" if where else ""
+
+
 def state_cell(row: Row) -> str:
-    """The accuracy cell of a row without a finished run: "not run", or how far its first
-    unfinished run has come."""
+    """The accuracy cell of a row without a result: "diverged (...)", "not run", or how far
+    its first unfinished run has come."""
+    if row.diverged:
+        return fmt_diverged(row)
     if not row.running:
         return NOT_RUN
     last = row.running[0].epochs
@@ -501,7 +536,10 @@ def cells(row: Row, rows: list[Row], step_times, pub) -> dict[str, str]:
     ratio, _ = step_ratio(row, step_times)
     out = {"rule": f"`{row.variant}`", "test acc %": fmt_acc(accuracies(row)),
            "gap to bp": fmt_gap(row, rows), "ratio": ratio,
-           "published %": fmt_published(published_for(row, pub))}
+           "published %": fmt_published(published_for(row, pub)),
+           "at best val": fmt_best_val(row)}
+    if row.diverged and row.runs:
+        out["test acc %"] += f"; {fmt_diverged(row)}"
     if not row.runs:
         out["test acc %"] = state_cell(row)
         out.update({k: "—" for k in ("epochs", "img/s", "device", "data", "seeds")})
@@ -515,11 +553,20 @@ def cells(row: Row, rows: list[Row], step_times, pub) -> dict[str, str]:
     return out
 
 
-COLUMNS = ("rule", "test acc %", "gap to bp", "epochs", "img/s", "ratio", "device", "data",
-           "seeds", "published %")
-HEADER = ("| rule | test acc % | gap to bp (points) | epochs | img/s | step time / plain "
-          "| device | data | seeds | published % (epochs, optimizer, source) |\n"
-          "|---|---:|---:|---:|---:|---:|---|---|---|---|")
+def fmt_best_val(row: Row) -> str:
+    """Test accuracy at the epoch of best validation accuracy, mean over the row's runs ("—"
+    unless every run has it: older logs tested only after the last epoch)."""
+    accs = [r.test_at_best_val() for r in row.runs]
+    if not accs or None in accs:
+        return "—"
+    return fmt_acc([100 * a for a in accs])
+
+
+COLUMNS = ("rule", "test acc %", "at best val", "gap to bp", "epochs", "img/s", "ratio",
+           "device", "data", "seeds", "published %")
+HEADER = ("| rule | test acc % | test acc % at best val epoch | gap to bp (points) | epochs | "
+          "img/s | step time / plain | device | data | seeds | published % (epochs, optimizer, "
+          "source) |\n|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
 
 
 def table_markdown(rows: list[Row], all_rows: list[Row], step_times, pub) -> str:
@@ -862,8 +909,13 @@ def render(rows: list[Row], step_times, pub, table: dict[str, Any], root: Path,
            "Generated by `python -m recipes.report` from the training logs under `results/` "
            "(do not edit by hand; `python -m recipes.report --check` tells whether this file "
            "is up to date).  Test accuracy in percent on the 10,000 test images after the last "
-           "epoch: the mean over seeds, ± the sample standard deviation where there are 2+.  "
-           "Gap: points to `bp` of the same protocol and data copy.  Step time / plain: "
+           "epoch: the mean over seeds, ± the sample standard deviation where there are 2+; "
+           "beside it, the test accuracy of the model after the epoch of best validation "
+           "accuracy (as BioTorch reports; \"—\" for logs that tested only after the last "
+           "epoch, unless that epoch had the best).  **diverged**: the run's training loss "
+           "became non-finite or exceeded 3x its start (`recipes.train` stops such a run; "
+           "older logs are judged on their per-epoch losses): it has no result, and its "
+           "accuracy is not shown.  Gap: points to `bp` of the same protocol and data copy.  Step time / plain: "
            "`recipes.step_time` ratio of a training step to the unwrapped model on the same "
            "kind of device (source files listed under each table); img/s: the run's own "
            "training throughput, which also depends on what else shared the machine (the CPU "

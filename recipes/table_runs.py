@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                   "--resume continues it", file=sys.stderr)
             return 0
         collect(cfg, dest)
-        print(f"{it.id}: test acc {100 * final['test_acc']:.2f}% -> {dest}", file=sys.stderr)
+        shown = ("DIVERGED (no result)" if final.get("diverged")
+                 else f"test acc {100 * final['test_acc']:.2f}%")
+        print(f"{it.id}: {shown} -> {dest}", file=sys.stderr)
     return 0
 
 

@@ -52,6 +52,25 @@ RESUME_MAY_CHANGE = ("epochs", "device", "threads", "data", "download", "out_dir
                      "eval_batch_size", "ddp")
 #: timeout of every collective of a data-parallel run (rank 0 evaluates while the others wait)
 DDP_TIMEOUT = timedelta(minutes=30)
+#: a run has diverged when its training loss (mean over ``log_every`` steps) is not finite or
+#: exceeds this multiple of the run's first such mean; ``recipes.report`` applies the same
+#: test to the per-epoch losses of a log
+DIVERGENCE_FACTOR = 3.0
+
+
+def diverged(loss: float, start: float | None) -> bool:
+    """The divergence test of :data:`DIVERGENCE_FACTOR` (``start``: the reference loss)."""
+    return not math.isfinite(loss) or (start is not None and loss > DIVERGENCE_FACTOR * start)
+
+
+class Diverged(RuntimeError):
+    """Training stopped: the loss diverged (see :func:`diverged`); ``record`` goes to the log."""
+
+    def __init__(self, rule: str, epoch: int, step: int, loss: float, start: float | None):
+        self.record = {"epoch": epoch, "step": step, "loss": loss, "start_loss": start}
+        super().__init__(f"rule {rule!r} diverged at epoch {epoch}, step {step}: training loss "
+                         f"{loss:.4g} over the last steps, against {start:.4g} at the start "
+                         f"(the limit: {DIVERGENCE_FACTOR:g}x, or not finite); run stopped")
 
 
 @dataclass
@@ -130,9 +149,12 @@ def _epoch_generator(cfg: Config, epoch: int, device: torch.device) -> torch.Gen
 
 def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: Normalizer,
                 channels_last: bool, device: torch.device, log_path: Path, global_step: int,
-                progress: bool | None, ranks: Ranks | None = None
-                ) -> tuple[dict[str, float], int]:
-    ranks = ranks or Ranks()
+                progress: bool | None, ranks: Ranks | None = None,
+                watch: dict[str, Any] | None = None) -> tuple[dict[str, float], int]:
+    """One epoch; raises :class:`Diverged` when the mean loss of the last ``log_every`` steps
+    (one host sync each) fails :func:`diverged` against ``watch["start"]`` (set by the run's
+    first window)."""
+    ranks, watch = ranks or Ranks(), {"start": None} if watch is None else watch
     model.train()
     criterion = loss_fn(cfg.loss)
     gen = _epoch_generator(cfg, epoch, device)
@@ -147,6 +169,7 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
+    window = torch.zeros(2, device=device)              # loss sum, samples since the last check
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="step", leave=False,
                disable=(None if progress is None else not progress) if ranks.main else True,
                dynamic_ncols=True)
@@ -170,6 +193,8 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
         sched.step()
         global_step += 1
         loss_sum += loss.detach() * len(y)
+        window[0] += loss.detach() * len(y)
+        window[1] += len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
         if cfg.diagnostics_every and global_step % cfg.diagnostics_every == 0 and ranks.main:
@@ -180,6 +205,12 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
                                         **extra})
         bar.update()
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            ranks.sum_(window)
+            mean = float(window[0] / window[1])
+            watch["start"] = mean if watch["start"] is None else watch["start"]
+            if diverged(mean, watch["start"]):
+                raise Diverged(cfg.rule, epoch, global_step, mean, watch["start"])
+            window.zero_()
             if not bar.disable:  # the only host syncs of the loop
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
                                 acc=f"{correct.item() / seen:.3f}",
@@ -285,6 +316,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
               "data": arrays.description, "device": device_name(device), "git": git_commit()}
 
     start_epoch, global_step = 0, 0
+    watch = {"start": None if ckpt is None else ckpt.get("loss_start")}   # see Diverged
     if ckpt is not None:
         inner.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -311,13 +343,19 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         f"({len(splits['train'])} train, {cfg.protocol} protocol), {device_name(device)}"
         + (f", {ranks.world} data-parallel processes" if ranks.world > 1 else ""))
 
+    stop = None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         if cfg.max_steps and global_step >= cfg.max_steps:
             break                                # a resumed run that had spent its budget
         lr = opt.param_groups[0]["lr"]
-        tr, global_step = train_epoch(forward, opt, sched, splits["train"], cfg, epoch, norm,
-                                      channels_last, device, log_path, global_step, progress,
-                                      ranks)
+        try:
+            tr, global_step = train_epoch(forward, opt, sched, splits["train"], cfg, epoch,
+                                          norm, channels_last, device, log_path, global_step,
+                                          progress, ranks, watch)
+        except Diverged as e:
+            stop = e
+            say(f"[{cfg.run_name()}] {e}")
+            break
         last = epoch == cfg.epochs or bool(cfg.max_steps and global_step >= cfg.max_steps)
         rng_ranks = ranks.gather(_rng_state())   # a collective: before rank 0 goes its own way
         if not ranks.main:
@@ -340,11 +378,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         rec["eval_time_s"] = time.perf_counter() - t_eval
         rec.update(common)
         rec["config"] = cfg.to_dict()
+        if rec["val_acc"] is not None and rec["val_acc"] > max(
+                (r["val_acc"] or -1 for r in read_jsonl(log_path) if r.get("event") == "epoch"),
+                default=-1):                     # the best validation so far: kept for its test
+            _save_checkpoint(run_dir / "best.pt", model=inner.state_dict(), epoch=epoch)
         append_jsonl(log_path, rec)
         write_summaries(run_dir)             # summary.csv, TensorBoard scalars
         _save_checkpoint(ckpt_path, model=inner.state_dict(), optimizer=opt.state_dict(),
                          scheduler=sched.state_dict(), rng=rng_ranks[0], rng_ranks=rng_ranks,
-                         epoch=epoch, global_step=global_step, config=cfg.to_dict())
+                         epoch=epoch, global_step=global_step, config=cfg.to_dict(),
+                         loss_start=watch["start"])
         shown = " ".join(f"{k}={rec[k]:.4f}" for k in ("train_loss", "train_acc", "val_acc",
                                                          "test_acc") if rec[k] is not None)
         print(f"[{cfg.run_name()}] epoch {epoch}/{cfg.epochs} {shown} lr={lr:.3g} "
@@ -360,20 +403,41 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     if not ranks.main:
         return None
     epochs = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
-    last = epochs[-1]
-    final = {"event": "final", **{k: last[k] for k in ("epoch", "train_loss", "train_acc",
-                                                       "val_loss", "val_acc", "test_loss",
-                                                       "test_acc")},
+    last = epochs[-1] if epochs else {"epoch": 0}
+    final = {"event": "final", **{k: last.get(k) for k in ("epoch", "train_loss", "train_acc",
+                                                           "val_loss", "val_acc", "test_loss",
+                                                           "test_acc")},
              "train_time_s": sum(r["epoch_time_s"] for r in epochs),
              "images_per_s": sum(r["images_per_s"] * r["epoch_time_s"] for r in epochs)
              / max(sum(r["epoch_time_s"] for r in epochs), 1e-9),
              "best_val_acc": max((r["val_acc"] for r in epochs if r["val_acc"] is not None),
                                  default=None),
-             **common, "config": cfg.to_dict(), "run_dir": str(run_dir)}
+             **_at_best_val(inner, epochs, run_dir, splits, cfg, norm, channels_last, device),
+             "diverged": None, **common, "config": cfg.to_dict(), "run_dir": str(run_dir)}
+    if stop is not None:   # a diverged run has no result: no accuracy in its final record
+        final.update(diverged=stop.record, test_loss=None, test_acc=None,
+                     best_val_epoch=None, test_acc_at_best_val=None)
     append_jsonl(log_path, final)
     plot_curves({cfg.rule: epochs}, run_dir / "curves.png", title=plot_title(final))
     plot_alignment(read_jsonl(log_path), run_dir / "alignment.png", title=plot_title(final))
     return final
+
+
+def _at_best_val(model: nn.Module, epochs: list[dict[str, Any]], run_dir: Path, splits,
+                 cfg: Config, norm: Normalizer, channels_last: bool, device: torch.device
+                 ) -> dict[str, Any]:
+    """``best_val_epoch`` and ``test_acc_at_best_val``: the test accuracy of the model as it
+    was after the epoch of best validation accuracy (BioTorch's figure; ``best.pt``)."""
+    vals = [r for r in epochs if r.get("val_acc") is not None]
+    if not vals or epochs[-1].get("test_acc") is None:
+        return {"best_val_epoch": None, "test_acc_at_best_val": None}
+    best = max(vals, key=lambda r: r["val_acc"])     # the first epoch of the best value
+    if best["epoch"] == epochs[-1]["epoch"]:
+        return {"best_val_epoch": best["epoch"], "test_acc_at_best_val": epochs[-1]["test_acc"]}
+    saved = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
+    model.load_state_dict(saved["model"])            # the run has ended: its last state is
+    acc = evaluate(model, splits["test"], cfg, norm, channels_last, device)["acc"]  # saved
+    return {"best_val_epoch": saved["epoch"], "test_acc_at_best_val": acc}
 
 
 def plot_title(final: dict[str, Any]) -> str:

@@ -308,8 +308,8 @@ def test_drtp_ce_recovers_the_target_and_given_targets_match():
     x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
     a, b = make(), make()
     b.load_state_dict(a.state_dict())
-    localopt.wrap(a, "drtp", seed=3)
-    localopt.wrap(b, "drtp", seed=3, target="given")
+    localopt.wrap(a, "drtp", seed=3, gate=False)  # the published rule
+    localopt.wrap(b, "drtp", seed=3, target="given", gate=False)
     ga = grads(a, x, y)
     localopt.set_targets(b, y)
     gb = grads(b, x, y)
@@ -321,6 +321,25 @@ def test_drtp_ce_recovers_the_target_and_given_targets_match():
     F.cross_entropy(a(x), y).backward()
     B = feedback(a[4])
     torch.testing.assert_close(probe.grad, -F.one_hot(y, 4).float() @ B / 6)
+
+
+@pytest.mark.parametrize("target", ["ce", "given"])
+def test_drtp_gate_sends_the_target_component_of_the_error(target):
+    """gate=True (default): each row sends e_t y* B = -(1 - p_t) y* B / c, the published
+    signal times 1 - p_t: it fades as a sample is learned, under any loss scale."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 4))
+    x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
+    localopt.wrap(net, "drtp", seed=3, target=target)
+    probe = Probe(net[4])
+    out = net(x)
+    if target == "given":
+        localopt.set_targets(net, y, scale=0.5)
+    (0.5 * F.cross_entropy(out, y)).backward()
+    p = torch.softmax(out.detach(), 1)
+    gate = 1 - p[torch.arange(6), y]
+    want = -(gate[:, None] * F.one_hot(y, 4).float()) @ feedback(net[4]) * 0.5 / 6
+    torch.testing.assert_close(probe.grad, want)
 
 
 def test_drtp_errors():
@@ -485,3 +504,17 @@ def test_outputs_must_be_named_and_loss_must_use_them():
     localopt.wrap(nn.Linear(2, 2), rule)
     with pytest.raises(RuntimeError, match="already installed on another model"):
         localopt.wrap(nn.Linear(2, 2), rule)
+
+
+@pytest.mark.parametrize("rule", ["dfa", "drtp", "dkp", "bidfa"])
+def test_a_scale_that_blows_up_the_signal_is_an_error_at_the_first_forward(rule):
+    """scale > 100 would send every layer 100x the output error's norm: the first forward
+    (where the feedback is drawn) refuses, naming the option, and draws nothing."""
+    torch.manual_seed(0)
+    net = localopt.wrap(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), rule,
+                        seed=0, scale=1e3)
+    with pytest.raises(ValueError, match=rf"rule '{rule}': option scale=1000 "):
+        net(torch.randn(3, 5))
+    assert net[2]._buffers["localopt_feedback"].numel() == 0
+    localopt.wrap(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)), rule, seed=0,
+                  scale=100.0)(torch.randn(3, 5))           # the limit itself is allowed

@@ -60,8 +60,8 @@ def test_dkp_one_hidden_layer_feedback_decays_to_the_output_weight(lr, wd):
 
 def test_dkp_learns_faster_than_dfa_and_state_round_trips():
     losses = {}
-    for rule in ("dfa", "dkp"):
-        model = localopt.wrap(net(), rule, seed=5)
+    for rule, opts in (("dfa", {}), ("dkp", {"fixed_norm": False})):  # dkp as published
+        model = localopt.wrap(net(), rule, seed=5, **opts)
         opt = LocalOptimizer(model, torch.optim.SGD, lr=0.5, momentum=0.9, weight_decay=1e-3)
         x, y = data(n=128)
         first = step(model, opt, x, y)
@@ -113,7 +113,8 @@ def test_dkp_fixed_norm_signal_is_b_at_its_drawn_norm(feedback):
     x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
     fixed = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, fixed_norm=True,
                           seed=5)
-    plain = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, seed=5)
+    plain = localopt.wrap(conv_net(), "dkp", feedback=feedback, scale=0.7, fixed_norm=False,
+                          seed=5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no LocalOptimizer: the feedback is not stepped
         F.cross_entropy(fixed(x), y).backward()  # draws B
@@ -201,3 +202,27 @@ def test_bidfa_learns():
 def test_bidfa_bad_options(bad):
     with pytest.raises(ValueError, match="bidfa"):
         localopt.wrap(net(), "bidfa", **bad)
+
+
+@pytest.mark.parametrize("rule", ["dkp", "bidfa"])
+def test_default_signal_does_not_grow_with_the_learned_feedback(rule):
+    """By default (fixed_norm=True) dkp's and bidfa's signal is e B at B's drawn norm, so a
+    learned B that grows (on ResNet-20: ||B|| from 3 to 1e13 under dkp, to 180 under bidfa,
+    and the runs diverged or stayed at chance) sends the same signal; the published form
+    (fixed_norm=False) sends c times more for c times the norm."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
+    grads = {}
+    for fixed in (True, False):
+        model = localopt.wrap(conv_net(), rule, seed=5, **({} if fixed else {"fixed_norm": False}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no LocalOptimizer: the feedback is not stepped
+            for c in (1.0, 50.0):
+                if c != 1.0:
+                    with torch.no_grad():
+                        model[2]._buffers["localopt_feedback"].mul_(c)
+                model.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                grads[fixed, c] = model[0].weight.grad.clone()
+    torch.testing.assert_close(grads[True, 50.0], grads[True, 1.0])
+    torch.testing.assert_close(grads[False, 50.0], 50.0 * grads[False, 1.0])

@@ -319,10 +319,38 @@ def test_local_optimizer_does_not_warn(rule):
 @pytest.mark.parametrize("rule", LEARNED)
 def test_end_to_end_learning(rule):
     model = localopt.wrap(mlp(), rule, seed=7)
-    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.3, momentum=0.9, weight_decay=1e-3)
     x, y = batch(n=128)
     losses = train_steps(model, x, y, opt, 61)
     assert losses[-1] < 0.7 * losses[0], losses[::10]
+
+
+def bn_convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8, eps=1e-12), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8, eps=1e-12), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 4)).double()
+
+
+@pytest.mark.parametrize("c", [4.0, 16.0])
+def test_bfa_signal_does_not_shrink_as_a_batchnormed_weight_grows(c):
+    """A conv followed by BatchNorm computes the same function at any scale of W, and
+    backprop's input gradient is invariant to that scale; bfa's default (track_norm) is too.
+    The published rule (track_norm=False) sends 1/c of it: its least-squares B is not
+    rescaled with W (and shrinks as 1/||W|| as it learns), which collapsed the signal on
+    ResNet-20."""
+    x, y = batch(n=16, conv=True)
+    grads = {}
+    for tn in (True, False):
+        for scale in (1.0, c):
+            model = localopt.wrap(bn_convnet(), "bfa", seed=7, track_norm=tn)
+            with torch.no_grad():
+                model[5].weight.mul_(scale)
+            F.cross_entropy(model(x.double()), y).backward()
+            grads[tn, scale] = model[0].weight.grad  # below the scaled layer
+    torch.testing.assert_close(grads[True, c], grads[True, 1.0])
+    torch.testing.assert_close(grads[False, c], grads[False, 1.0] / c)
 
 
 def test_kp_conv_end_to_end_and_alignment():
@@ -490,3 +518,29 @@ def test_wm_warmup_mirrors_before_training():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(batch()[0])
+
+
+def test_local_optimizer_check_every_names_the_rule_step_and_tensor():
+    """check_every=N: every N-th step checks gradients, weights and feedback for NaN/inf and
+    raises naming the rule and the step; off (0) by default, and bad values are refused."""
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    x, y = batch()
+    with pytest.raises(ValueError, match="check_every"):
+        LocalOptimizer(model, torch.optim.SGD, lr=0.1, check_every=-1)
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1, check_every=2)
+    step(model, opt, x, y)
+    step(model, opt, x, y)                               # checked: all finite
+    with torch.no_grad():
+        model[2]._buffers["localopt_feedback"][0, 0] = float("nan")
+    step(model, opt, x, y)                               # step 3: not checked
+    with pytest.raises(FloatingPointError, match=r"rule 'kp' diverged: a non-finite gradient at "
+                                                 r"optimizer step 4"):
+        step(model, opt, x, y)                           # the NaN B reached the gradients
+    model = localopt.wrap(mlp(), "kp", seed=7)
+    plain = LocalOptimizer(model, torch.optim.SGD, lr=0.1)     # no check: NaN trains on
+    step(model, plain, x, y)
+    with torch.no_grad():
+        model[2]._buffers["localopt_feedback"][0, 0] = float("nan")
+    for _ in range(3):
+        step(model, plain, x, y)
+    assert not torch.isfinite(model[0].weight).all()

@@ -496,3 +496,31 @@ def test_diagnostics_leave_the_training_unchanged(tiny_data, tmp_path, rule):
     assert plain.keys() == observed.keys()
     for k in plain:
         torch.testing.assert_close(observed[k], plain[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_diverging_run_stops_and_its_final_record_says_so(tiny_data, tmp_path, capsys):
+    """A loss that leaves the run's start far behind (or turns non-finite) stops the run with
+    a message naming the rule, epoch and step; the final record holds no accuracy."""
+    args = _args(tiny_data, tmp_path, "--model", "mlp3x1024", "--rule", "fa", "--epochs", "3",
+                 "--optimizer", "sgd", "--lr", "1e4", "--log-every", "1", "--name", "boom")
+    assert train.main(args) == 0
+    err = capsys.readouterr().err
+    (final,) = _records(tmp_path / "boom", "final")
+    d = final["diverged"]
+    assert d is not None and final["test_acc"] is None and final["test_acc_at_best_val"] is None
+    assert f"rule 'fa' diverged at epoch {d['epoch']}, step {d['step']}" in err
+    assert not (d["loss"] <= train.DIVERGENCE_FACTOR * d["start_loss"])  # too big, or NaN
+    assert len(_records(tmp_path / "boom", "epoch")) == d["epoch"] - 1
+
+
+def test_final_record_has_the_test_accuracy_at_the_best_validation_epoch(tiny_data, tmp_path):
+    args = _args(tiny_data, tmp_path, "--model", "mlp3x1024", "--rule", "bp", "--epochs", "3",
+                 "--optimizer", "adam", "--lr", "3e-3", "--name", "best")
+    assert train.main(args) == 0
+    epochs, (final,) = _records(tmp_path / "best", "epoch"), _records(tmp_path / "best", "final")
+    best = max(epochs, key=lambda r: r["val_acc"])
+    assert final["diverged"] is None and final["best_val_epoch"] == best["epoch"]
+    if best["epoch"] == epochs[-1]["epoch"]:
+        assert final["test_acc_at_best_val"] == final["test_acc"]
+    else:  # the saved model of that epoch, tested
+        assert 0.0 <= final["test_acc_at_best_val"] <= 1.0

@@ -174,20 +174,20 @@ def test_a_real_run_from_table_runs_into_the_report(tmp_path):
     res = tmp_path / "results"
     settings = (f'{{epochs = 1, val_size = 16, batch_size = 8, eval_batch_size = 16, '
                 f'data = "{data}", threads = 1}}')
-    args = ["--protocol", "cpu", "--models", "mlp3x1024", "--rules", "bp,kp", "--seeds", "0",
+    args = ["--protocol", "cpu", "--models", "mlp3x1024", "--rules", "bp,kp-wd0", "--seeds", "0",
             "--out-dir", str(tmp_path / "runs"), "--results", str(res), "--no-progress"]
     with pytest.raises(SystemExit):                           # never into the committed results
         table_runs.main([*args[:8], "--settings", settings])
     assert table_runs.main([*args, "--settings", settings]) == 0
     logs = {p.parent.name: p for p in res.glob("mlp3x1024/cpu/*/log.jsonl")}
-    assert set(logs) == {"bp-s0", "kp-s0"}
+    assert set(logs) == {"bp-s0", "kp-wd0-s0"}
     finals = {k: [json.loads(l) for l in p.read_text().splitlines()][-1] for k, p in logs.items()}
-    start = json.loads(logs["kp-s0"].read_text().splitlines()[0])
+    start = json.loads(logs["kp-wd0-s0"].read_text().splitlines()[0])
     assert "Local" in start["optimizer"]              # kp's B learns: LocalOptimizer
     text = _build(res, tmp_path)
     # 1 epoch is not the protocol: the runs are listed as the rows they were, with their change
     rows = table_rows(text, "config mlp_cpu; 1 epochs")
-    for label in ("bp", "kp"):
+    for label in ("bp", "kp-wd0"):
         assert rows[label]["test acc %"] == f"{100 * finals[label + '-s0']['test_acc']:.2f}"
         assert rows[label]["epochs"] == "1" and rows[label]["data"].startswith("CIFAR-10, Image")
     assert table_rows(text, "Protocol cpu: config mlp_cpu")["bp"]["test acc %"] == "not run"
@@ -495,3 +495,43 @@ def test_step_time_ratio_of_a_row_with_options_or_its_own_optimizer(results, tmp
     assert rows["fa"]["ratio"] == "1.05" and rows["fa-best"]["ratio"] == "1.12"
     assert rows["dfa-stage"]["ratio"] == "0.97"   # the file whose options are the row's
     assert rows["bp-muon"]["ratio"] == "—"        # timed with another optimizer
+
+
+def _edit_log(path: Path, edit) -> None:
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    for r in recs:
+        edit(r)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_a_diverged_run_is_shown_as_diverged_never_as_an_accuracy(results, tmp_path):
+    """A run whose loss rose past 3x its first epoch's (an older log), or whose final record
+    says recipes.train stopped it, has no result: the cell says diverged, with seed and
+    epoch; a row with other seeds keeps their accuracy beside it."""
+    rise = write_log(results, "cpu", "mlp3x1024", "dfa", 0, 0.30)
+    _edit_log(rise, lambda r: r.update(train_loss=3.5) if r.get("epoch", 0) >= 4
+              and r["event"] in ("epoch", "final") else None)
+    stopped = write_log(results, "cpu", "mlp3x1024", "bdfa", 0, 0.30)
+    _edit_log(stopped, lambda r: r.update(test_acc=None, diverged={
+        "epoch": 7, "step": 65, "loss": float("nan"), "start_loss": 2.3})
+        if r["event"] == "final" else None)
+    write_log(results, "cpu", "mlp3x1024", "bdfa", 1, 0.33)
+    rows = table_rows(_build(results, tmp_path), "Protocol cpu: config mlp_cpu")
+    assert rows["dfa"]["test acc %"] == "**diverged** (seed 0: epoch 4)"
+    assert rows["dfa"]["gap to bp"] == "—" and rows["dfa"]["seeds"] == "—"
+    assert rows["bdfa"]["test acc %"] == "33.00; **diverged** (seed 0: epoch 7)"
+    assert rows["bdfa"]["seeds"] == "1"
+
+
+def test_best_validation_epoch_column(results, tmp_path):
+    """Test accuracy at the epoch of best validation accuracy: the final record's; for older
+    logs, the last epoch's when it had the best validation accuracy, else "—"."""
+    up = write_log(results, "cpu", "mlp3x1024", "usf", 0, 0.40)   # val rises: best is last
+    _edit_log(up, lambda r: r.update(val_acc=0.3 + 0.001 * r["epoch"])
+              if r["event"] == "epoch" else None)
+    given = write_log(results, "cpu", "mlp3x1024", "frsf", 0, 0.40)
+    _edit_log(given, lambda r: r.update(test_acc_at_best_val=0.42, best_val_epoch=3)
+              if r["event"] == "final" else None)
+    rows = table_rows(_build(results, tmp_path), "Protocol cpu: config mlp_cpu")
+    assert rows["usf"]["at best val"] == "40.00" and rows["frsf"]["at best val"] == "42.00"
+    assert rows["fa"]["at best val"] == "—"           # its best validation was epoch 1

@@ -71,6 +71,10 @@ class LocalOptimizer(Optimizer):
         params: parameters or param groups for it (default ``model.parameters()``).
         process_group: the data-parallel group to average the learned feedback over (default:
             that of a DDP-wrapped ``model``; none otherwise).
+        check_every: every ``check_every`` steps (default 0: never), check that the weights'
+            gradients, the weights and the wrapped layers' feedback state are finite, and raise
+            ``FloatingPointError`` naming the rule, the step and the first tensor at fault --
+            the cheap signal of a diverging run (one host sync per check; none when off).
         **kwargs: the optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The result is an instance of ``LocalOptimizer`` *and* of ``optimizer`` (a subclass
@@ -100,7 +104,7 @@ class LocalOptimizer(Optimizer):
         return super().__new__(sub)
 
     def __init__(self, model: nn.Module, optimizer: type = torch.optim.SGD, params=None, *,
-                 process_group=None, **kwargs: Any) -> None:
+                 process_group=None, check_every: int = 0, **kwargs: Any) -> None:
         from ..wrap import is_wrapped, sites
         outer, model = model, distributed.unwrap_parallel(model)
         if not isinstance(model, nn.Module) or not is_wrapped(model):
@@ -108,6 +112,10 @@ class LocalOptimizer(Optimizer):
                              "localopt.wrap(model, rule); got "
                              f"{'an unwrapped ' if isinstance(model, nn.Module) else ''}"
                              f"{type(model).__name__}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"localopt: {type(self).__name__}: check_every={check_every!r} must "
+                             "be a non-negative integer (0: no check)")
+        self._check_every = check_every
         self._sites = sites(model)
         self._rule = self._sites[0].rule
         if self.rule_names is not None and self._rule.name not in self.rule_names:
@@ -172,6 +180,11 @@ class LocalOptimizer(Optimizer):
                 "again) after this optimizer was built, so the feedback it trains is gone. "
                 "Build a new optimizer for the model as it is now (a plain torch optimizer "
                 "after localopt.unwrap)")
+        check = self._check_every and (self._feedback_steps + 1) % self._check_every == 0
+        if check:
+            self._check_finite("gradient", [(f"parameter {i} of group {g}", p.grad)
+                                            for g, group in enumerate(self.param_groups)
+                                            for i, p in enumerate(group["params"])])
         loss = _raw_step(self._inner)(self, closure)
         self._feedback_steps += 1
         rule = self._rule
@@ -184,7 +197,31 @@ class LocalOptimizer(Optimizer):
             else:
                 rule.feedback_step(self._sites, self._feedback_steps)
             rule.synced(self._sites)
+        if check:
+            self._check_finite("value", [(f"{b} of '{s.name}'", t) for s in self._sites
+                                         for b, t in s.module.named_parameters(recurse=False)]
+                               + [(f"{b} of '{s.name}'", s.module._buffers[b])
+                                  for s in self._sites for b in s.buffer_names])
         return loss
+
+    def _check_finite(self, what: str, tensors: list[tuple[str, Tensor | None]]) -> None:
+        """Raise ``FloatingPointError`` if any of ``tensors`` holds a NaN or an infinity (one
+        host sync for all of them)."""
+        named = [(n, t) for n, t in tensors if t is not None and t.numel()]
+        if not named:
+            return
+        flags: dict[torch.device, list[Tensor]] = {}
+        for _, t in named:                    # one stack per device, one copy each
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+        by_device = {d: iter(torch.stack(f).tolist()) for d, f in flags.items()}
+        ok = [next(by_device[t.device]) for _, t in named]
+        if not all(ok):
+            bad = next(n for (n, _), good in zip(named, ok) if not good)
+            raise FloatingPointError(
+                f"localopt: rule {self._rule.name!r} diverged: a non-finite {what} at optimizer "
+                f"step {self._feedback_steps + (what == 'gradient')} ({bad}"
+                f"{'' if what == 'gradient' else ', after the step'}); lower the learning rate "
+                "or see the rule's options for its scale")
 
     def _pending_feedback_grads(self) -> list[Tensor]:
         """The pending feedback signals, in site order: the ``.grad`` of every ``localopt_*``

@@ -101,8 +101,10 @@ The rules
   cross-entropy error ``e = (softmax(z) - y*) / c`` (``c = R``, the number of error rows ``N``
   or ``N*T``, for the plain batch mean; ``R k`` for ``loss / k``), i.e. the target part of the
   error, so it scales with the loss like every gradient.  (Frenkel writes ``B^T y*``; ``B`` is
-  symmetric random, so the sign convention only fixes which of ``B``, ``-B`` is used.)  The
-  output layer still trains on its true gradient.  ``target="ce"`` (default) recovers ``y*``
+  symmetric random, so the sign convention only fixes which of ``B``, ``-B`` is used.)  By
+  default (``gate=True``, this library's stabilised form) each row's signal is scaled by
+  ``1 - p_t``, i.e. the target component of the error is projected; ``gate=False`` is the
+  paper's rule (see :class:`DRTP`).  The output layer still trains on its true gradient.  ``target="ce"`` (default) recovers ``y*``
   and ``c`` from the captured error of a hard-label ``F.cross_entropy`` on the named output,
   any reduction or scale (see :class:`DRTP`); another loss, or soft labels, raise.
   ``target="given"``: call ``localopt.set_targets(model, y, scale=s)`` (class indices or
@@ -120,8 +122,8 @@ from torch import Tensor, nn
 
 from .. import rng
 from ..mechanism import CONV_TYPES, LAYER_TYPES, Site, from_output
-from .base import (FeedbackRule, Rule, check_choice, check_number, init_feedback, register_rule,
-                   selector_matches)
+from .base import (EXPLODING_FEEDBACK, FeedbackRule, Rule, check_bool, check_choice,
+                   check_number, init_feedback, register_rule, selector_matches)
 
 __all__ = ["DirectRule", "DFA", "BDFA", "DRTP", "set_targets"]
 
@@ -426,6 +428,14 @@ class DirectRule(Rule):
                 "position signals need equal positions (use feedback='dense' otherwise)")
         return s.movedim(-1, fdim) if fdim != len(shape) - 1 else s
 
+    def at_drawn_norm(self, site: Site, B: Tensor, xshape: torch.Size, e_ndim: int) -> Tensor:
+        """``B n_0 / ||B||_F``: the feedback at the Frobenius norm it was drawn with, ``n_0 =
+        scale sqrt(E)`` (dense; ``scale sqrt(K / P)`` for ``"channel"`` with ``P`` shared
+        positions) -- the learned rules' ``fixed_norm`` (``dkp``, ``bidfa``): ``B`` learns the
+        signal's direction only.  Tensor ops only (no host sync)."""
+        n0 = self.scale * math.sqrt(B.shape[0] / self._shared_positions(site, xshape, e_ndim))
+        return B * (n0 / torch.linalg.vector_norm(B).clamp_min(1e-30))
+
     def _shape_msg(self, site: Site, had: str, now: str) -> str:
         return (f"localopt: rule {self.name!r}: the feedback of layer '{site.name}' was drawn "
                 f"for {had}, but this output has {now}; the output shape must stay fixed "
@@ -453,6 +463,12 @@ class DirectRule(Rule):
         if len(z.shape) < 2:
             raise RuntimeError(f"localopt: rule {self.name!r} needs a batched model output "
                                f"(N, ..., K); got shape {tuple(z.shape)}")
+        if self.scale > EXPLODING_FEEDBACK:  # before any buffer is drawn
+            raise ValueError(
+                f"localopt: rule {self.name!r}: option scale={self.scale:g} makes every layer's "
+                f"direct signal {self.scale:g}x the norm of the output error (the feedback's "
+                f"entries have std scale / sqrt(fan)); above {EXPLODING_FEEDBACK:g} the updates "
+                "blow up from the first step. Use a scale near 1 (the default)")
         plans = []
         for s in todo:
             xshape, dev = st.pending[s]
@@ -571,6 +587,17 @@ class DRTP(DirectRule):
     """Direct random target projection (Frenkel et al. 2021): the projected signal is the
     target, ``dx = (-y*/c) @ B``, ``y*`` the one-hot target and ``c`` the loss's normaliser.
 
+    ``gate=True`` (default; an option of this library, not of the paper): each row's signal
+    is the target component of its error, ``dx = P(e) @ B`` with ``P(e) = (e . y* / ||y*||^2)
+    y*`` -- for a hard-label cross-entropy ``-(1 - p_t) y* / c``, the published signal times
+    how far the sample still is from its target.  The direction (the target's projection) is
+    DRTP's; only its size fades as a sample is learned.  Why: the published signal ``-y*/c``
+    never fades, so it keeps pushing every hidden unit along its fixed random direction and,
+    in a network whose growth nothing bounds (ReLU, BatchNorm's scale and shift; Frenkel et
+    al. trained tanh/sigmoid networks, which saturate), the activity and the logits grow: on
+    ResNet-20 (RESULTS.md, row ``drtp-published``) its training loss rose from 2.2 to 9.4 in
+    epochs 5-9 with update norms 3-14 times backprop's.  ``gate=False`` is the paper's rule.
+
     Option ``target`` (besides those of :class:`DFA`):
 
     * ``"ce"`` (default): for a hard-label cross-entropy loss on the output, with any
@@ -593,11 +620,12 @@ class DRTP(DirectRule):
 
     name = "drtp"
 
-    def __init__(self, *, target: str = "ce", feedback: str = "dense", init: str = "uniform",
-                 scale: float = 1.0, output: "int | str | None" = None, modules: Any = None,
-                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0,
-                 inside: str = "bp") -> None:
+    def __init__(self, *, target: str = "ce", gate: bool = True, feedback: str = "dense",
+                 init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
+                 modules: Any = None, channel_dim: "int | None" = None,
+                 max_feedback_mb: float = 1024.0, inside: str = "bp") -> None:
         check_choice(self.name, "target", target, ("ce", "given"))
+        self.gate = check_bool(self.name, "gate", gate)
         super().__init__(feedback=feedback, init=init, scale=scale, output=output,
                          modules=modules, channel_dim=channel_dim,
                          max_feedback_mb=max_feedback_mb, inside=inside)
@@ -606,7 +634,7 @@ class DRTP(DirectRule):
 
     def source(self, e: Tensor, out: Tensor | None) -> Tensor:
         if self.target == "ce":
-            return _ce_target_signal(out, e)
+            return _ce_target_signal(out, e, self.gate)
         K = e.shape[-1]
         R = e.numel() // K
         st = self._state
@@ -621,12 +649,17 @@ class DRTP(DirectRule):
             raise RuntimeError(f"localopt: rule 'drtp': targets of shape {tuple(y.shape)} "
                                f"do not match the output {tuple(e.shape)} (give class "
                                "indices or one-hot/soft targets shaped like the output)")
-        return y.to(device=e.device, dtype=e.dtype).mul(-scale / R)
+        y = y.to(device=e.device, dtype=e.dtype)
+        if self.gate:  # the error's projection on the target, row by row
+            return y * ((e * y).sum(-1, keepdim=True) /
+                        y.square().sum(-1, keepdim=True).clamp_min(1e-30))
+        return y.mul(-scale / R)
 
 
-def _ce_target_signal(z: Tensor, e: Tensor) -> Tensor:
+def _ce_target_signal(z: Tensor, e: Tensor, gate: bool = False) -> Tensor:
     """``-y*/c`` from the output ``z`` and its error ``e = (softmax(z) - y*) / c`` under a
-    hard-label cross-entropy of any scale (see :class:`DRTP`); tensor ops only (no sync)."""
+    hard-label cross-entropy of any scale (see :class:`DRTP`); with ``gate``, the target
+    component of the error, ``e_t y* = -(1 - p_t) y* / c``.  Tensor ops only (no sync)."""
     K = e.shape[-1]
     R = e.numel() // K
     e2 = e.detach().reshape(-1, K).double()
@@ -647,6 +680,8 @@ def _ce_target_signal(z: Tensor, e: Tensor) -> Tensor:
                         "target for any loss scale c: the loss is not hard-label cross-entropy "
                         "on the output. Use target='given' with localopt.set_targets(model, y, "
                         "scale=...)")
+    if gate:
+        return onehot.mul_(e2).to(e.dtype).reshape(e.shape)
     return onehot.div_(-c).to(e.dtype).reshape(e.shape)
 
 

@@ -32,13 +32,16 @@ class DKP(LearnsFeedback, DFA):
     authors' code steps ``B`` in the same optimizer as the weights.  Weight decay is what makes
     ``B`` forget its random start.
 
-    ``fixed_norm=True`` (an option of this library, not of the paper): the signal uses ``B`` at
+    ``fixed_norm=True`` (the default; an option of this library, not of the paper --
+    ``fixed_norm=False`` is the published rule): the signal uses ``B`` at
     the Frobenius norm it was drawn with, ``dx = e B n_0 / ||B||`` with ``n_0 = scale
     sqrt(E)`` (dense; ``scale sqrt(K / P)`` for ``"channel"`` with ``P`` shared positions), so
     ``B`` learns only the signal's direction; ``grad B`` is unchanged.  Why: nothing in the
     forward pass depends on ``B``, so the error never answers its growth, and only weight
     decay bounds it (at ``-E[e^T x] / decay``); on a ResNet-20, whose residual stream feeds
-    large inputs ``x``, ``||B||`` grows by orders of magnitude and the training diverges.
+    large inputs ``x``, ``||B||`` grows by orders of magnitude and the training diverges
+    (RESULTS.md, row ``dkp-published``: ``||B||`` from 3 to 1e13, loss 23 after epoch 2 at a
+    learning rate below 2e-4, 1e29 at the end).
     Other options as :class:`~localopt.rules.direct.DFA`.
     """
 
@@ -46,7 +49,7 @@ class DKP(LearnsFeedback, DFA):
     feedback_from_data = True
     mirrors_update = True
 
-    def __init__(self, *, fixed_norm: bool = False, feedback: str = "dense",
+    def __init__(self, *, fixed_norm: bool = True, feedback: str = "dense",
                  init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
                  modules: Any = None, channel_dim: "int | None" = None,
                  max_feedback_mb: float = 1024.0, inside: str = "bp") -> None:
@@ -64,9 +67,7 @@ class DKP(LearnsFeedback, DFA):
         B = site.buffer("feedback")
         if self.fixed_norm:
             shape, dtype = base
-            n0 = self.scale * math.sqrt(B.shape[0] / self._shared_positions(site, x.shape,
-                                                                             src.dim()))
-            Bn = B * (n0 / torch.linalg.vector_norm(B).clamp_min(1e-30))
+            Bn = self.at_drawn_norm(site, B, x.shape, src.dim())
             dx = self._project(site, src, Bn, shape).to(dtype)
         else:
             dx = super().send(site, src, tuple(base))
@@ -105,24 +106,33 @@ class BiDFA(LearnsFeedback, DFA):
     :class:`localopt.optim.LocalOptimizer`.  ``B`` thus learns the linear read-out of each
     layer's activity from the output, which correlates with how the output depends on it.
 
-    Options: ``lr`` (default 0.5), ``decay`` (default 0), and those of
-    :class:`~localopt.rules.direct.DFA`.
+    ``fixed_norm=True`` (default; an option of this library, as :class:`DKP`'s): the signal
+    uses ``B`` at the Frobenius norm it was drawn with, ``dx = e B n_0 / ||B||``, so B learns
+    the signal's direction only.  Why: the least-squares read-out has the scale of the
+    activity over the output, ``||B|| ~ ||x|| / ||z||``, not that of a gradient; on a
+    ResNet-20 (16,384 inputs per sample at the residual stream, 10 logits) the published form
+    (``fixed_norm=False``) sends signals 26 to 21,000 times backprop's norm and the training
+    stays at chance (RESULTS.md, row ``bidfa-published``).
+
+    Options: ``lr`` (default 0.5), ``decay`` (default 0), ``fixed_norm`` (default True), and
+    those of :class:`~localopt.rules.direct.DFA`.
     """
 
     name = "bidfa"
     feedback_from_data = True
     needs_output = True  # the detached output z reaches send() with the error
 
-    def __init__(self, *, lr: float = 0.5, decay: float = 0.0, feedback: str = "dense",
-                 init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
-                 modules: Any = None, channel_dim: "int | None" = None,
-                 max_feedback_mb: float = 1024.0) -> None:
+    def __init__(self, *, lr: float = 0.5, decay: float = 0.0, fixed_norm: bool = True,
+                 feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
+                 output: "int | str | None" = None, modules: Any = None,
+                 channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0) -> None:
         lr = check_number(self.name, "lr", lr, low=0, high=2, low_open=True, high_open=True)
         decay = check_number(self.name, "decay", decay, low=0, high=1, high_open=True)
         super().__init__(feedback=feedback, init=init, scale=scale, output=output,
                          modules=modules, channel_dim=channel_dim,
                          max_feedback_mb=max_feedback_mb)
         self.lr, self.decay = float(lr), float(decay)
+        self.fixed_norm = check_bool(self.name, "fixed_norm", fixed_norm)
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
@@ -137,8 +147,13 @@ class BiDFA(LearnsFeedback, DFA):
         # In the backward pass, from the payload and the output that the autograd edge
         # carries: no state outside the graph, so torch.compile keeps it.
         (e, z, zz), (*base, x) = src, payload
-        dx = super().send(site, e, tuple(base))
         B = site.buffer("feedback")
+        if self.fixed_norm:
+            shape, dtype = base
+            dx = self._project(site, e, self.at_drawn_norm(site, B, x.shape, e.dim()),
+                               shape).to(dtype)
+        else:
+            dx = super().send(site, e, tuple(base))
         positions = self._shared_positions(site, x.shape, z.dim())
         with torch.enable_grad():
             Bv = B.detach().requires_grad_()
