@@ -31,11 +31,11 @@ GPipe) and every stage's end-of-step wait on its sends are dependencies too.
 * ``direct`` (``dfa``, ``bdfa``, ``dkp``, module-wise ``dfa``): the backward ``D`` of stage
   ``s`` for micro-batch ``i`` needs only its own forward ``F_i`` and the output error
   ``e_i``, which the last stage sends to every stage right after its forward (and loss);
-  no gradient crosses a stage boundary.  As :mod:`localopt.pipeline.direct` runs it: the
-  last stage runs ``F_i, D_i`` in turn; a stage below waits for its input and runs ``F_i``,
-  then every pending backward whose ``e`` has arrived (oldest first), and after its last
-  forward the remaining backwards in order.
-* ``drtp``: ``D`` needs only the target: every stage runs ``F_0, D_0, F_1, D_1, ...``.
+  no gradient crosses a stage boundary.  Each stage's order is that of
+  :class:`~localopt.pipeline.policy.DirectPolicy`, the object the runner uses (a ready
+  forward first, else the oldest ready backward; at most ``max_in_flight`` micro-batches in
+  flight); ``asynchronous=True``: no flush between steps (the policy's docstring).
+* ``drtp``: ``D`` needs only the target (one micro-batch in flight: ``F_0, D_0, F_1, ...``).
 
 Costs are per stage (:class:`StageCost`): forward and backward time per micro-batch (the
 backward of a backprop schedule; its input- and weight-gradient parts for ``zb``; the
@@ -48,10 +48,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from .policy import DirectPolicy, check_bound
+
 __all__ = ["StageCost", "CommCost", "SimResult", "simulate", "deepen", "idle_fractions",
            "plot_timeline", "plot_timelines", "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b", "zb", "direct", "drtp")
+BACKPROP = ("gpipe", "1f1b", "zb")
 
 
 # --------------------------------------------------------------------------- cost model
@@ -138,10 +141,12 @@ class _Op:
 
 def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
          ) -> tuple[list[tuple], float]:
-    """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a policy
-    ``policy(t, arrived) -> key`` that names rank ``r``'s next op when it becomes free at time
-    ``t`` (``arrived(key)``: whether that op's inputs are there by ``t``).  Decisions are taken
-    in time order, so a policy sees exactly the messages that have arrived by then.
+    """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a
+    :class:`_PolicyOrder` whose ``candidates()`` name the ops rank ``r``'s state allows,
+    preferred first, and whose ``done(key)`` records one (returning the steps whose receives
+    it posts then).  A policy rank runs, as soon as it is free, the first candidate whose
+    inputs have arrived, or waits for the first to arrive; decisions are taken in time order,
+    so it sees exactly the messages that have arrived by then.
 
     Messages meet as in gloo: a transfer starts when the sender has sent *and* the receiver
     has posted its receive (``recv="late"``: when the receiving rank is ready for the op that
@@ -163,6 +168,9 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
             if ops[d].rank != op.rank:
                 consumers[d].append(k)
     records: list[tuple] = []
+    for r in range(nranks):
+        if isinstance(order[r], _PolicyOrder):
+            step_start[(r, 0)] = 0.0
 
     def delivered(src: tuple, dst: tuple) -> float | None:
         """When the message of ``src`` for ``dst`` arrives (None: not known yet)."""
@@ -211,38 +219,39 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
         step_start.setdefault((r, key[0]), free[r])
 
     while any(todo.values()):
-        best = None                                  # (time, rank, is_decision)
+        best = None                                  # (time, rank, key)
         for r in range(nranks):
             if not todo[r]:
                 continue
-            if nxt[r] is None and not callable(order[r]):
-                nxt[r] = order[r][pos[r]]
-                ready_for(r, nxt[r])
-            if nxt[r] is None:                       # a policy decides when the rank is free
-                cand = (free[r], r, True)
+            if isinstance(order[r], _PolicyOrder):
+                first = None
+                for key in order[r].candidates():
+                    post.setdefault(key, free[r])
+                    a = arrival(key)
+                    if a is not None and (first is None or max(free[r], a) < first[0]):
+                        first = (max(free[r], a), key)
+                if first is None:
+                    continue
+                t = first[0]                          # the preferred one arrived by then
+                key = next(k for k in order[r].candidates()
+                           if arrival(k) is not None and arrival(k) <= t)
+                cand = (t, r, key)
             else:
+                if nxt[r] is None:
+                    nxt[r] = order[r][pos[r]]
+                    ready_for(r, nxt[r])
                 a = arrival(nxt[r])
                 if a is None:
                     continue
-                cand = (max(free[r], a), r, False)
-            if best is None or cand < best:
+                cand = (max(free[r], a), r, nxt[r])
+            if best is None or cand[:2] < best[:2]:
                 best = cand
         if best is None:
-            stuck = {r: nxt[r] for r in range(nranks) if todo[r]}
+            stuck = {r: order[r].candidates() if isinstance(order[r], _PolicyOrder) else nxt[r]
+                     for r in range(nranks) if todo[r]}
             raise RuntimeError(f"pipeline simulation deadlocked; waiting ops: {stuck}")
-        t, r, decide = best
-        if decide:
-            def arrived(k: tuple, t: float = t, r: int = r) -> bool:
-                if k in end:
-                    return True
-                post.setdefault(k, t)                 # (early receives: posted already)
-                step_start.setdefault((r, k[0]), t)
-                a = arrival(k)
-                return a is not None and a <= t
-            nxt[r] = order[r](t, arrived)
-            ready_for(r, nxt[r])
-            continue
-        key, op = nxt[r], ops[nxt[r]]
+        t, r, key = best
+        op = ops[key]
         if t > free[r]:
             records.append((r, "wait", key[-1], free[r], t))
         end[key] = t + op.duration
@@ -251,42 +260,39 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
         todo[r] -= 1
         pos[r] += 1
         nxt[r] = None
+        if isinstance(order[r], _PolicyOrder):
+            for k in order[r].done(key):              # the rank posts that step's receives
+                step_start.setdefault((r, k), free[r])
     return records, max(free)
 
 
-class _DirectPolicy:
-    """localopt's direct schedule on a stage below the last (:mod:`localopt.pipeline.direct`):
-    micro-batch by micro-batch, wait for the input and run the forward; after each forward
-    (and each backward), run the oldest pending backward if its ``e`` has arrived; once every
-    forward is done, the pending backwards in order; then the optimizer step."""
+class _PolicyOrder:
+    """A rank's :class:`~localopt.pipeline.policy.DirectPolicy` over ``steps`` steps, as the
+    runner drives it: the batch of step ``k+1`` is given when the call of step ``k`` returns
+    (``step_done``), its update asked for at the same moment, and the last update runs as a
+    flush."""
 
-    def __init__(self, step: int, stage: int, M: int, skey: tuple) -> None:
-        self.k, self.s, self.M, self.skey = step, stage, M, skey
-        self.f, self.b = 0, 0
+    def __init__(self, policy, rank: int, steps: int) -> None:
+        self.p, self.r, self.steps = policy, rank, steps
+        policy.available = 1
 
-    def __call__(self, t: float, arrived) -> tuple:
-        k, s = self.k, self.s
-        if self.b == self.M:
-            return self.skey
-        pending = self.b < self.f
-        if pending and (self.f == self.M or arrived((k, s, "D", self.b))):
-            self.b += 1
-            return (k, s, "D", self.b - 1)
-        self.f += 1
-        return (k, s, "F", self.f - 1)
+    def candidates(self) -> list[tuple]:
+        p = self.p
+        keys = []
+        for kind, k, m in p.candidates(flush=p.nu == self.steps - 1):
+            keys.append((k, self.r, "S", -1) if kind == "U" else (k, self.r, kind, m))
+        return keys
 
-
-class _Chain:
-    """Policies of consecutive steps on one rank, one after the other."""
-
-    def __init__(self, policies: list) -> None:
-        self.policies, self.i, self.left = policies, 0, [p.M * 2 + 1 for p in policies]
-
-    def __call__(self, t: float, arrived) -> tuple:
-        while self.left[self.i] == 0:
-            self.i += 1
-        self.left[self.i] -= 1
-        return self.policies[self.i](t, arrived)
+    def done(self, key: tuple) -> list[int]:
+        k, _, kind, m = key
+        self.p.done(("U", k, -1) if kind == "S" else (kind, k, m))
+        begun = []
+        while self.p.requested < self.steps and self.p.step_done(self.p.requested):
+            self.p.requested += 1
+            if self.p.available < self.steps:
+                self.p.available += 1
+                begun.append(self.p.available - 1)
+        return begun
 
 
 def _zb_order(S: int, M: int, variant: str) -> list[list[tuple]]:
@@ -313,7 +319,8 @@ def _zb_order(S: int, M: int, variant: str) -> list[list[tuple]]:
 def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
              link: CommCost = CommCost(), e_link: CommCost | None = None, e_bytes: float = 0.0,
              batch: float | None = None, steps: int = 1, zb_variant: str = "zbv",
-             virtual_costs: Sequence[StageCost] | None = None) -> SimResult:
+             virtual_costs: Sequence[StageCost] | None = None, asynchronous: bool = False,
+             max_in_flight: int | None = None) -> SimResult:
     """Simulate ``steps`` training steps of ``schedule`` on ``len(costs)`` stages (processes).
 
     Args:
@@ -330,6 +337,8 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
             (``ScheduleInterleavedZeroBubble``).
         virtual_costs: ``zb`` only: the costs of the ``2 S`` virtual stages in model order;
             default: every process's stage cut into two halves of equal cost.
+        asynchronous, max_in_flight: ``direct``/``drtp``: the runner's options
+            (:class:`~localopt.pipeline.policy.DirectPolicy`, the object the runner uses).
 
     Returns: :class:`SimResult` with the makespan *per step* (total / ``steps``); its events
     carry the process index as ``stage``, kinds ``forward``, ``backward`` (``zb``: the input
@@ -342,6 +351,10 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
     if S < 1 or M < 1 or steps < 1:
         raise ValueError(f"simulate: need at least one stage, micro-batch and step (got S={S}, "
                          f"M={M}, steps={steps})")
+    if asynchronous and schedule in BACKPROP:
+        raise ValueError(f"simulate: asynchronous=True runs the direct schedules only; "
+                         f"schedule={schedule!r} needs the next stage's gradient")
+    check_bound(max_in_flight)
     e_link = link if e_link is None else e_link
     if schedule == "zb":
         V = 2 * S
@@ -418,23 +431,23 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
                 if k == 0 and sorted(seq) != sorted(mine[r]):
                     raise RuntimeError(f"simulate: torch's {zb_variant} order for rank {r} "
                                        "does not cover every F/I/W op once")
-            elif schedule == "drtp" or r == S - 1:    # the last stage: F_i, e_i out, D_i
-                seq = [key for i in range(M) for key in ((k, r, "F", i), (k, r, "D", i))]
-            else:
+            else:                                       # direct, drtp: the policy's order
                 seq = None
             cost = sum(vc[v].step for v in range(V) if rank_of[v] == r)
             skey = (k, r, "S", -1)                      # every send delivered, then the update
             ops[skey] = _Op(skey, r, cost, "step", [(key, 0.0) for key in mine[r]],
                             sent=list(mine[r]))
             if seq is None:
-                order.setdefault(r, []).append(_DirectPolicy(k, r, M, skey))
+                if r not in order:
+                    order[r] = _PolicyOrder(DirectPolicy(
+                        r, S, M, waits_for_error=schedule == "direct" and r < S - 1,
+                        asynchronous=asynchronous, max_in_flight=max_in_flight), r, steps)
             else:
                 order.setdefault(r, []).extend(seq + [skey])
-    order = {r: _Chain(v) if v and isinstance(v[0], _DirectPolicy) else v
-             for r, v in order.items()}
-    for key, op in ops.items():                       # a stage's next step starts after its
-        if key[0] > 0:                                # own optimizer step
-            op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
+    if schedule in BACKPROP:                          # a stage's next step starts after its
+        for key, op in ops.items():                   # own optimizer step (direct: the policy)
+            if key[0] > 0:
+                op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
     records, total = _run(ops, order, S, "late" if schedule in ("gpipe", "1f1b") else "early")
     records = [rec for rec in records if not (rec[1] == "step" and rec[4] == rec[3])]
     Event = _event_type()
