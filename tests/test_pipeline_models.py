@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -125,3 +127,35 @@ def test_traced_stages_compose_to_the_model():
 def test_a_model_that_cannot_be_traced_is_named():
     with pytest.raises(TypeError, match="Branchy.*torch.fx cannot trace"):
         lp.split_stages(Branchy(), ["a"])
+
+
+class _Chain(nn.Module):
+    """A forward that is a chain of calls with functional glue: traced, not a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 4)
+        self.d, self.e = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.flatten(1)))
+        h = self.c(torch.relu(self.b(h)) * 2)
+        return self.e(torch.sigmoid(self.d(h)) + 1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.sampled_from(["b", "c", "d", "e"]), unique=True, max_size=4))
+def test_any_ordered_traced_split_composes_and_partitions_the_parameters(cut):
+    torch.manual_seed(0)
+    model = _Chain()
+    split = sorted(cut)                    # the forward calls a, b, c, d, e in this order
+    stages = lp.split_stages(model, split)
+    assert len(stages) == len(split) + 1
+    x = torch.randn(3, 2, 3)
+    h = x
+    for stage in stages:
+        h = stage(h)
+    assert torch.equal(h, model(x))
+    owned = [{id(p) for p in stage.parameters()} for stage in stages]
+    assert sum(map(len, owned)) == len(list(model.parameters()))
+    assert set().union(*owned) == {id(p) for p in model.parameters()}

@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -431,3 +433,31 @@ def test_meta_set_ups_that_cannot_be_materialised_fail_before_any_communication(
         lp.build(make, ["2"], "gpipe", example=torch.zeros(1, 4), seed=0,
                  init=lambda name, m: nn.init.ones_(m.gamma) if name == "1" else
                  m.reset_parameters())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.permutations(list(range(6))))
+def test_the_batch_checksum_changes_when_samples_move(order):
+    from localopt.pipeline.batch import checksum
+    x = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)     # distinct samples
+    moved = x[list(order)]
+    assert (checksum(moved) == checksum(x)) == (list(order) == list(range(6)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from([8, 4]), st.sampled_from([1.0, 2.0]),
+                          st.booleans(), st.sampled_from([1.0, 3.0])), min_size=2, max_size=4))
+def test_the_batch_headers_are_refused_exactly_when_the_ranks_disagree(ranks):
+    """Rank 0 always has x; the headers agree iff every given x and y has rank 0's rows and
+    the same checksum as the first one given."""
+    from localopt.pipeline.batch import check_headers
+    ranks[0] = (True,) + ranks[0][1:]
+    h = [[float(hx), n, cx, float(hy), n, cy, 0.0] for hx, n, cx, hy, cy in ranks]
+    xs = [(r[1], r[2]) for r in ranks if r[0]]
+    ys = [(r[1], r[4]) for r in ranks if r[3]]
+    agree = all(v == xs[0] for v in xs) and all(v == (xs[0][0], ys[0][1]) for v in ys)
+    if agree and xs[0][0] % 4 == 0:
+        assert check_headers(h, 4) == xs[0][0]
+    else:
+        with pytest.raises(lp.PipelineError, match="rank|divide"):
+            check_headers(h, 4)

@@ -27,5 +27,9 @@ python -m recipes.pipeline --model mlp3x1024 --stages 1 --schedules dfa --microb
     --epochs 2 --json $OUT/accuracy_mlp3x1024_S1.json
 python -m recipes.pipeline --model resnet20 --stages 2 --schedules dfa --microbatches 4 \
     --batch 64 --epochs 1 --max-steps 150 --json $OUT/accuracy_resnet20_S2.json
-python -m recipes.pipeline --report $OUT
+python -m recipes.pipeline --report $OUT        # and docs/guide/model-parallel.md's block
 uptime
+# memory per process: the 8x4096 MLP built on the meta device, each process its stage, against
+# one process holding the whole model (Adam, 3 steps); then memory/README.md and the guide's table
+python -m recipes.pipeline_memory --json $OUT/memory/mlp8x4096.json
+python -m recipes.pipeline_memory --report $OUT/memory
