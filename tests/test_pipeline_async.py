@@ -257,3 +257,23 @@ def test_simulated_asynchronous_is_never_slower_and_bounded(S, M, steps, f, d, l
             assert peak <= limit
     if S == 1:
         assert asyn.makespan == pytest.approx(sync.makespan)
+
+
+@pytest.mark.parametrize("bw,lat,name", [(0, 1e-5, "bandwidth_gbit"), (-1, 1e-5, "bandwidth_gbit"),
+                                         ("10", 1e-5, "bandwidth_gbit"), (10, 0, "latency"),
+                                         (10, float("nan"), "latency"), (10, -1e-6, "latency")])
+def test_link_bandwidth_and_latency_must_be_positive(bw, lat, name):
+    with pytest.raises(ValueError, match=f"{name}="):
+        CommCost.of(bw, lat)
+
+
+def test_a_slow_link_costs_backprop_more_than_the_direct_schedule():
+    """Backprop sends an activation gradient back per micro-batch and boundary, the direct
+    schedule ``e`` (here 1% of its size): over 1 Gbit/s the direct schedule loses less."""
+    costs = [StageCost(1e-3, 2e-3, direct=1e-3, act_bytes=1e6)] * 4
+    link = CommCost.of(1.0, 5e-5)
+    assert link.per_byte == pytest.approx(8e-9)
+    fast = {s: simulate(costs, s, 8, steps=2).makespan for s in ("1f1b", "direct")}
+    slow = {s: simulate(costs, s, 8, steps=2, link=link, e_bytes=1e4).makespan
+            for s in ("1f1b", "direct")}
+    assert slow["1f1b"] / fast["1f1b"] > slow["direct"] / fast["direct"]

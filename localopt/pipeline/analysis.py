@@ -32,7 +32,7 @@ from .split import sequence
 from .timeline import StageCost
 
 __all__ = ["units", "candidate", "profile_units", "best_split", "measure_link", "MEMORY_KEYS",
-           "analyse", "stage_costs", "speedups"]
+           "analyse", "stage_costs", "speedups", "peak_in_flight"]
 
 
 def _ping(nbytes: int, reps: int, timeout: float) -> float:
@@ -199,6 +199,10 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
             for s, kind, mb, start, end in st["events"]:
                 d = per_stage.setdefault(s, {"forward": [], "backward": [],
                                              "backward_weight": []})
+                if kind == "update":          # asynchronous: an update inside the step call
+                    if not st["t"][1] <= start <= st["t"][2]:     # (else counted above)
+                        busy += end - start
+                    continue
                 if kind != "wait":
                     busy += end - start
                 if kind in ("send", "recv"):
@@ -239,10 +243,37 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
                     events.append(Event(rank_of.get(s, r["rank"]), kind, mb, max(start, lo),
                                         min(end, hi)))
     losses = [x for r in ranks for x in r["losses"]]
-    return {"images_per_s": ips, "step_time_s": window / nsteps, "idle_fraction": idle,
+    held = {s: v for r in ranks for s, v in peak_in_flight(
+        [e for st in r["steps"] for e in st["events"]]).items()}
+    return {"peak_in_flight": [held.get(s) for s in sorted(costs)], "images_per_s": ips,
+            "step_time_s": window / nsteps, "idle_fraction": idle,
             "stage_costs": [costs[s] for s in sorted(costs)], "per_process": per_rank,
             "loss_first_last": [losses[0], losses[-1]] if losses else None,
             "timeline_events": events, "stage_of_rank": rank_of}
+
+
+def peak_in_flight(events: list) -> dict[int, int]:
+    """Per stage: the most micro-batches forwarded and not yet released -- their activations
+    held -- over a run's events (in time order; a micro-batch is released by its
+    ``backward``, or, where the stage defers weight gradients (zero bubble), by its
+    ``backward_weight``).  Counts begin at the first event: micro-batches held from before
+    (an asynchronous schedule's previous step) are added back from the lowest count seen."""
+    by_stage: dict[int, list] = {}
+    for e in events:
+        by_stage.setdefault(e[0], []).append(e)
+    out = {}
+    for s, evs in by_stage.items():
+        release = "backward_weight" if any(e[1] == "backward_weight" for e in evs) else \
+            "backward"
+        held = low = peak = 0
+        for e in sorted(evs, key=lambda e: e[4]):
+            if e[1] == "forward":
+                held += 1
+            elif e[1] == release:
+                held -= 1
+            low, peak = min(low, held), max(peak, held)
+        out[s] = peak - low
+    return out
 
 
 def stage_costs(measured: dict, label: str, act_bytes: list[float]):

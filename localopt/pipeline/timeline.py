@@ -103,9 +103,27 @@ class StageCost:
 @dataclass(frozen=True)
 class CommCost:
     """A message of ``n`` bytes arrives ``latency + n * per_byte`` seconds after both its send
-    and its receive are posted (gloo's rendezvous)."""
+    and its receive are posted (gloo's rendezvous).  ``CommCost()`` is a free link;
+    :meth:`of` builds one from a bandwidth and a latency."""
     latency: float = 0.0
     per_byte: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("latency", "per_byte"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or \
+                    v == float("inf"):
+                raise ValueError(f"CommCost: {name}={v!r} must be a finite number >= 0")
+
+    @classmethod
+    def of(cls, bandwidth_gbit: float, latency: float) -> "CommCost":
+        """A link of ``bandwidth_gbit`` Gbit/s (1e9 bits per second) and ``latency`` seconds,
+        both positive numbers."""
+        for name, v in (("bandwidth_gbit", bandwidth_gbit), ("latency", latency)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"CommCost.of: {name}={v!r} must be a positive number "
+                                 "(bandwidth in Gbit/s, latency in seconds)")
+        return cls(latency=float(latency), per_byte=8.0 / (bandwidth_gbit * 1e9))
 
     def time(self, nbytes: float) -> float:
         return self.latency + self.per_byte * nbytes
