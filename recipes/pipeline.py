@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-timeout", type=float, default=3600.0,
                    help="seconds the whole multi-process run may take")
     p.add_argument("--epochs", type=int, default=0, help="train on CIFAR-10 this many epochs")
+    p.add_argument("--eval-every", type=int, default=0, help="--epochs: also test every this "
+                   "many steps (the time-to-accuracy curve)")
     p.add_argument("--max-steps", type=int, default=0, help="--epochs: at most this many "
                    "steps per epoch (0: all)")
     p.add_argument("--data", default="", help="CIFAR-10 location (recipes.data.find_data)")
@@ -424,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="write DIR/README.md from DIR/*.json")
     p.add_argument("--readme", default=None,
                    help="with --report: a page whose pipeline block gets the headline "
-                   "(default: the checkout's docs/guide/model-parallel.md when DIR is its "
-                   "results/pipeline)")
+                   "(default: the checkout's docs/guide/model-parallel.md and README.md when "
+                   "DIR is its results/pipeline)")
     return p
 
 
@@ -434,11 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = list(os.getloadavg())          # 1, 5, 15 min (recorded in the JSON)
     if args.report:
         repo = Path(__file__).resolve().parents[1]
-        readme = args.readme or (repo / "docs" / "guide" / "model-parallel.md"
-                                 if Path(args.report).resolve() == repo / "results" / "pipeline"
-                                 else None)
+        if args.readme:
+            pages = [Path(args.readme)]
+        elif Path(args.report).resolve() == repo / "results" / "pipeline":
+            pages = [repo / "docs" / "guide" / "model-parallel.md", repo / "README.md"]
+        else:
+            pages = []
         from .pipeline_report import write_report
-        path = write_report(Path(args.report), readme=Path(readme) if readme else None)
+        path = write_report(Path(args.report), readme=pages)
         print(f"wrote {path}")
         return 0
     command = "python -m recipes.pipeline " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -498,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 def _finish_training(res: dict, args, command: str) -> None:
     res["meta"] = _meta(args, command)
     res["meta"]["epochs"] = args.epochs
+    res["meta"]["eval_every"] = args.eval_every or None
+    res["meta"]["background_paused"] = bool(os.environ.get("LOCALOPT_BACKGROUND_PAUSED"))
     for run in res["runs"]:
         last = run["epochs"][-1]
         print(f"{run['label']} (S={args.stages}, K={run['M']}): test acc "

@@ -197,8 +197,6 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
         for st in r["steps"]:
             busy += st["t"][2] - st["t"][1]                   # optimizer step
             for s, kind, mb, start, end in st["events"]:
-                d = per_stage.setdefault(s, {"forward": [], "backward": [],
-                                             "backward_weight": []})
                 if kind == "update":          # asynchronous: an update inside the step call
                     if not st["t"][1] <= start <= st["t"][2]:     # (else counted above)
                         busy += end - start
@@ -210,6 +208,8 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
                 elif kind == "wait":
                     waited += end - start
                 else:                         # forward, backward, backward_weight: one op
+                    d = per_stage.setdefault(s, {"forward": [], "backward": [],
+                                                 "backward_weight": []})
                     d[kind].append(end - start)
                     ops += 1
         own = r["last"] - r["first"]
