@@ -277,3 +277,45 @@ def test_a_slow_link_costs_backprop_more_than_the_direct_schedule():
     slow = {s: simulate(costs, s, 8, steps=2, link=link, e_bytes=1e4).makespan
             for s in ("1f1b", "direct")}
     assert slow["1f1b"] / fast["1f1b"] > slow["direct"] / fast["direct"]
+
+
+# ------------------------------------------------------------------------- measurement helpers
+
+def test_peak_in_flight_counts_held_micro_batches():
+    from localopt.pipeline.analysis import peak_in_flight
+    ev = [(0, "forward", 0, 0, 1), (0, "forward", 1, 1, 2), (0, "backward", 0, 2, 3),
+          (0, "forward", 2, 3, 4), (0, "backward", 1, 4, 5), (0, "backward", 2, 5, 6),
+          (1, "forward", 0, 0, 1), (1, "backward", 0, 1, 2), (1, "backward_weight", 0, 2, 3),
+          (1, "forward", 1, 3, 4), (1, "backward", 1, 4, 5), (1, "backward_weight", 1, 5, 6),
+          (0, "wait", -1, 6, 7)]
+    assert peak_in_flight(ev) == {0: 2, 1: 1}
+    # a window that opens with two backwards of the step before: they were held already
+    late = [(0, "backward", 2, 0, 1), (0, "backward", 3, 1, 2), (0, "forward", 0, 2, 3)]
+    assert peak_in_flight(late) == {0: 2}
+
+
+def test_bytes_per_step_per_boundary():
+    from localopt.recipes.pipeline import bytes_per_step
+    plan = {"splits": {"bp": ["b"], "dfa": ["b"], "drtp": ["b"], "zb": ["a", "b", "c"]},
+            "profile": {"units": ["x", "a", "b", "c"], "input_bytes_per_sample": [4, 8, 16, 2]}}
+    M, batch = 4, 32                                    # micro-batches of 8
+    bp = bytes_per_step(plan, "1f1b", M, batch, 2)
+    assert bp["activations"] == [4 * 8 * 16] and bp["activation_gradients"] == [4 * 8 * 16]
+    assert bp["errors_to_stage"] == [0.0] and bp["total"] == 2 * 4 * 8 * 16
+    d = bytes_per_step(plan, "dfa-async", M, batch, 2)
+    assert d["activation_gradients"] == [0.0] and d["errors_to_stage"] == [4 * 8 * 10 * 4]
+    assert bytes_per_step(plan, "drtp", M, batch, 2)["errors_to_stage"] == [0.0]
+    zb = bytes_per_step(plan, "zb", M, batch, 2)        # V: stages 1 and 2 share process 1
+    assert zb["per_boundary"] == [2 * 4 * 8 * 8, 0.0, 2 * 4 * 8 * 2]
+
+
+def test_time_to_accuracy_table():
+    from localopt.recipes.pipeline_report import _tta_table, time_to
+    curve_bp = [[1000, 10.0, 0.30], [2000, 20.0, 0.45], [3000, 30.0, 0.50]]
+    curve_d = [[1000, 5.0, 0.35], [2000, 10.0, 0.48], [3000, 15.0, 0.49]]
+    assert time_to(curve_d, 0.47) == (10.0, 2000) and time_to(curve_bp, 0.6) is None
+    res = {"runs": [{"label": "1f1b", "curve": curve_bp}, {"label": "dfa", "curve": curve_d}]}
+    table = "\n".join(_tta_table(res))
+    assert "47.0% (bp final - 3)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| dfa"))
+    assert "10 (2k)" in row and "| 200 |" in row          # 3000 images in 15 s

@@ -90,13 +90,21 @@ def candidate(m: nn.Module) -> bool:
 
 def profile_units(model: nn.Module, x: Tensor, y: Tensor,
                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                  steps: int = 8, warmup: int = 3) -> dict[str, Any]:
+                  steps: int = 8, warmup: int = 3,
+                  sync: Callable[[], None] | None = None) -> dict[str, Any]:
     """One process, plain autograd: per unit of ``model``'s sequence (:func:`units`; run on its
     own, on a detached input as a pipeline stage would), the median time of its forward, of its
     full backward, of its input gradient alone and of its weight gradients alone, on the batch
     ``x`` (targets ``y``); and the bytes of its input per sample.  The last unit includes the
     loss.  A direct-feedback rule's backward of a unit is about its weight-gradient part (the
-    input gradient becomes a projection of ``e``, cheap for 10 classes)."""
+    input gradient becomes a projection of ``e``, cheap for 10 classes).  ``sync``: called
+    before every clock read (``torch.cuda.synchronize`` on a GPU, whose calls return before
+    the work is done)."""
+
+    def now() -> float:
+        if sync is not None:
+            sync()
+        return time.perf_counter()
     seq = units(model)
     h = x
     n = len(seq)
@@ -121,24 +129,24 @@ def profile_units(model: nn.Module, x: Tensor, y: Tensor,
         with torch.no_grad():
             gout = None if last else torch.randn_like(m(inp))
         for it in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0 = now()
             out = fwd()
-            t1 = time.perf_counter()
+            t1 = now()
             if out.requires_grad:                     # not: a parameter-free first unit
                 torch.autograd.backward(out, gout)
-            t2 = time.perf_counter()
+            t2 = now()
             m.zero_grad(set_to_none=True)
             ti = tw = 0.0
             if below:
                 out = fwd()
-                t3 = time.perf_counter()
+                t3 = now()
                 torch.autograd.grad(out, [inp], gout)
-                ti = time.perf_counter() - t3
+                ti = now() - t3
             if params:
                 out = fwd()
-                t3 = time.perf_counter()
+                t3 = now()
                 torch.autograd.grad(out, params, gout)
-                tw = time.perf_counter() - t3
+                tw = now() - t3
             if it >= warmup:
                 for key, v in zip(keys, (t1 - t0, t2 - t1, ti, tw)):
                     t[key][k].append(v)
