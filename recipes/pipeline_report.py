@@ -85,7 +85,9 @@ def write_report(d: Path, headline_k: int = 4, headline_s: int = 8,
             continue
         text = page.read_text()
         if README_BEGIN in text and README_END in text:
-            block = readme_block(d, files, headline_k, headline_s, page.parent)
+            short = page.name == "README.md"       # the project README: the answer only
+            block = readme_block(d, files, headline_k, headline_s, page.parent,
+                                 models=README_MODELS if short else None)
             start, stop = text.index(README_BEGIN), text.index(README_END) + len(README_END)
             page.write_text(text[:start] + block + text[stop:])
     return out
@@ -95,7 +97,12 @@ def write_report(d: Path, headline_k: int = 4, headline_s: int = 8,
 README_BEGIN, README_END = "<!-- pipeline:begin -->", "<!-- pipeline:end -->"
 
 
-def readme_block(d: Path, files: list, K: int, S_sim: int, root: Path) -> str:
+#: the throughput rows of the project README's block (the guide's block has every model)
+README_MODELS = ("mlp8x1024",)
+
+
+def readme_block(d: Path, files: list, K: int, S_sim: int, root: Path,
+                 models: tuple | None = None) -> str:
     """The headline tables for the project README, with the machine they were measured on."""
     rel = os.path.relpath(d, root)
     thr = [r["meta"] for _, r in files if "simulation" in r]
@@ -112,7 +119,7 @@ def readme_block(d: Path, files: list, K: int, S_sim: int, root: Path) -> str:
              f"[{cmd}/]({rel}/README.md) (commands: `{cmd}/commands.sh`; timelines, per-process "
              f"time budgets and the simulation's error against each measurement there).{where}",
              ""]
-    for line in _headline(files, K, S_sim):
+    for line in _headline(files, K, S_sim, models):
         lines.append("**" + line[3:] + "**" if line.startswith("## ") else line)
     while lines and not lines[-1]:
         lines.pop()
@@ -120,8 +127,11 @@ def readme_block(d: Path, files: list, K: int, S_sim: int, root: Path) -> str:
     return "\n".join(lines)
 
 
-def _headline(files: list, K: int, S_sim: int) -> list[str]:
-    thr = [(f, r) for f, r in files if "simulation" in r]
+def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> list[str]:
+    """The headline tables; ``models``: only their throughput rows, the time-to-accuracy
+    tables, no one-process comparison."""
+    thr = [(f, r) for f, r in files if "simulation" in r
+           and (models is None or model_name(r.get("meta", {})) in models)]
     L: list[str] = []
     if thr:
         labels = sorted({r["label"] for _, res in thr for r in res["runs"]},
@@ -162,7 +172,7 @@ def _headline(files: list, K: int, S_sim: int) -> list[str]:
                   + " (the machine is shared: a busy run only slows down).", ""]
     grouped = {n for names, _ in groups.values() for n in names}
     acc = [(f, r) for f, r in files if "simulation" not in r and "runs" in r
-           and f.name not in grouped]
+           and f.name not in grouped and models is None]
     if acc:
         L += ["## Headline: accuracy, pipelined vs one process (same loop, data order, seeds)",
               "", "| model | schedule | processes | K | epochs | test acc % | train loss | "
