@@ -183,6 +183,21 @@ def best_split(cost: list[float], candidate: list[bool], parts: int,
 MEMORY_KEYS = ("parameter_bytes", "rule_state_bytes", "state_bytes", "model_parameter_bytes")
 
 
+def _optimizer_time(st: dict) -> float:
+    """One step's optimizer time on a rank: the ``opt.step()`` call (``st["t"][1:]``) less the
+    backwards the asynchronous schedule runs inside it, plus the updates it applies inside
+    ``pipe.step`` (``update`` events)."""
+    t1, t2 = st["t"][1], st["t"][2]
+    inside = out = 0.0
+    for s, kind, mb, start, end in st["events"]:
+        within = t1 <= start and end <= t2
+        if kind == "update" and not within:
+            out += end - start
+        elif kind not in ("wait", "update") and within:
+            inside += end - start
+    return max(t2 - t1 - inside, 0.0) + out
+
+
 def analyse(run: dict, batch: int) -> dict[str, Any]:
     """Throughput, idle fractions and per-stage costs of one gathered run: ``run["ranks"]``, one
     dict per rank with its ``rank``, ``stages``, the ``first``/``last`` times of its timed
@@ -202,12 +217,12 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
         busy = calls = waited = 0.0
         ops = 0
         per_stage: dict[int, dict[str, list]] = {}
+        opt_steps = []
         for st in r["steps"]:
-            busy += st["t"][2] - st["t"][1]                   # optimizer step
+            opt_steps.append(_optimizer_time(st))
+            busy += opt_steps[-1]
             for s, kind, mb, start, end in st["events"]:
-                if kind == "update":          # asynchronous: an update inside the step call
-                    if not st["t"][1] <= start <= st["t"][2]:     # (else counted above)
-                        busy += end - start
+                if kind == "update":          # counted in the optimizer time
                     continue
                 if kind != "wait":
                     busy += end - start
@@ -223,7 +238,7 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
         own = r["last"] - r["first"]
         other = max(0.0, own - busy - waited)
         idle.append(max(0.0, 1.0 - busy / window))
-        opt_t = _mean([st["t"][2] - st["t"][1] for st in r["steps"]])
+        opt_t = _mean(opt_steps)
         per_op = (calls + other) / ops if ops else 0.0
         per_rank.append({"rank": r["rank"], "busy_per_step": busy / nsteps,
                          "comm_calls_per_step": calls / nsteps, "wait_per_step": waited / nsteps,

@@ -126,8 +126,9 @@ class DirectRunner:
         losses on the last stage, None elsewhere.  Messages cross stages in the dtypes of the
         build-time shape pass (under autocast, each is cast to it on sending).  Synchronous:
         returns once this stage's backwards of the step are done; asynchronous: once its
-        forwards are (backwards of earlier steps run as their errors arrive, also while the
-        next step's batch is being checked: :meth:`poll`)."""
+        forwards are -- the backwards left and the update run as soon as they can, in the next
+        call or while the next batch is being checked (:meth:`poll`), so that no rank holds
+        the others at that check."""
         s, M, link, pol = self.s, self.M, self.link, self.policy
         k = self.k + 1
         if (self.last or self.drtp) and y is None:
@@ -158,9 +159,6 @@ class DirectRunner:
         pol.available = k + 1
         while not pol.step_done(k):
             self._advance(block=True)
-        if self.asynchronous:
-            while self.poll():                # what is ready now (the last stage's backward)
-                pass
         for op in self._sends:
             link.wait(op, s, -1, "a message")
         self._sends = []
@@ -173,13 +171,12 @@ class DirectRunner:
         return self._advance(block=False)
 
     def request_update(self) -> None:
-        """The caller asked for the update of the last step (:class:`AsyncOptimizer`)."""
+        """The caller asked for the update of the last step (:class:`AsyncOptimizer`); it runs
+        when the policy allows (nothing runs here)."""
         if self.policy.requested > self.k:
             raise PipelineError("localopt.pipeline: asynchronous=True: one optimizer step() per "
                                 "pipe.step(), not more")
         self.policy.requested = self.k + 1
-        while self.poll():
-            pass
 
     def flush(self) -> None:
         """Run every pending backward and the update asked for (evaluation, checkpoints)."""
