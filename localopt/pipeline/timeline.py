@@ -243,16 +243,19 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
                 continue
             if isinstance(order[r], _PolicyOrder):
                 first = None
-                for key in order[r].candidates():
+                pol = order[r]
+                for key in pol.candidates():
                     post.setdefault(key, free[r])
                     a = arrival(key)
-                    if a is not None and (first is None or max(free[r], a) < first[0]):
-                        first = (max(free[r], a), key)
+                    if a is not None:
+                        a = max(free[r], a, pol.not_before(key))
+                        if first is None or a < first[0]:
+                            first = (a, key)
                 if first is None:
                     continue
                 t = first[0]                          # the preferred one arrived by then
-                key = next(k for k in order[r].candidates()
-                           if arrival(k) is not None and arrival(k) <= t)
+                key = next(k for k in pol.candidates() if arrival(k) is not None
+                           and max(arrival(k), pol.not_before(k)) <= t)
                 cand = (t, r, key)
             else:
                 if nxt[r] is None:
@@ -279,20 +282,42 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
         pos[r] += 1
         nxt[r] = None
         if isinstance(order[r], _PolicyOrder):
-            for k in order[r].done(key):              # the rank posts that step's receives
-                step_start.setdefault((r, k), free[r])
+            for rank, k, at in order[r].done(key, free[r]):   # a batch given: its receives
+                step_start.setdefault((rank, k), at)          # are posted then
     return records, max(free)
+
+
+class _BatchCheck:
+    """The all-gather of batch headers that begins every ``pipe.step`` on every rank
+    (:mod:`localopt.pipeline.batch`): step ``k``'s batch reaches the ranks ``latency`` after
+    the last of them has finished its call of step ``k - 1``."""
+
+    def __init__(self, nranks: int, latency: float) -> None:
+        self.n, self.latency = nranks, latency
+        self.entered: dict[int, list[float]] = {}
+        self.orders: list = []
+
+    def enter(self, k: int, at: float) -> list[tuple[int, int, float]]:
+        got = self.entered.setdefault(k, [])
+        got.append(at)
+        if len(got) < self.n:
+            return []
+        t = max(got) + self.latency
+        return [(o.r, k, t) for o in self.orders if o.give(k, t)]
 
 
 class _PolicyOrder:
     """A rank's :class:`~localopt.pipeline.policy.DirectPolicy` over ``steps`` steps, as the
-    runner drives it: the batch of step ``k+1`` is given when the call of step ``k`` returns
-    (``step_done``), its update asked for at the same moment, and the last update runs as a
-    flush."""
+    runner drives it: the call of step ``k`` returns at ``step_done(k)``, the update is asked
+    for right then, the batch of step ``k+1`` arrives when every rank has returned
+    (:class:`_BatchCheck`), and the last update runs as a flush."""
 
-    def __init__(self, policy, rank: int, steps: int) -> None:
-        self.p, self.r, self.steps = policy, rank, steps
+    def __init__(self, policy, rank: int, steps: int, check: _BatchCheck) -> None:
+        self.p, self.r, self.steps, self.check = policy, rank, steps, check
+        self.given = {0: 0.0}
+        self.returned = 0                    # calls returned
         policy.available = 1
+        check.orders.append(self)
 
     def candidates(self) -> list[tuple]:
         p = self.p
@@ -301,15 +326,26 @@ class _PolicyOrder:
             keys.append((k, self.r, "S", -1) if kind == "U" else (k, self.r, kind, m))
         return keys
 
-    def done(self, key: tuple) -> list[int]:
+    def not_before(self, key: tuple) -> float:
+        return self.given.get(key[0], 0.0) if key[2] in ("F", "D") else 0.0
+
+    def give(self, k: int, at: float) -> bool:
+        if k >= self.steps or k in self.given:
+            return False
+        self.given[k] = at
+        self.p.available = max(self.p.available, k + 1)
+        return True
+
+    def done(self, key: tuple, at: float) -> list[tuple[int, int, float]]:
         k, _, kind, m = key
         self.p.done(("U", k, -1) if kind == "S" else (kind, k, m))
         begun = []
-        while self.p.requested < self.steps and self.p.step_done(self.p.requested):
-            self.p.requested += 1
-            if self.p.available < self.steps:
-                self.p.available += 1
-                begun.append(self.p.available - 1)
+        while self.returned < self.steps and self.p.step_done(self.returned):
+            self.p.requested = max(self.p.requested, self.returned + 1)   # opt.step()
+            if not self.p.asynchronous and self.p.nu <= self.returned:
+                break                        # synchronous: the update before the next step
+            self.returned += 1
+            begun += self.check.enter(self.returned, at)
         return begun
 
 
@@ -398,6 +434,7 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
         return 0.0 if rank_of[src] == rank_of[dst] else lk.time(nbytes)
 
     zb_rows = _zb_order(S, M, zb_variant) if schedule == "zb" else None
+    check = _BatchCheck(S, 2 * link.latency if S > 1 else 0.0)
     ops: dict[tuple, _Op] = {}
     order: dict[int, Any] = {}
     for k in range(steps):
@@ -459,7 +496,8 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
                 if r not in order:
                     order[r] = _PolicyOrder(DirectPolicy(
                         r, S, M, waits_for_error=schedule == "direct" and r < S - 1,
-                        asynchronous=asynchronous, max_in_flight=max_in_flight), r, steps)
+                        asynchronous=asynchronous, max_in_flight=max_in_flight), r, steps,
+                        check)
             else:
                 order.setdefault(r, []).extend(seq + [skey])
     if schedule in BACKPROP:                          # a stage's next step starts after its
