@@ -16,7 +16,9 @@ gloo, moves only once the receiver has posted its receive -- when it is ready fo
 operation that needs it (torch's GPipe and 1F1B), or at the start of its step (localopt's
 direct schedule, torch's zero-bubble runtime) -- arriving ``latency + bytes * per_byte``
 later; the transfer costs neither side compute.  Torch's waits on earlier sends (1F1B,
-GPipe) and every stage's end-of-step wait on its sends are dependencies too.
+GPipe) and every stage's end-of-step wait on its sends are dependencies too.  On the direct
+schedules, each step's batch reaches the ranks when all of them have finished their call of
+the step before (``pipe.step`` begins with an all-gather of batch headers).
 
 * ``gpipe``: every stage runs ``F_0 .. F_{M-1}`` then ``B_0 .. B_{M-1}``
   (Huang et al. 2019, torch's ``ScheduleGPipe``).  ``B`` of stage ``s`` for micro-batch
