@@ -319,3 +319,19 @@ def test_time_to_accuracy_table():
     assert "47.0% (bp final - 3)" in table
     row = next(line for line in table.splitlines() if line.startswith("| dfa"))
     assert "10 (2k)" in row and "| 200 |" in row          # 3000 images in 15 s
+
+
+def test_gpu_costs_recipe_dry_run(tmp_path, monkeypatch):
+    """recipes.pipeline_gpu on the CPU (DRY=1): profile, balanced cuts, simulated schedules."""
+    import json
+    from localopt.recipes import pipeline_gpu
+    monkeypatch.setenv("DRY", "1")
+    out = tmp_path / "gpu.json"
+    assert pipeline_gpu.main(["--models", "resnet20", "--stages", "2,4", "--bandwidth", "10,1",
+                              "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "one GPU cannot host" in res["meta"]["note"]
+    rows = res["models"]["resnet20"]["simulated"]
+    assert {r["label"] for r in rows} == {"gpipe", "1f1b", "zb", "direct", "direct-async"}
+    assert {(r["S"], r["link"]) for r in rows} == {(2, "10"), (2, "1"), (4, "10"), (4, "1")}
+    assert all(r["images_per_s"] > 0 for r in rows)
