@@ -53,8 +53,8 @@ def write_report(d: Path, headline_k: int = 4, headline_s: int = 8,
         fig = d / f"time_to_accuracy_{key[0]}_S{key[1]}.png"
         plot_time_to_accuracy({r["label"]: r["curve"] for r in res["runs"]}, fig,
                               f"{key[0]}, S = {key[1]} processes, K = {key[2]}, batch {key[3]}, "
-                              f"{key[4]} epoch(s), seed 0; CIFAR-10, JPEG-q75 copy; "
-                              + ", ".join(names))
+                              f"{key[4]} epoch(s), seed 0, Adam; CIFAR-10, JPEG-q75 copy\n"
+                              f"{_device_of(files, names)}")
         lines += [f"Figure: `{fig.name}` (test accuracy against training wall-clock, evaluation "
                   "excluded, and against images seen).", ""]
     for f, res in files:
@@ -283,6 +283,11 @@ def _report_throughput(res: dict, m: dict) -> list[str]:
     if files:
         L += ["", "Figures: " + ", ".join(f"`{Path(v).name}`" for v in files.values()) + "."]
     return L + [""]
+
+
+def _device_of(files: list, names: list[str]) -> str:
+    devs = {r.get("meta", {}).get("device", "?") for f, r in files if f.name in names}
+    return "; ".join(sorted(devs))
 
 
 def tta_groups(files: list) -> dict[tuple, tuple[list[str], dict]]:

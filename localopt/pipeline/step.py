@@ -183,10 +183,10 @@ class PipelineStep:
             if y is not None:
                 raise TypeError("localopt.pipeline: step() got both y and target=; pass one")
             y = target
+        self._rec.reset()            # (asynchronous: backwards left run during the check)
         N = agree_batch(x, y, self.microbatches, self.group, self._device,
                         self._link.timeout.total_seconds(), self.rank,
                         while_waiting=self._runner.poll if self.asynchronous else None)
-        self._rec.reset()
         mb = self._runner.step(x, y, N)
         mb = self._to_output_rank(mb, (self.microbatches,), torch.float32, self.num_stages)
         if mb is None:
