@@ -168,8 +168,8 @@ def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> l
         L += _tta_table(res, rates) + [""]
         if rates:
             L += ["Estimated column: the images a schedule needed for the level, over its best "
-                  "images/s in " + ", ".join(sorted({f"`{v[1]}`" for v in rates.values()}))
-                  + " (the machine is shared: a busy run only slows down).", ""]
+                  "images/s (its training run or " + ", ".join(sorted({f"`{v[1]}`" for v in rates.values()}))
+                  + "; the machine is shared: a busy run only slows down).", ""]
     grouped = {n for names, _ in groups.values() for n in names}
     acc = [(f, r) for f, r in files if "simulation" not in r and "runs" in r
            and f.name not in grouped and models is None]
@@ -335,7 +335,8 @@ def _tta_table(res: dict, rates: dict | None = None) -> list[str]:
     """Time to fixed accuracy levels per schedule: 30%, 35%, ... (the four highest below the
     best accuracy reached), and the backprop schedule's final accuracy minus 3 points; with
     ``rates`` (:func:`best_rates`), also the images each needs for that last level divided by
-    the schedule's best measured throughput (wall-clock of a quiet machine, estimated)."""
+    the schedule's best measured throughput, its training run's included (wall-clock of a
+    quiet machine, estimated)."""
     runs = [r for r in res["runs"] if r.get("curve")]
     best = max(a for r in runs for _, _, a in r["curve"] if a is not None)
     levels = [x / 100 for x in range(30, 100, 5) if x / 100 <= best][-4:]
@@ -363,6 +364,8 @@ def _tta_table(res: dict, rates: dict | None = None) -> list[str]:
             cells.append(f"{hit[0]:.0f} ({hit[1] // 1000}k)" if hit else "not reached")
         if est:
             rate = rates.get(r["label"])
+            if rate is not None and ips > rate[0]:         # the training run was faster
+                rate = (ips, "training")
             hit = time_to(r["curve"], target)
             cells += [f"{rate[0]:.0f}" if rate else "",
                       f"{hit[1] / rate[0]:.0f}" if rate and hit else "not reached" if rate
