@@ -132,8 +132,16 @@ def plan_splits(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ one rank
 
+#: ``<rule>-async``: the rule on the asynchronous direct schedule (no flush between steps)
+ASYNC = "-async"
+
+
+def _base(label: str) -> str:
+    return label[:-len(ASYNC)] if label.endswith(ASYNC) else label
+
+
 def _family(label: str) -> str:
-    return "bp" if label in BACKPROP else label
+    return "bp" if label in BACKPROP else _base(label)
 
 
 def rule_options(args, model: nn.Module | None = None) -> dict:
@@ -148,7 +156,7 @@ def rule_options(args, model: nn.Module | None = None) -> dict:
 
 
 def _rule_schedule(label: str) -> tuple[str, str]:
-    return ("none", label) if label in BACKPROP else (label, "direct")
+    return ("none", label) if label in BACKPROP else (_base(label), "direct")
 
 
 def _build(args, label: str, M: int, plan: dict, model_options: dict | None = None,
@@ -169,7 +177,8 @@ def _build(args, label: str, M: int, plan: dict, model_options: dict | None = No
     split = plan["splits"]["zb" if label == "zb" else _family(label)]
     pipe = lp.build(model, split=split, schedule=sched, microbatches=M,
                     loss_fn=F.cross_entropy, example=torch.zeros(1, *IMAGE),
-                    timeout=args.timeout, seed=args.seed if meta else None)
+                    timeout=args.timeout, seed=args.seed if meta else None,
+                    asynchronous=label.endswith(ASYNC))
     return model, pipe
 
 
@@ -197,9 +206,10 @@ def _measure(args, label: str, M: int, plan: dict) -> dict[str, Any]:
         if k >= args.warmup:
             steps.append({"t": (t0, t1, t2), "events": [tuple(e) for e in pipe.events]})
     last = time.perf_counter()
+    pipe.flush()
     mine = {"rank": dist.get_rank(), "stages": list(getattr(pipe, "stages", [pipe.stage])),
             "first": first, "last": last, "steps": steps, "losses": losses,
-            **pipe.memory()}                                   # MEMORY_KEYS
+            "policy_peak_in_flight": pipe.peak_in_flight, **pipe.memory()}   # MEMORY_KEYS
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     del pipe, model, opt
@@ -243,7 +253,32 @@ def _boundary_bytes(plan: dict, label: str, mb: int) -> list[float]:
 def _sim_schedule(label: str) -> str:
     if label in BACKPROP:
         return label
-    return "drtp" if label == "drtp" else "direct"
+    return "drtp" if _base(label) == "drtp" else "direct"
+
+
+def _sim_options(label: str) -> dict:
+    return {"asynchronous": True} if label.endswith(ASYNC) else {}
+
+
+def bytes_per_step(plan: dict, label: str, M: int, batch: int, S: int) -> dict[str, Any]:
+    """Bytes one training step sends, per stage boundary (``zb``: between virtual stages; a
+    boundary inside one process sends nothing): activations forward; backprop: their
+    gradients back (the same size); direct rules but ``drtp``: the output error ``e`` of every
+    micro-batch from the last stage to each other stage (``M x batch/M x classes`` float32)."""
+    mb = batch // M
+    act = _boundary_bytes(plan, label, mb)
+    if label == "zb":
+        place = list(range(S)) + list(range(S - 1, -1, -1))
+        crosses = [place[v] != place[v + 1] for v in range(len(act))]
+    else:
+        crosses = [True] * len(act)
+    fwd = [M * a if c else 0.0 for a, c in zip(act, crosses)]
+    back = list(fwd) if label in BACKPROP else [0.0] * len(fwd)
+    e = M * mb * NUM_CLASSES * 4 if _sim_schedule(label) == "direct" else 0
+    errors = [float(e)] * (S - 1)                  # to stages 0..S-2
+    return {"activations": fwd, "activation_gradients": back, "errors_to_stage": errors,
+            "per_boundary": [f + b for f, b in zip(fwd, back)],
+            "total": sum(fwd) + sum(back) + sum(errors)}
 
 
 def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
@@ -264,7 +299,8 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
         def sim_of(cs, **over):
             if label == "zb":
                 return simulate(cs[::2][:S], "zb", M, virtual_costs=cs, **{**kw, **over})
-            return simulate(cs, _sim_schedule(label), M, **{**kw, **over})
+            return simulate(cs, _sim_schedule(label), M, **{**kw, **_sim_options(label),
+                                                             **over})
         sim = sim_of(costs)
         err = sim.images_per_s / run["images_per_s"] - 1
         # what decides it: the same costs with free messages, and with perfectly balanced stages
@@ -285,7 +321,7 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
                 deep = dict(costs=vc[:S2], schedule="zb", virtual_costs=vc)
             else:
                 deep = dict(costs=deepen(costs, S2, args.deepen),
-                            schedule=_sim_schedule(label))
+                            schedule=_sim_schedule(label), **_sim_options(label))
             sim = simulate(microbatches=M, **deep, **kw)
             free = simulate(microbatches=M, **deep, **{**kw, "link": CommCost(), "e_bytes": 0.0})
             scaled.append({"label": label, "M": M, "S": S2, "images_per_s": sim.images_per_s,
@@ -293,7 +329,42 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
                            "images_per_s_free_messages": free.images_per_s})
             if args.timeline and S2 == 8 and M == 8:         # two steps, for the figure
                 s8[label] = simulate(microbatches=M, **deep, **{**kw, "steps": 2}).events
-    return {"check": check, "scaled": scaled, "assumption": args.deepen, "_s8_events": s8}
+    return {"check": check, "scaled": scaled, "assumption": args.deepen, "_s8_events": s8,
+            "bandwidth": _bandwidth_sweep(by_key, args, link)}
+
+
+def _bandwidth_sweep(by_key: dict, args, loopback) -> dict[str, Any]:
+    """images/s of every schedule over links of ``--bandwidth`` Gbit/s (``loopback``: the
+    measured one) with ``--latency``, for ``S`` = the measured count and ``--simulate``; the
+    measured costs deepened as for ``--simulate``."""
+    from localopt.pipeline.timeline import CommCost, deepen, simulate
+    links = {}
+    for b in _csv(args.bandwidth):
+        links[b] = loopback if b == "loopback" else CommCost.of(float(b), args.latency)
+    rows = []
+    stage_counts = sorted({args.stages, *(_csv(args.simulate, int) if args.simulate else [])})
+    for (label, M), (costs, kw, _) in by_key.items():
+        for S2 in stage_counts:
+            if label == "1f1b" and M < S2:
+                continue
+            for name, lk in links.items():
+                base = {**kw, "link": lk, "e_link": None, "steps": 3}
+                if label == "zb":
+                    vc = deepen(costs, 2 * S2, args.deepen)
+                    sim = simulate(vc[:S2], "zb", M, virtual_costs=vc, **base)
+                else:
+                    sim = simulate(deepen(costs, S2, args.deepen), _sim_schedule(label), M,
+                                   **_sim_options(label), **base)
+                rows.append({"label": label, "M": M, "S": S2, "bandwidth": name,
+                             "images_per_s": sim.images_per_s})
+    out = []
+    for name in links:
+        for sp in speedups([dict(r) for r in rows if r["bandwidth"] == name]):
+            out.append({**sp, "bandwidth": name})
+    return {"latency": args.latency, "links": {k: {"latency": v.latency,
+                                                   "per_byte": v.per_byte}
+                                               for k, v in links.items()},
+            "rows": rows, "speedup": out}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -328,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--timeline", metavar="DIR", help="timeline PNGs here")
     p.add_argument("--simulate", default="", metavar="S,..", help="simulate these stage counts")
+    p.add_argument("--bandwidth", default="loopback,100,10,1",
+                   help="links of the bandwidth sweep: Gbit/s, or 'loopback' (the measured one)")
+    p.add_argument("--latency", type=float, default=5e-5,
+                   help="seconds per message on the links of --bandwidth (not loopback)")
     p.add_argument("--deepen", default="blocks", choices=("blocks", "finer"),
                    help="cost assumption for --simulate (localopt.pipeline.timeline.deepen)")
     p.add_argument("--split", default="auto", help="'auto' or comma list of split points")
@@ -341,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-timeout", type=float, default=3600.0,
                    help="seconds the whole multi-process run may take")
     p.add_argument("--epochs", type=int, default=0, help="train on CIFAR-10 this many epochs")
+    p.add_argument("--eval-every", type=int, default=0, help="--epochs: also test every this "
+                   "many steps (the time-to-accuracy curve)")
     p.add_argument("--max-steps", type=int, default=0, help="--epochs: at most this many "
                    "steps per epoch (0: all)")
     p.add_argument("--data", default="", help="CIFAR-10 location (recipes.data.find_data)")
@@ -349,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="DIR", help="write DIR/README.md from DIR/*.json")
     p.add_argument("--readme", default=None,
                    help="with --report: a page whose pipeline block gets the headline "
-                   "(default: the checkout's docs/guide/model-parallel.md when DIR is its "
-                   "results/pipeline)")
+                   "(default: the checkout's docs/guide/model-parallel.md and README.md when "
+                   "DIR is its results/pipeline)")
     return p
 
 
@@ -359,19 +436,34 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = list(os.getloadavg())          # 1, 5, 15 min (recorded in the JSON)
     if args.report:
         repo = Path(__file__).resolve().parents[1]
-        readme = args.readme or (repo / "docs" / "guide" / "model-parallel.md"
-                                 if Path(args.report).resolve() == repo / "results" / "pipeline"
-                                 else None)
+        if args.readme:
+            pages = [Path(args.readme)]
+        elif Path(args.report).resolve() == repo / "results" / "pipeline":
+            pages = [repo / "docs" / "guide" / "model-parallel.md", repo / "README.md"]
+        else:
+            pages = []
         from .pipeline_report import write_report
-        path = write_report(Path(args.report), readme=Path(readme) if readme else None)
+        path = write_report(Path(args.report), readme=pages)
         print(f"wrote {path}")
         return 0
     command = "python -m recipes.pipeline " + " ".join(sys.argv[1:] if argv is None else argv)
     labels = _csv(args.schedules)
     for lb in labels:
-        if lb not in BACKPROP and lb not in DIRECT:
+        if lb not in BACKPROP and _base(lb) not in DIRECT:
             raise SystemExit(f"error: --schedules {lb!r}: choose from "
-                             f"{', '.join(BACKPROP + DIRECT)}")
+                             f"{', '.join(BACKPROP + DIRECT)}, or a direct rule + {ASYNC!r} "
+                             "(the asynchronous direct schedule)")
+    if not args.latency > 0:
+        raise SystemExit(f"error: --latency {args.latency!r} must be a positive number of "
+                         "seconds")
+    for b in _csv(args.bandwidth):
+        try:
+            ok = b == "loopback" or float(b) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"error: --bandwidth {b!r}: give positive numbers of Gbit/s or "
+                             "'loopback'")
     if args.stages == 1:
         if not args.epochs or any(lb in BACKPROP for lb in labels):
             raise SystemExit("error: --stages 1 is the one-process reference of an --epochs "
@@ -411,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
 def _finish_training(res: dict, args, command: str) -> None:
     res["meta"] = _meta(args, command)
     res["meta"]["epochs"] = args.epochs
+    res["meta"]["eval_every"] = args.eval_every or None
+    res["meta"]["background_paused"] = bool(os.environ.get("LOCALOPT_BACKGROUND_PAUSED"))
     for run in res["runs"]:
         last = run["epochs"][-1]
         print(f"{run['label']} (S={args.stages}, K={run['M']}): test acc "
@@ -427,13 +521,16 @@ def _finish_throughput(res: dict, args, plan: dict, command: str) -> None:
     for raw in res["runs"]:
         a = analyse(raw, args.batch)
         events = a.pop("timeline_events")
-        runs.append({"label": raw["label"], "M": raw["M"], "S": args.stages, **a})
+        runs.append({"label": raw["label"], "M": raw["M"], "S": args.stages, **a,
+                     "bytes_per_step": bytes_per_step(plan, raw["label"], raw["M"],
+                                                      args.batch, args.stages)})
         panels.setdefault(raw["M"], {})[raw["label"]] = events
     out = {"meta": _meta(args, command), "link": res["link"],
            "splits": plan["splits"], "split_how": plan["how"],
            "profile": plan["profile"], "runs": runs}
     sim = simulate_all({"link": res["link"], "runs": runs}, args, plan)
     s8 = sim.pop("_s8_events")
+    out["meta"]["background_paused"] = bool(os.environ.get("LOCALOPT_BACKGROUND_PAUSED"))
     out["simulation"] = sim
     out["speedup_measured"] = speedups(runs)
     out["speedup_simulated"] = speedups(sim["scaled"])
@@ -464,6 +561,13 @@ def _finish_throughput(res: dict, args, plan: dict, command: str) -> None:
             plot_timelines(s8, f, title=f"{args.model}: simulated S=8, K=8 "
                                         f"({args.deepen} assumption)")
             files["simulated_S8_K8"] = str(f)
+        if sim["bandwidth"]["rows"]:
+            from .plots import plot_bandwidth
+            f = d / f"{stem}_bandwidth.png"
+            plot_bandwidth(sim["bandwidth"]["speedup"], f,
+                           f"{args.model}: best direct schedule over the fastest backprop one, "
+                           f"simulated from the measured costs ({args.deepen} assumption)")
+            files["bandwidth"] = str(f)
         if sim["scaled"]:
             f = d / f"{stem}_speedup.png"
             plot_speedup(runs, sim["scaled"], f, f"{args.model}: direct-feedback schedules "

@@ -44,16 +44,34 @@ def train(args, plan: dict) -> dict[str, Any]:
     return out
 
 
+def _evaluate(model, predict_fn, test, norm) -> float | None:
+    correct, tot = 0, 0
+    model.eval()
+    for i in range(0, len(test), 1000):
+        with torch.no_grad():
+            out = predict_fn(norm(test.x[i:i + 1000]))
+        if out is not None:
+            correct += int((out.argmax(1) == test.y[i:i + 1000]).sum())
+            tot += len(out)
+    model.train()
+    return correct / tot if tot else None
+
+
 def _train_loop(args, model, step_fn, predict_fn, opt, splits, norm, is_last: bool) -> dict:
     """Epochs of shuffled batches (seeded by (seed, epoch), the same on every rank), then the
-    test set in eval mode (BatchNorm running statistics) on the last stage."""
+    test set in eval mode (BatchNorm running statistics) on the last stage; with
+    ``--eval-every N`` also every ``N`` steps.  ``curve``: (training images seen, training
+    wall-clock seconds -- evaluation excluded --, test accuracy) at every evaluation."""
     train, test = splits["train"], splits["test"]
     n, bs = len(train), args.batch
-    hist: dict[str, Any] = {"epochs": []}
+    hist: dict[str, Any] = {"epochs": [], "curve": []}
+    every = getattr(args, "eval_every", 0) or 0
+    images, clock = 0, 0.0
     for epoch in range(1, args.epochs + 1):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
         perm = torch.randperm(n, generator=gen)
         model.train()
+        elapsed = 0.0
         t0 = time.perf_counter()
         loss_sum, seen, curve = 0.0, 0, []
         nsteps = n // bs if not args.max_steps else min(n // bs, args.max_steps)
@@ -63,22 +81,23 @@ def _train_loop(args, model, step_fn, predict_fn, opt, splits, norm, is_last: bo
             opt.zero_grad(set_to_none=True)
             loss = step_fn(x, y)
             opt.step()
+            images += len(idx)
             if loss is not None:
                 loss_sum += float(loss) * len(y)
                 seen += len(y)
                 if k % 50 == 0:
                     curve.append([k, float(loss)])
-        elapsed = time.perf_counter() - t0
-        correct, tot = 0, 0
-        model.eval()
-        for i in range(0, len(test), 1000):
-            with torch.no_grad():
-                out = predict_fn(norm(test.x[i:i + 1000]))
-            if out is not None:
-                correct += int((out.argmax(1) == test.y[i:i + 1000]).sum())
-                tot += len(out)
+            if every and (k + 1) % every == 0 and k + 1 < nsteps:
+                elapsed += time.perf_counter() - t0
+                acc = _evaluate(model, predict_fn, test, norm)
+                hist["curve"].append([images, clock + elapsed, acc])
+                t0 = time.perf_counter()
+        elapsed += time.perf_counter() - t0
+        clock += elapsed
+        acc = _evaluate(model, predict_fn, test, norm)
+        hist["curve"].append([images, clock, acc])
         rec = {"epoch": epoch, "train_loss": loss_sum / seen if seen else None,
-               "test_acc": correct / tot if tot else None, "time_s": elapsed,
+               "test_acc": acc, "time_s": elapsed,
                "images_per_s": nsteps * bs / elapsed, "loss_curve": curve}
         hist["epochs"].append(rec)
         if is_last:

@@ -56,9 +56,10 @@ def save_figure(fig, path: Path | str, dpi: int, rect: tuple | None = None) -> P
 
 #: pipeline timelines (localopt.pipeline.Event lists): a colour and a legend label per kind
 COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "backward_weight": "#F2C09B",
-          "send": "#8C8C8C", "recv": "#B5B5B5", "step": "#55A868"}
+          "send": "#8C8C8C", "recv": "#B5B5B5", "step": "#55A868", "update": "#2E7D32"}
 LABELS = {"forward": "forward", "backward": "backward", "backward_weight": "weight gradient",
-          "send": "send", "recv": "recv", "step": "optimizer step", "wait": "waiting (idle)"}
+          "send": "send", "recv": "recv", "step": "optimizer step", "wait": "waiting (idle)",
+          "update": "update (asynchronous, inside the step)"}
 
 
 def _draw(ax, events: Sequence, t0: float, title: str | None, rows: int) -> float:
@@ -148,4 +149,52 @@ def plot_speedup(measured: list[dict], scaled: list[dict], path: Path | str, tit
     ax.set_ylabel("images/s over the fastest backprop schedule")
     ax.set_title(title + "\n(stars: measured)", fontsize=9)
     ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_bandwidth(speedups: list[dict], path: Path | str, title: str) -> Path:
+    """Simulated speed-up of the best direct schedule over the fastest backprop one against
+    the link bandwidth, one line per stage count (at the largest K)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    K = max(r["M"] for r in speedups)
+    names = list(dict.fromkeys(r["bandwidth"] for r in speedups))
+    xs = {n: i for i, n in enumerate(names)}
+    for S in sorted({r["S"] for r in speedups}):
+        pts = []
+        for n in names:
+            rows = [r for r in speedups if r["S"] == S and r["M"] == K and r["bandwidth"] == n]
+            if rows:
+                best = max(rows, key=lambda r: r["speedup"])
+                pts.append((xs[n], best["speedup"], best["label"]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"S={S}")
+            for x, y, lb in pts:
+                ax.annotate(lb, (x, y), fontsize=6, textcoords="offset points", xytext=(2, 3))
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([n if n == "loopback" else f"{n} Gbit/s" for n in names])
+    ax.set_xlabel("link between stages")
+    ax.set_ylabel(f"images/s over the fastest backprop schedule (K={K})")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_time_to_accuracy(curves: dict[str, list[tuple]], path: Path | str, title: str
+                          ) -> Path:
+    """Test accuracy against training wall-clock time and against images seen, one line per
+    schedule (``curves[label] = [(images seen, seconds, accuracy), ...]``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for label, pts in curves.items():
+        axes[0].plot([p[1] for p in pts], [100 * p[2] for p in pts], marker="o", ms=3,
+                     label=label)
+        axes[1].plot([p[0] / 1e3 for p in pts], [100 * p[2] for p in pts], marker="o", ms=3,
+                     label=label)
+    axes[0].set_xlabel("training wall-clock (s, evaluation excluded)")
+    axes[1].set_xlabel("training images seen (thousands)")
+    axes[0].set_ylabel("test accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path, dpi=110)

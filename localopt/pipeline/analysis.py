@@ -32,7 +32,7 @@ from .split import sequence
 from .timeline import StageCost
 
 __all__ = ["units", "candidate", "profile_units", "best_split", "measure_link", "MEMORY_KEYS",
-           "analyse", "stage_costs", "speedups"]
+           "analyse", "stage_costs", "speedups", "peak_in_flight"]
 
 
 def _ping(nbytes: int, reps: int, timeout: float) -> float:
@@ -90,13 +90,21 @@ def candidate(m: nn.Module) -> bool:
 
 def profile_units(model: nn.Module, x: Tensor, y: Tensor,
                   loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                  steps: int = 8, warmup: int = 3) -> dict[str, Any]:
+                  steps: int = 8, warmup: int = 3,
+                  sync: Callable[[], None] | None = None) -> dict[str, Any]:
     """One process, plain autograd: per unit of ``model``'s sequence (:func:`units`; run on its
     own, on a detached input as a pipeline stage would), the median time of its forward, of its
     full backward, of its input gradient alone and of its weight gradients alone, on the batch
     ``x`` (targets ``y``); and the bytes of its input per sample.  The last unit includes the
     loss.  A direct-feedback rule's backward of a unit is about its weight-gradient part (the
-    input gradient becomes a projection of ``e``, cheap for 10 classes)."""
+    input gradient becomes a projection of ``e``, cheap for 10 classes).  ``sync``: called
+    before every clock read (``torch.cuda.synchronize`` on a GPU, whose calls return before
+    the work is done)."""
+
+    def now() -> float:
+        if sync is not None:
+            sync()
+        return time.perf_counter()
     seq = units(model)
     h = x
     n = len(seq)
@@ -121,24 +129,24 @@ def profile_units(model: nn.Module, x: Tensor, y: Tensor,
         with torch.no_grad():
             gout = None if last else torch.randn_like(m(inp))
         for it in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0 = now()
             out = fwd()
-            t1 = time.perf_counter()
+            t1 = now()
             if out.requires_grad:                     # not: a parameter-free first unit
                 torch.autograd.backward(out, gout)
-            t2 = time.perf_counter()
+            t2 = now()
             m.zero_grad(set_to_none=True)
             ti = tw = 0.0
             if below:
                 out = fwd()
-                t3 = time.perf_counter()
+                t3 = now()
                 torch.autograd.grad(out, [inp], gout)
-                ti = time.perf_counter() - t3
+                ti = now() - t3
             if params:
                 out = fwd()
-                t3 = time.perf_counter()
+                t3 = now()
                 torch.autograd.grad(out, params, gout)
-                tw = time.perf_counter() - t3
+                tw = now() - t3
             if it >= warmup:
                 for key, v in zip(keys, (t1 - t0, t2 - t1, ti, tw)):
                     t[key][k].append(v)
@@ -175,6 +183,21 @@ def best_split(cost: list[float], candidate: list[bool], parts: int,
 MEMORY_KEYS = ("parameter_bytes", "rule_state_bytes", "state_bytes", "model_parameter_bytes")
 
 
+def _optimizer_time(st: dict) -> float:
+    """One step's optimizer time on a rank: the ``opt.step()`` call (``st["t"][1:]``) less the
+    backwards the asynchronous schedule runs inside it, plus the updates it applies inside
+    ``pipe.step`` (``update`` events)."""
+    t1, t2 = st["t"][1], st["t"][2]
+    inside = out = 0.0
+    for s, kind, mb, start, end in st["events"]:
+        within = t1 <= start and end <= t2
+        if kind == "update" and not within:
+            out += end - start
+        elif kind not in ("wait", "update") and within:
+            inside += end - start
+    return max(t2 - t1 - inside, 0.0) + out
+
+
 def analyse(run: dict, batch: int) -> dict[str, Any]:
     """Throughput, idle fractions and per-stage costs of one gathered run: ``run["ranks"]``, one
     dict per rank with its ``rank``, ``stages``, the ``first``/``last`` times of its timed
@@ -194,11 +217,13 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
         busy = calls = waited = 0.0
         ops = 0
         per_stage: dict[int, dict[str, list]] = {}
+        opt_steps = []
         for st in r["steps"]:
-            busy += st["t"][2] - st["t"][1]                   # optimizer step
+            opt_steps.append(_optimizer_time(st))
+            busy += opt_steps[-1]
             for s, kind, mb, start, end in st["events"]:
-                d = per_stage.setdefault(s, {"forward": [], "backward": [],
-                                             "backward_weight": []})
+                if kind == "update":          # counted in the optimizer time
+                    continue
                 if kind != "wait":
                     busy += end - start
                 if kind in ("send", "recv"):
@@ -206,12 +231,14 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
                 elif kind == "wait":
                     waited += end - start
                 else:                         # forward, backward, backward_weight: one op
+                    d = per_stage.setdefault(s, {"forward": [], "backward": [],
+                                                 "backward_weight": []})
                     d[kind].append(end - start)
                     ops += 1
         own = r["last"] - r["first"]
         other = max(0.0, own - busy - waited)
         idle.append(max(0.0, 1.0 - busy / window))
-        opt_t = _mean([st["t"][2] - st["t"][1] for st in r["steps"]])
+        opt_t = _mean(opt_steps)
         per_op = (calls + other) / ops if ops else 0.0
         per_rank.append({"rank": r["rank"], "busy_per_step": busy / nsteps,
                          "comm_calls_per_step": calls / nsteps, "wait_per_step": waited / nsteps,
@@ -239,10 +266,37 @@ def analyse(run: dict, batch: int) -> dict[str, Any]:
                     events.append(Event(rank_of.get(s, r["rank"]), kind, mb, max(start, lo),
                                         min(end, hi)))
     losses = [x for r in ranks for x in r["losses"]]
-    return {"images_per_s": ips, "step_time_s": window / nsteps, "idle_fraction": idle,
+    held = {s: v for r in ranks for s, v in peak_in_flight(
+        [e for st in r["steps"] for e in st["events"]]).items()}
+    return {"peak_in_flight": [held.get(s) for s in sorted(costs)], "images_per_s": ips,
+            "step_time_s": window / nsteps, "idle_fraction": idle,
             "stage_costs": [costs[s] for s in sorted(costs)], "per_process": per_rank,
             "loss_first_last": [losses[0], losses[-1]] if losses else None,
             "timeline_events": events, "stage_of_rank": rank_of}
+
+
+def peak_in_flight(events: list) -> dict[int, int]:
+    """Per stage: the most micro-batches forwarded and not yet released -- their activations
+    held -- over a run's events (in time order; a micro-batch is released by its
+    ``backward``, or, where the stage defers weight gradients (zero bubble), by its
+    ``backward_weight``).  Counts begin at the first event: micro-batches held from before
+    (an asynchronous schedule's previous step) are added back from the lowest count seen."""
+    by_stage: dict[int, list] = {}
+    for e in events:
+        by_stage.setdefault(e[0], []).append(e)
+    out = {}
+    for s, evs in by_stage.items():
+        release = "backward_weight" if any(e[1] == "backward_weight" for e in evs) else \
+            "backward"
+        held = low = peak = 0
+        for e in sorted(evs, key=lambda e: e[4]):
+            if e[1] == "forward":
+                held += 1
+            elif e[1] == release:
+                held -= 1
+            low, peak = min(low, held), max(peak, held)
+        out[s] = peak - low
+    return out
 
 
 def stage_costs(measured: dict, label: str, act_bytes: list[float]):

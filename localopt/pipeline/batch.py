@@ -50,10 +50,12 @@ def _same(a: float, b: float) -> bool:
 
 
 def agree_batch(x: Tensor | None, y: Tensor | None, microbatches: int, group,
-                device: torch.device, timeout: float, rank: int) -> int:
+                device: torch.device, timeout: float, rank: int, while_waiting=None) -> int:
     """Gather every rank's batch header, check it, and return the batch size ``N`` (rank 0's
     ``x``: stage 0 is always on rank 0).  Raises :class:`PipelineError` on every rank at once
-    when the ranks disagree (see the module docstring)."""
+    when the ranks disagree (see the module docstring).  ``while_waiting()``, if given, is
+    called while the gather is in flight (work left from an earlier step; it returns whether
+    it did any)."""
     own = torch.zeros(7, dtype=torch.float64, device=device)
     if x is not None:
         own[0], own[1], own[2] = 1, x.shape[0], checksum(x.to(device))
@@ -67,6 +69,11 @@ def agree_batch(x: Tensor | None, y: Tensor | None, microbatches: int, group,
     t0 = time.monotonic()
     try:
         work = dist.all_gather(got, own, group=group, async_op=True)
+        if while_waiting is not None:
+            deadline = t0 + timeout
+            while not work.is_completed() and time.monotonic() < deadline:
+                if not while_waiting():
+                    time.sleep(2e-5)
         ok = work.wait(timedelta(seconds=timeout))
     except Exception as exc:  # noqa: BLE001 -- gloo/nccl raise RuntimeError subclasses
         raise PipelineError(f"localopt.pipeline: rank {rank} could not gather the batch headers "

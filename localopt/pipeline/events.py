@@ -10,8 +10,9 @@ __all__ = ["Event", "KINDS"]
 #: ``forward``/``backward``: a stage's computation for one micro-batch (``backward_weight``: the
 #: weight gradients a zero-bubble schedule defers after the input gradient of ``backward``);
 #: ``send``/``recv``: time inside the (non-blocking) communication calls; ``wait``: blocked
-#: waiting for a message.
-KINDS = ("forward", "backward", "backward_weight", "send", "recv", "wait")
+#: waiting for a message; ``update``: an optimizer update the asynchronous direct schedule
+#: applies inside a step.
+KINDS = ("forward", "backward", "backward_weight", "send", "recv", "wait", "update")
 
 
 class Event(NamedTuple):

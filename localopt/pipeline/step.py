@@ -14,7 +14,8 @@ from ..mechanism import Site
 from ..rules.direct import DirectRule
 from .backprop import BACKPROP_SCHEDULES, TorchRunner, stages_of_rank
 from .comm import Link, PipelineError, init_group
-from .direct import DIRECT_RULES, DirectRunner
+from .direct import DIRECT_RULES, AsyncOptimizer, DirectRunner
+from .policy import check_bound
 from . import checkpoint
 from .batch import agree_batch
 from .events import Event, Recorder
@@ -76,13 +77,16 @@ class PipelineStep:
     """
 
     def __init__(self, model, stages, indices, num_stages, schedule, microbatches, runner,
-                 link, recorder, group, rule, shapes, device, next_site, split, meta) -> None:
+                 link, recorder, group, rule, shapes, device, next_site, split, meta,
+                 asynchronous: bool = False) -> None:
         self.model = model
         self.stages = tuple(indices)
         self.stage = self.stages[0]
         self.num_stages = num_stages
         self.schedule = schedule
         self.microbatches = microbatches
+        #: the direct schedule without a flush between steps (:mod:`localopt.pipeline.direct`)
+        self.asynchronous = asynchronous
         self.split = list(split)
         self.module: nn.Module = stages[0] if len(stages) == 1 else nn.ModuleList(stages)
         self._stage_modules = stages
@@ -148,8 +152,25 @@ class PipelineStep:
                 opt = LocalOptimizer(self.model, optimizer, params=params, **kwargs)
         else:
             opt = optimizer(params, **kwargs)
+        if self.asynchronous:
+            opt = AsyncOptimizer(opt, self._runner)
         self._optimizer = (optimizer, dict(kwargs), opt)
         return opt
+
+    def flush(self) -> None:
+        """Asynchronous schedule: run this rank's pending backwards and apply the update asked
+        for, so that the weights are those of every step given (done by :meth:`predict` and
+        the checkpoint methods; the next step's first forwards then use them too).  Local:
+        needs no other rank to call it.  Nothing to do on the synchronous schedules."""
+        if self.asynchronous:
+            self._runner.flush()
+
+    @property
+    def peak_in_flight(self) -> int | None:
+        """Direct schedule: the most micro-batches this rank has held between their forward
+        and backward so far (their activations); None on torch's schedules."""
+        pol = getattr(self._runner, "policy", None)
+        return None if pol is None else pol.peak_in_flight
 
     def step(self, x: Tensor | None = None, y: Tensor | None = None, *,
              target: Tensor | None = None, losses: list | None = None) -> Tensor | None:
@@ -163,9 +184,10 @@ class PipelineStep:
             if y is not None:
                 raise TypeError("localopt.pipeline: step() got both y and target=; pass one")
             y = target
+        self._rec.reset()            # (asynchronous: backwards left run during the check)
         N = agree_batch(x, y, self.microbatches, self.group, self._device,
-                        self._link.timeout.total_seconds(), self.rank)
-        self._rec.reset()
+                        self._link.timeout.total_seconds(), self.rank,
+                        while_waiting=self._runner.poll if self.asynchronous else None)
         mb = self._runner.step(x, y, N)
         mb = self._to_output_rank(mb, (self.microbatches,), torch.float32, self.num_stages)
         if mb is None:
@@ -194,6 +216,7 @@ class PipelineStep:
     def predict(self, x: Tensor | None) -> Tensor | None:
         """The model output for ``x`` (no gradients, the whole batch at once): a tensor on
         :attr:`output_rank`, ``None`` elsewhere.  ``x`` is read on the first stage."""
+        self.flush()
         link, S, owner = self._link, self.num_stages, self._owner
         mine = dict(zip(self.stages, self._stage_modules))
         h, n = None, None
@@ -238,17 +261,20 @@ class PipelineStep:
     def state_dict(self) -> dict[str, Any]:
         """This rank's part of the run (its stage in the plain model's keys, the optimizer's
         state, the set-up): save one per rank; :mod:`localopt.pipeline.checkpoint`."""
+        self.flush()
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from this rank's :meth:`state_dict` (same set-up) or load this rank's part of
         a plain whole-model state dict (any split); anything else is refused, naming why, before
         anything is loaded.  :mod:`localopt.pipeline.checkpoint`."""
+        self.flush()
         checkpoint.load_state_dict(self, state)
 
     def gather_state_dict(self, dst: int = 0) -> dict[str, Tensor] | None:
         """The whole model's plain ``state_dict`` on rank ``dst`` (None elsewhere), loadable by
         the unsplit model; call on every rank."""
+        self.flush()
         return checkpoint.gather_state_dict(self, dst)
 
     def memory(self) -> dict[str, int]:
@@ -321,7 +347,8 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
           loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
           example: Tensor | None = None, group=None, timeout: float = 60.0,
           record: bool = True, seed: int | None = None, device=None,
-          init: Callable[[str, nn.Module], None] | None = None) -> PipelineStep:
+          init: Callable[[str, nn.Module], None] | None = None, asynchronous: bool = False,
+          max_in_flight: int | None = None) -> PipelineStep:
     """Cut ``model`` into stages and return this process's :class:`PipelineStep`.
 
     Call on every rank with the same arguments.  Two ways to give the model:
@@ -363,6 +390,14 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
             naming the peer (a dead or stuck rank never hangs the others).
         record: record :attr:`PipelineStep.events` (two ``perf_counter`` calls per event).
         seed, device, init: the materialisation of a meta-device model (see above).
+        asynchronous: ``schedule="direct"`` only: no flush between steps -- a stage runs the
+            first forwards of the next step before its update (one step stale) and applies the
+            update when its own backwards are done (:mod:`localopt.pipeline.policy`); the
+            optimizer's ``step()`` is deferred to that point, ``pipe.flush()`` applies what is
+            pending.
+        max_in_flight: ``schedule="direct"`` only: the micro-batches a stage may hold between
+            forward and backward (int >= 1; default 1F1B's ``S - s``, 1 on the last stage and
+            with ``drtp``).
     """
     if callable(model) and not isinstance(model, nn.Module):
         with torch.device("meta"):
@@ -384,7 +419,23 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
     if meta and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError("localopt.pipeline: this model is on the meta device: pass seed=<int> "
                          "(each rank draws its stage's values by module name from it)")
+    if asynchronous not in (False, True):
+        raise ValueError(f"localopt.pipeline: asynchronous={asynchronous!r} must be True or False")
+    if asynchronous:
+        r0 = _rule_of(model)
+        if schedule != "direct" or not (isinstance(r0, DirectRule) and r0.name in DIRECT_RULES):
+            name = "none (plain autograd)" if r0 is None else repr(r0.name)
+            raise ValueError(
+                f"localopt.pipeline: asynchronous=True runs the direct schedule only (a stage "
+                f"updates when its own backwards are done, which needs only the output error); "
+                f"schedule={schedule!r} with rule {name} needs the next stage's gradient in every "
+                f"backward: use schedule='direct' with one of {list(DIRECT_RULES)}, or "
+                "asynchronous=False")
     check_rule(model, schedule)
+    check_bound(max_in_flight)
+    if max_in_flight is not None and schedule != "direct":
+        raise ValueError(f"localopt.pipeline: max_in_flight={max_in_flight} bounds the direct "
+                         f"schedule; torch's {schedule!r} fixes its own (leave it None)")
     stages = split_stages(model, split)
     S = len(stages)
     rule = _rule_of(model)
@@ -420,12 +471,14 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
                          f"{want - 1} split point(s) or run {S // 2 if schedule == 'zb' else S} "
                          "processes")
     config = (schedule, microbatches, list(split), None if rule is None else rule.name,
-              "meta" if meta else "materialised", seed if meta else None)
+              "meta" if meta else "materialised", seed if meta else None, asynchronous,
+              max_in_flight)
     configs: list = [None] * world
     dist.all_gather_object(configs, config, group=group)
     for r, c in enumerate(configs):
         if c != config:
-            fields = ("schedule", "microbatches", "split", "rule", "model", "seed")
+            fields = ("schedule", "microbatches", "split", "rule", "model", "seed",
+                      "asynchronous", "max_in_flight")
             diff = [f"{f}: rank {rank} {a!r}, rank {r} {b!r}" for f, a, b in zip(fields, config, c)
                     if a != b]
             raise ValueError(f"localopt.pipeline: ranks disagree on the set-up ({'; '.join(diff)})"
@@ -454,12 +507,12 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
         in_shape, in_dtype = shapes[s - 1] if s > 0 else (tuple(example.shape[1:]), example.dtype)
         runner = DirectRunner(stages[s], s, S, rule, next_site, microbatches, loss_fn, link,
                               recorder, in_shape, in_dtype, out_shape, out_dtype, shapes[s][1],
-                              device)
+                              device, asynchronous, max_in_flight)
     else:
         runner = TorchRunner(mine, indices, S, schedule, microbatches, loss_fn, group, device,
                              recorder)
     return PipelineStep(model, mine, indices, S, schedule, microbatches, runner, link, recorder,
-                        group, rule, shapes, device, next_site, split, meta)
+                        group, rule, shapes, device, next_site, split, meta, asynchronous)
 
 
 def _meta_plan(model, stages, example, direct, sites, init) -> dict[str, Any]:

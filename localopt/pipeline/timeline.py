@@ -16,7 +16,9 @@ gloo, moves only once the receiver has posted its receive -- when it is ready fo
 operation that needs it (torch's GPipe and 1F1B), or at the start of its step (localopt's
 direct schedule, torch's zero-bubble runtime) -- arriving ``latency + bytes * per_byte``
 later; the transfer costs neither side compute.  Torch's waits on earlier sends (1F1B,
-GPipe) and every stage's end-of-step wait on its sends are dependencies too.
+GPipe) and every stage's end-of-step wait on its sends are dependencies too.  On the direct
+schedules, each step's batch reaches the ranks when all of them have finished their call of
+the step before (``pipe.step`` begins with an all-gather of batch headers).
 
 * ``gpipe``: every stage runs ``F_0 .. F_{M-1}`` then ``B_0 .. B_{M-1}``
   (Huang et al. 2019, torch's ``ScheduleGPipe``).  ``B`` of stage ``s`` for micro-batch
@@ -31,11 +33,11 @@ GPipe) and every stage's end-of-step wait on its sends are dependencies too.
 * ``direct`` (``dfa``, ``bdfa``, ``dkp``, module-wise ``dfa``): the backward ``D`` of stage
   ``s`` for micro-batch ``i`` needs only its own forward ``F_i`` and the output error
   ``e_i``, which the last stage sends to every stage right after its forward (and loss);
-  no gradient crosses a stage boundary.  As :mod:`localopt.pipeline.direct` runs it: the
-  last stage runs ``F_i, D_i`` in turn; a stage below waits for its input and runs ``F_i``,
-  then every pending backward whose ``e`` has arrived (oldest first), and after its last
-  forward the remaining backwards in order.
-* ``drtp``: ``D`` needs only the target: every stage runs ``F_0, D_0, F_1, D_1, ...``.
+  no gradient crosses a stage boundary.  Each stage's order is that of
+  :class:`~localopt.pipeline.policy.DirectPolicy`, the object the runner uses (a ready
+  forward first, else the oldest ready backward; at most ``max_in_flight`` micro-batches in
+  flight); ``asynchronous=True``: no flush between steps (the policy's docstring).
+* ``drtp``: ``D`` needs only the target (one micro-batch in flight: ``F_0, D_0, F_1, ...``).
 
 Costs are per stage (:class:`StageCost`): forward and backward time per micro-batch (the
 backward of a backprop schedule; its input- and weight-gradient parts for ``zb``; the
@@ -48,10 +50,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from .policy import DirectPolicy, check_bound
+
 __all__ = ["StageCost", "CommCost", "SimResult", "simulate", "deepen", "idle_fractions",
            "plot_timeline", "plot_timelines", "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b", "zb", "direct", "drtp")
+BACKPROP = ("gpipe", "1f1b", "zb")
 
 
 # --------------------------------------------------------------------------- cost model
@@ -100,9 +105,27 @@ class StageCost:
 @dataclass(frozen=True)
 class CommCost:
     """A message of ``n`` bytes arrives ``latency + n * per_byte`` seconds after both its send
-    and its receive are posted (gloo's rendezvous)."""
+    and its receive are posted (gloo's rendezvous).  ``CommCost()`` is a free link;
+    :meth:`of` builds one from a bandwidth and a latency."""
     latency: float = 0.0
     per_byte: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("latency", "per_byte"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or \
+                    v == float("inf"):
+                raise ValueError(f"CommCost: {name}={v!r} must be a finite number >= 0")
+
+    @classmethod
+    def of(cls, bandwidth_gbit: float, latency: float) -> "CommCost":
+        """A link of ``bandwidth_gbit`` Gbit/s (1e9 bits per second) and ``latency`` seconds,
+        both positive numbers."""
+        for name, v in (("bandwidth_gbit", bandwidth_gbit), ("latency", latency)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"CommCost.of: {name}={v!r} must be a positive number "
+                                 "(bandwidth in Gbit/s, latency in seconds)")
+        return cls(latency=float(latency), per_byte=8.0 / (bandwidth_gbit * 1e9))
 
     def time(self, nbytes: float) -> float:
         return self.latency + self.per_byte * nbytes
@@ -138,10 +161,12 @@ class _Op:
 
 def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
          ) -> tuple[list[tuple], float]:
-    """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a policy
-    ``policy(t, arrived) -> key`` that names rank ``r``'s next op when it becomes free at time
-    ``t`` (``arrived(key)``: whether that op's inputs are there by ``t``).  Decisions are taken
-    in time order, so a policy sees exactly the messages that have arrived by then.
+    """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a
+    :class:`_PolicyOrder` whose ``candidates()`` name the ops rank ``r``'s state allows,
+    preferred first, and whose ``done(key)`` records one (returning the steps whose receives
+    it posts then).  A policy rank runs, as soon as it is free, the first candidate whose
+    inputs have arrived, or waits for the first to arrive; decisions are taken in time order,
+    so it sees exactly the messages that have arrived by then.
 
     Messages meet as in gloo: a transfer starts when the sender has sent *and* the receiver
     has posted its receive (``recv="late"``: when the receiving rank is ready for the op that
@@ -163,6 +188,9 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
             if ops[d].rank != op.rank:
                 consumers[d].append(k)
     records: list[tuple] = []
+    for r in range(nranks):
+        if isinstance(order[r], _PolicyOrder):
+            step_start[(r, 0)] = 0.0
 
     def delivered(src: tuple, dst: tuple) -> float | None:
         """When the message of ``src`` for ``dst`` arrives (None: not known yet)."""
@@ -211,38 +239,42 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
         step_start.setdefault((r, key[0]), free[r])
 
     while any(todo.values()):
-        best = None                                  # (time, rank, is_decision)
+        best = None                                  # (time, rank, key)
         for r in range(nranks):
             if not todo[r]:
                 continue
-            if nxt[r] is None and not callable(order[r]):
-                nxt[r] = order[r][pos[r]]
-                ready_for(r, nxt[r])
-            if nxt[r] is None:                       # a policy decides when the rank is free
-                cand = (free[r], r, True)
+            if isinstance(order[r], _PolicyOrder):
+                first = None
+                pol = order[r]
+                for key in pol.candidates():
+                    post.setdefault(key, free[r])
+                    a = arrival(key)
+                    if a is not None:
+                        a = max(free[r], a, pol.not_before(key))
+                        if first is None or a < first[0]:
+                            first = (a, key)
+                if first is None:
+                    continue
+                t = first[0]                          # the preferred one arrived by then
+                key = next(k for k in pol.candidates() if arrival(k) is not None
+                           and max(arrival(k), pol.not_before(k)) <= t)
+                cand = (t, r, key)
             else:
+                if nxt[r] is None:
+                    nxt[r] = order[r][pos[r]]
+                    ready_for(r, nxt[r])
                 a = arrival(nxt[r])
                 if a is None:
                     continue
-                cand = (max(free[r], a), r, False)
-            if best is None or cand < best:
+                cand = (max(free[r], a), r, nxt[r])
+            if best is None or cand[:2] < best[:2]:
                 best = cand
         if best is None:
-            stuck = {r: nxt[r] for r in range(nranks) if todo[r]}
+            stuck = {r: order[r].candidates() if isinstance(order[r], _PolicyOrder) else nxt[r]
+                     for r in range(nranks) if todo[r]}
             raise RuntimeError(f"pipeline simulation deadlocked; waiting ops: {stuck}")
-        t, r, decide = best
-        if decide:
-            def arrived(k: tuple, t: float = t, r: int = r) -> bool:
-                if k in end:
-                    return True
-                post.setdefault(k, t)                 # (early receives: posted already)
-                step_start.setdefault((r, k[0]), t)
-                a = arrival(k)
-                return a is not None and a <= t
-            nxt[r] = order[r](t, arrived)
-            ready_for(r, nxt[r])
-            continue
-        key, op = nxt[r], ops[nxt[r]]
+        t, r, key = best
+        op = ops[key]
         if t > free[r]:
             records.append((r, "wait", key[-1], free[r], t))
         end[key] = t + op.duration
@@ -251,42 +283,72 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
         todo[r] -= 1
         pos[r] += 1
         nxt[r] = None
+        if isinstance(order[r], _PolicyOrder):
+            for rank, k, at in order[r].done(key, free[r]):   # a batch given: its receives
+                step_start.setdefault((rank, k), at)          # are posted then
     return records, max(free)
 
 
-class _DirectPolicy:
-    """localopt's direct schedule on a stage below the last (:mod:`localopt.pipeline.direct`):
-    micro-batch by micro-batch, wait for the input and run the forward; after each forward
-    (and each backward), run the oldest pending backward if its ``e`` has arrived; once every
-    forward is done, the pending backwards in order; then the optimizer step."""
+class _BatchCheck:
+    """The all-gather of batch headers that begins every ``pipe.step`` on every rank
+    (:mod:`localopt.pipeline.batch`): step ``k``'s batch reaches the ranks ``latency`` after
+    the last of them has finished its call of step ``k - 1``."""
 
-    def __init__(self, step: int, stage: int, M: int, skey: tuple) -> None:
-        self.k, self.s, self.M, self.skey = step, stage, M, skey
-        self.f, self.b = 0, 0
+    def __init__(self, nranks: int, latency: float) -> None:
+        self.n, self.latency = nranks, latency
+        self.entered: dict[int, list[float]] = {}
+        self.orders: list = []
 
-    def __call__(self, t: float, arrived) -> tuple:
-        k, s = self.k, self.s
-        if self.b == self.M:
-            return self.skey
-        pending = self.b < self.f
-        if pending and (self.f == self.M or arrived((k, s, "D", self.b))):
-            self.b += 1
-            return (k, s, "D", self.b - 1)
-        self.f += 1
-        return (k, s, "F", self.f - 1)
+    def enter(self, k: int, at: float) -> list[tuple[int, int, float]]:
+        got = self.entered.setdefault(k, [])
+        got.append(at)
+        if len(got) < self.n:
+            return []
+        t = max(got) + self.latency
+        return [(o.r, k, t) for o in self.orders if o.give(k, t)]
 
 
-class _Chain:
-    """Policies of consecutive steps on one rank, one after the other."""
+class _PolicyOrder:
+    """A rank's :class:`~localopt.pipeline.policy.DirectPolicy` over ``steps`` steps, as the
+    runner drives it: the call of step ``k`` returns at ``step_done(k)``, the update is asked
+    for right then, the batch of step ``k+1`` arrives when every rank has returned
+    (:class:`_BatchCheck`), and the last update runs as a flush."""
 
-    def __init__(self, policies: list) -> None:
-        self.policies, self.i, self.left = policies, 0, [p.M * 2 + 1 for p in policies]
+    def __init__(self, policy, rank: int, steps: int, check: _BatchCheck) -> None:
+        self.p, self.r, self.steps, self.check = policy, rank, steps, check
+        self.given = {0: 0.0}
+        self.returned = 0                    # calls returned
+        policy.available = 1
+        check.orders.append(self)
 
-    def __call__(self, t: float, arrived) -> tuple:
-        while self.left[self.i] == 0:
-            self.i += 1
-        self.left[self.i] -= 1
-        return self.policies[self.i](t, arrived)
+    def candidates(self) -> list[tuple]:
+        p = self.p
+        keys = []
+        for kind, k, m in p.candidates(flush=p.nu == self.steps - 1):
+            keys.append((k, self.r, "S", -1) if kind == "U" else (k, self.r, kind, m))
+        return keys
+
+    def not_before(self, key: tuple) -> float:
+        return self.given.get(key[0], 0.0) if key[2] in ("F", "D") else 0.0
+
+    def give(self, k: int, at: float) -> bool:
+        if k >= self.steps or k in self.given:
+            return False
+        self.given[k] = at
+        self.p.available = max(self.p.available, k + 1)
+        return True
+
+    def done(self, key: tuple, at: float) -> list[tuple[int, int, float]]:
+        k, _, kind, m = key
+        self.p.done(("U", k, -1) if kind == "S" else (kind, k, m))
+        begun = []
+        while self.returned < self.steps and self.p.step_done(self.returned):
+            self.p.requested = max(self.p.requested, self.returned + 1)   # opt.step()
+            if not self.p.asynchronous and self.p.nu <= self.returned:
+                break                        # synchronous: the update before the next step
+            self.returned += 1
+            begun += self.check.enter(self.returned, at)
+        return begun
 
 
 def _zb_order(S: int, M: int, variant: str) -> list[list[tuple]]:
@@ -313,7 +375,8 @@ def _zb_order(S: int, M: int, variant: str) -> list[list[tuple]]:
 def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
              link: CommCost = CommCost(), e_link: CommCost | None = None, e_bytes: float = 0.0,
              batch: float | None = None, steps: int = 1, zb_variant: str = "zbv",
-             virtual_costs: Sequence[StageCost] | None = None) -> SimResult:
+             virtual_costs: Sequence[StageCost] | None = None, asynchronous: bool = False,
+             max_in_flight: int | None = None) -> SimResult:
     """Simulate ``steps`` training steps of ``schedule`` on ``len(costs)`` stages (processes).
 
     Args:
@@ -330,6 +393,8 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
             (``ScheduleInterleavedZeroBubble``).
         virtual_costs: ``zb`` only: the costs of the ``2 S`` virtual stages in model order;
             default: every process's stage cut into two halves of equal cost.
+        asynchronous, max_in_flight: ``direct``/``drtp``: the runner's options
+            (:class:`~localopt.pipeline.policy.DirectPolicy`, the object the runner uses).
 
     Returns: :class:`SimResult` with the makespan *per step* (total / ``steps``); its events
     carry the process index as ``stage``, kinds ``forward``, ``backward`` (``zb``: the input
@@ -342,6 +407,10 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
     if S < 1 or M < 1 or steps < 1:
         raise ValueError(f"simulate: need at least one stage, micro-batch and step (got S={S}, "
                          f"M={M}, steps={steps})")
+    if asynchronous and schedule in BACKPROP:
+        raise ValueError(f"simulate: asynchronous=True runs the direct schedules only; "
+                         f"schedule={schedule!r} needs the next stage's gradient")
+    check_bound(max_in_flight)
     e_link = link if e_link is None else e_link
     if schedule == "zb":
         V = 2 * S
@@ -367,6 +436,7 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
         return 0.0 if rank_of[src] == rank_of[dst] else lk.time(nbytes)
 
     zb_rows = _zb_order(S, M, zb_variant) if schedule == "zb" else None
+    check = _BatchCheck(S, 2 * link.latency if S > 1 else 0.0)
     ops: dict[tuple, _Op] = {}
     order: dict[int, Any] = {}
     for k in range(steps):
@@ -418,23 +488,24 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
                 if k == 0 and sorted(seq) != sorted(mine[r]):
                     raise RuntimeError(f"simulate: torch's {zb_variant} order for rank {r} "
                                        "does not cover every F/I/W op once")
-            elif schedule == "drtp" or r == S - 1:    # the last stage: F_i, e_i out, D_i
-                seq = [key for i in range(M) for key in ((k, r, "F", i), (k, r, "D", i))]
-            else:
+            else:                                       # direct, drtp: the policy's order
                 seq = None
             cost = sum(vc[v].step for v in range(V) if rank_of[v] == r)
             skey = (k, r, "S", -1)                      # every send delivered, then the update
             ops[skey] = _Op(skey, r, cost, "step", [(key, 0.0) for key in mine[r]],
                             sent=list(mine[r]))
             if seq is None:
-                order.setdefault(r, []).append(_DirectPolicy(k, r, M, skey))
+                if r not in order:
+                    order[r] = _PolicyOrder(DirectPolicy(
+                        r, S, M, waits_for_error=schedule == "direct" and r < S - 1,
+                        asynchronous=asynchronous, max_in_flight=max_in_flight), r, steps,
+                        check)
             else:
                 order.setdefault(r, []).extend(seq + [skey])
-    order = {r: _Chain(v) if v and isinstance(v[0], _DirectPolicy) else v
-             for r, v in order.items()}
-    for key, op in ops.items():                       # a stage's next step starts after its
-        if key[0] > 0:                                # own optimizer step
-            op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
+    if schedule in BACKPROP:                          # a stage's next step starts after its
+        for key, op in ops.items():                   # own optimizer step (direct: the policy)
+            if key[0] > 0:
+                op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
     records, total = _run(ops, order, S, "late" if schedule in ("gpipe", "1f1b") else "early")
     records = [rec for rec in records if not (rec[1] == "step" and rec[4] == rec[3])]
     Event = _event_type()

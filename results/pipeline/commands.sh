@@ -27,7 +27,32 @@ python -m recipes.pipeline --model mlp3x1024 --stages 1 --schedules dfa --microb
     --epochs 2 --json $OUT/accuracy_mlp3x1024_S1.json
 python -m recipes.pipeline --model resnet20 --stages 2 --schedules dfa --microbatches 4 \
     --batch 64 --epochs 1 --max-steps 150 --json $OUT/accuracy_resnet20_S2.json
-python -m recipes.pipeline --report $OUT        # and docs/guide/model-parallel.md's block
+# the asynchronous direct schedule (<rule>-async), bytes per boundary, the bandwidth sweep; the
+# uniform 8x1024 MLP (layer-wise dfa); each run with the background trainings paused
+H8='{"hidden": [1024,1024,1024,1024,1024,1024,1024,1024]}'
+python -m recipes.pipeline --model mlp3x1024 --model-options "$H8" --stages 2 --microbatches 4,8 \
+    --schedules gpipe,1f1b,zb,dfa,dfa-async,drtp --batch 128 --steps 30 --warmup 5 --threads 1 \
+    --json $OUT/mlp8x1024_S2.json --timeline $OUT --simulate 4,8,16,32
+python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 4,8 \
+    --schedules gpipe,1f1b,zb,dfa,dfa-async,drtp --batch 64 --steps 15 --warmup 3 --threads 1 \
+    --json $OUT/resnet20_S2_async.json --timeline $OUT --simulate 4,8,16,32
+python -m recipes.pipeline --model mlp3x1024 --stages 2 --microbatches 4,8 \
+    --schedules gpipe,1f1b,zb,dfa,dfa-async,drtp --batch 128 --steps 30 --warmup 5 --threads 1 \
+    --json $OUT/mlp3x1024_S2_async.json --simulate 4,8,16,32
+# time to accuracy: the same model, data order and epoch budget for every schedule, one
+# invocation per schedule (each short enough to keep the background trainings paused)
+for s in 1f1b dfa dfa-async drtp; do
+  python -m recipes.pipeline --model mlp3x1024 --model-options "$H8" --stages 2 \
+      --microbatches 4 --schedules $s --batch 128 --epochs 2 --eval-every 100 \
+      --json $OUT/time_to_accuracy_mlp8x1024_S2_$s.json
+done
+for s in 1f1b dfa-async dfa drtp; do           # ResNet-20 (module-wise dfa): one epoch
+  python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 4 --schedules $s \
+      --batch 64 --epochs 1 --eval-every 200 --json $OUT/time_to_accuracy_resnet20_S2_$s.json
+done
+# per-block costs on a CUDA GPU, simulated pipelines (DRY=1: a CPU smoke test)
+# python -m recipes.pipeline_gpu --json $OUT/gpu_costs.json
+python -m recipes.pipeline --report $OUT    # and the blocks of the guide and the README
 uptime
 # memory per process: the 8x4096 MLP built on the meta device, each process its stage, against
 # one process holding the whole model (Adam, 3 steps); then memory/README.md and the guide's table
