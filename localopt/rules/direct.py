@@ -597,6 +597,9 @@ class DRTP(DirectRule):
     al. trained tanh/sigmoid networks, which saturate), the activity and the logits grow: on
     ResNet-20 (RESULTS.md, row ``drtp-published``) its training loss rose from 2.2 to 9.4 in
     epochs 5-9 with update norms 3-14 times backprop's.  ``gate=False`` is the paper's rule.
+    The price: the gate needs ``p_t``, so the hidden layers wait for the output, as ``dfa``'s
+    do; with ``gate=False`` the signal is known from the target alone, before the forward pass
+    ends (what :mod:`localopt.pipeline`'s direct schedule sends: the published form).
 
     Option ``target`` (besides those of :class:`DFA`):
 
