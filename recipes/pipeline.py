@@ -144,12 +144,15 @@ def _family(label: str) -> str:
     return "bp" if label in BACKPROP else _base(label)
 
 
-def rule_options(args, model: nn.Module | None = None) -> dict:
+def rule_options(args, model: nn.Module | None = None, rule: str | None = None) -> dict:
     """The rule options of ``args`` for ``model`` (``"modules": "blocks"``: its blocks; kept as
-    written without a model)."""
+    written without a model).  ``drtp`` runs its published, target-only signal
+    (``gate=False``), the form the direct schedule pipelines, unless ``args`` says otherwise."""
     from localopt.pipeline import blocks
     opts = args.rule_options if args.rule_options is not None else next(
         (v for k, v in DEFAULT_RULE_OPTIONS.items() if args.model.startswith(k)), {})
+    if rule == "drtp":
+        opts = {"gate": False, **opts}
     if model is not None and opts.get("modules") == "blocks":
         opts = {**opts, "modules": blocks(model)}
     return opts
@@ -173,7 +176,7 @@ def _build(args, label: str, M: int, plan: dict, model_options: dict | None = No
     with torch.device("meta" if meta else "cpu"):
         model = create_model(args.model, **{**args.model_options, **(model_options or {})})
         if rule != "none":
-            localopt.wrap(model, rule, seed=args.seed, **rule_options(args, model))
+            localopt.wrap(model, rule, seed=args.seed, **rule_options(args, model, rule))
     split = plan["splits"]["zb" if label == "zb" else _family(label)]
     pipe = lp.build(model, split=split, schedule=sched, microbatches=M,
                     loss_fn=F.cross_entropy, example=torch.zeros(1, *IMAGE),

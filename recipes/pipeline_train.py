@@ -117,7 +117,7 @@ def train_single(args) -> dict[str, Any]:
         torch.manual_seed(args.seed)
         model = create_model(args.model, **{**args.model_options, **dflt["model_options"]})
         if rule != "none":
-            localopt.wrap(model, rule, seed=args.seed, **rule_options(args, model))
+            localopt.wrap(model, rule, seed=args.seed, **rule_options(args, model, rule))
         opt = torch.optim.Adam(model.parameters(), lr=args.lr or dflt["lr"], eps=dflt["eps"])
 
         def step(x, y):

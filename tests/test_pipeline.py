@@ -342,6 +342,15 @@ def test_rule_schedule_mismatch_is_an_error(rule, schedule, match):
     assert localopt.is_wrapped(model) and localopt.sites(model)[0].module is model[1]
 
 
+def test_direct_schedule_refuses_drtp_with_its_gate_on():
+    torch.manual_seed(0)
+    model = MLP(in_features=12, hidden=(16, 16, 16), num_classes=5)
+    localopt.wrap(model, "drtp", seed=1)              # the default: gate=True, needs p_t
+    with pytest.raises(ValueError, match="gate=False"):
+        lp.build(model, SPLIT, "direct", example=torch.zeros(1, 12))
+    assert localopt.is_wrapped(model)
+
+
 def test_direct_schedule_needs_a_hooked_module_at_each_stage_start():
     model = _model("dfa", {"modules": ["3"]})        # stage 1 begins at '5', not hooked
     with pytest.raises(ValueError, match="stage 1 begins with '5'"):

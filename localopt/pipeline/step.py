@@ -48,6 +48,13 @@ def check_rule(model: nn.Module, schedule: str) -> None:
                 f"{list(DIRECT_RULES)} (module-wise dfa included), whose stages need only the "
                 f"output error or the target; this model's rule is {name}, whose backward needs "
                 "the gradient of the stage above: use schedule='gpipe', '1f1b' or 'zb'")
+        if getattr(rule, "gate", False):
+            raise ValueError(
+                "localopt.pipeline: schedule='direct' runs drtp's published signal -y*/c, known "
+                "from the target alone on every stage; this model's drtp has gate=True (the "
+                "library's default: the target component of the error, which needs the output "
+                "p_t, so every stage would wait for it as dfa's do). Wrap with "
+                "localopt.wrap(model, 'drtp', gate=False) to pipeline it, or use 'dfa'")
         if rule.output is not None:
             raise ValueError("localopt.pipeline: schedule='direct' needs a model whose output "
                              f"is the tensor the loss is computed from (rule option "
