@@ -40,8 +40,8 @@ CASES = [
 def _model(rule: str, opts: dict, reference: bool = False) -> nn.Module:
     torch.manual_seed(0)
     model = MLP(in_features=12, hidden=(16, 16, 16), num_classes=5)
-    if rule == "drtp":     # the direct schedule sends the published signal -y*/(n M)
-        opts = dict(opts, gate=False, **({"target": "given"} if reference else {}))
+    if rule == "drtp" and reference:
+        opts = dict(opts, target="given")
     localopt.wrap(model, rule, seed=1, **opts)
     return model
 
