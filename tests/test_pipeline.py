@@ -345,7 +345,7 @@ def test_rule_schedule_mismatch_is_an_error(rule, schedule, match):
 def test_direct_schedule_refuses_drtp_with_its_gate_on():
     torch.manual_seed(0)
     model = MLP(in_features=12, hidden=(16, 16, 16), num_classes=5)
-    localopt.wrap(model, "drtp", seed=1)              # the default: gate=True, needs p_t
+    localopt.wrap(model, "drtp", seed=1, gate=True)   # the gated signal needs p_t
     with pytest.raises(ValueError, match="gate=False"):
         lp.build(model, SPLIT, "direct", example=torch.zeros(1, 12))
     assert localopt.is_wrapped(model)

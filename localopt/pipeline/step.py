@@ -52,9 +52,9 @@ def check_rule(model: nn.Module, schedule: str) -> None:
             raise ValueError(
                 "localopt.pipeline: schedule='direct' runs drtp's published signal -y*/c, known "
                 "from the target alone on every stage; this model's drtp has gate=True (the "
-                "library's default: the target component of the error, which needs the output "
-                "p_t, so every stage would wait for it as dfa's do). Wrap with "
-                "localopt.wrap(model, 'drtp', gate=False) to pipeline it, or use 'dfa'")
+                "target component of the error, which needs the output p_t, so every stage "
+                "would wait for it as dfa's do). Wrap with gate=False (the default) to "
+                "pipeline it, or use 'dfa'")
         if rule.output is not None:
             raise ValueError("localopt.pipeline: schedule='direct' needs a model whose output "
                              f"is the tensor the loss is computed from (rule option "
