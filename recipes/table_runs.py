@@ -38,6 +38,8 @@ from .data import REPO, DataNotFoundError, load_cifar10
 from .train import train
 
 TABLE = Path(__file__).resolve().parent / "table.toml"
+#: the training-quality track: variants of fa and dfa beside bp, in the table's format
+QUALITY = Path(__file__).resolve().parent / "quality.toml"
 #: config keys a row's ``base`` config contributes: the rule's training settings; the protocol
 #: keeps everything else (model, epochs, schedule, batch, augmentation, split, seed)
 TRAINING_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps",
