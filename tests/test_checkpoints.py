@@ -36,7 +36,7 @@ def optimizer(model: nn.Module, rule: str):
     if issubclass(cls, TargetPropRule):
         return TargetProp(model, torch.optim.SGD, lr=0.05, feedback_lr=0.01)
     if cls.learns_feedback:
-        return LocalOptimizer(model, torch.optim.SGD, lr=0.05, momentum=0.9)
+        return LocalOptimizer(model, torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-4)
     return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 

@@ -544,3 +544,15 @@ def test_local_optimizer_check_every_names_the_rule_step_and_tensor():
     for _ in range(3):
         step(model, plain, x, y)
     assert not torch.isfinite(model[0].weight).all()
+
+
+@pytest.mark.parametrize("rule", ["kp", "dkp"])
+def test_mirrored_rules_warn_without_weight_decay(rule):
+    """kp's W - B (dkp's random start of B) decays only under weight decay: without it the
+    optimizer warns, naming the rule; with it, no warning."""
+    model = localopt.wrap(mlp(), rule, seed=7)
+    with pytest.warns(UserWarning, match=rf"rule '{rule}' with weight_decay=0"):
+        LocalOptimizer(model, torch.optim.SGD, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LocalOptimizer(model, torch.optim.AdamW, lr=1e-3, weight_decay=0.5)

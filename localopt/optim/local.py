@@ -2,6 +2,7 @@
 update after each step."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -147,6 +148,13 @@ class LocalOptimizer(Optimizer):
         groups = [{"params": self._mirror_tensors(i)} for i in range(len(self.param_groups))]
         self._mirror = self._inner([g for g in groups if g["params"]] or groups, **kwargs)
         self._mirror_groups = [i for i, g in enumerate(groups) if g["params"]]
+        if all(not self.param_groups[i].get("weight_decay", 0) for i in self._mirror_groups):
+            warnings.warn(
+                f"localopt: rule {self._rule.name!r} with weight_decay=0: the feedback receives "
+                "the weights' updates, so B - W (kp) or B's random start (dkp) never decays and "
+                "B never approaches what the rule learns; pass weight_decay > 0 (e.g. AdamW's "
+                "decoupled decay, under which W - B shrinks by (1 - lr weight_decay) per step)",
+                UserWarning, stacklevel=3)
 
     def _mirror_tensors(self, group: int) -> list[Tensor]:
         return [self._rule.mirrored(s)[k][0] for s, k in self._mirror_sites[group]]
