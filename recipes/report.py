@@ -71,7 +71,7 @@ from .results_rows import MODELS, Group, Row, build_rows, by_group, classify, fi
 from .results_tables import (COLUMNS, QUALITY_COLUMNS, layer_alignment_markdown,
                              quality_markdown, readme_block, render, run_summary, runs_table,
                              table_markdown)
-from .table_runs import QUALITY, TABLE, load_table
+from .table_runs import QUALITY, RESULTS, TABLE, load_table
 
 __all__ = ["build", "main", "write_figures", "BEGIN", "END", "README_BLOCK",
            # re-exported from the modules that make the report
@@ -125,7 +125,7 @@ def build(results: Path, out: Path, readme: Path | None, figures: Path, *, write
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default=str(REPO / "results"), help="folder of the logs")
+    p.add_argument("--results", default=str(RESULTS), help="folder of the logs")
     p.add_argument("--out", default=str(REPO / "RESULTS.md"), help="the table file")
     p.add_argument("--readme", default=str(REPO / "README.md"),
                    help=f"file whose {BEGIN} ... {END} block gets the headline table "

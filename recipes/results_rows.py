@@ -16,14 +16,12 @@ from typing import Any
 
 from .common import FIELDS, ConfigError, load_config
 from .results_load import Run
-from .table_runs import item_config, items
+from .table_runs import MACHINE_KEYS, item_config, items
 
 MODELS = {"mlp3x1024": "3x1024 tanh MLP", "resnet20": "ResNet-20"}
 #: config keys that do not change what is trained (machine, outputs, bookkeeping; the seed
 #: is a row's spread)
-NOT_TRAINING = {"name", "config_name", "reference", "rules", "data", "download", "device",
-                "threads", "channels_last", "compile", "ddp", "out_dir", "log_every",
-                "diagnostics_every", "eval_batch_size", "test_every_epoch", "seed"}
+NOT_TRAINING = {*MACHINE_KEYS, "ddp", "name", "config_name", "reference", "rules", "seed"}
 #: of the training keys, those that make a rule variant (the rest make the protocol)
 VARIANT_KEYS = ("rule_options", "feedback_options", "lr", "momentum", "nesterov", "betas", "eps",
                 "alpha")
