@@ -36,13 +36,18 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path | str, title: 
         if tests:
             ax.plot(*tests[-1], "*", color=color, markersize=12,
                     label=f"{label} test {tests[-1][1]:.1f}%")
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    _epoch_axes(ax, "accuracy (%)", title)
     ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, path, dpi=120)
+
+
+def _epoch_axes(ax, ylabel: str, title: str) -> None:
+    """The labels of a panel over epochs: integer epoch ticks, ``ylabel``, ``title``, a grid."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
 
 
 def plot_accuracy_curves(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]],
@@ -60,11 +65,7 @@ def plot_accuracy_curves(runs: Sequence[tuple[str, list[dict[str, Any]], dict[st
             ax.plot(*zip(*pts), ls, color=color, marker="." if len(pts) < 3 else None,
                     label=f"{label}: {100 * final['test_acc']:.1f}")
         ax.plot(final["epoch"], 100 * final["test_acc"], "*", color=color, markersize=9)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation accuracy (%); star: final test")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    _epoch_axes(ax, "validation accuracy (%); star: final test", title)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="test %",
               title_fontsize=7)
     return save_figure(fig, path, dpi=110)

@@ -122,7 +122,7 @@ def state_cell(row: Row) -> str:
 
 
 def cells(row: Row, rows: list[Row], step_times, pub) -> dict[str, str]:
-    """Every cell of a row, by column name (see COLUMNS)."""
+    """Every cell of a row, by column name (``recipes.results_tables.COLUMNS``)."""
     ratio, _ = step_ratio(row, step_times)
     out = {"rule": f"`{row.variant}`", "test acc %": fmt_acc(accuracies(row)),
            "gap to bp": fmt_gap(row, rows), "ratio": ratio,
@@ -207,8 +207,8 @@ def fmt_options(row: Row) -> str:
 
 
 def quality_cells(row: Row, rows: list[Row]) -> dict[str, str]:
-    """Every cell of a row of the training-quality track, by column name (see
-    QUALITY_COLUMNS)."""
+    """Every cell of a row of the training-quality track, by column name
+    (``recipes.results_tables.QUALITY_COLUMNS``)."""
     angle, ratio = alignment_cells(row)
     label = f"`{row.variant}`"
     if row.shared:
