@@ -13,7 +13,7 @@ from typing import Any
 from .common import ConfigError, read_jsonl
 from .train import diverged
 
-__all__ = ["PUBLISHED", "Run", "load_runs", "load_published", "load_step_times"]
+__all__ = ["PUBLISHED", "Run", "load_runs", "split_runs", "load_published", "load_step_times"]
 
 PUBLISHED = Path(__file__).resolve().parent / "published.toml"
 
@@ -79,18 +79,26 @@ def load_runs(results: Path) -> list[Run]:
             recs = read_jsonl(path)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        by_run: dict[str, list[dict[str, Any]]] = {}
-        current = None          # step records carry no run name: they belong to the last run
-        for r in recs:
-            if isinstance(r.get("final"), dict) and "config" in r["final"]:
-                by_run[f"{len(by_run)}"] = [*r.get("epochs", []), r["final"]]
-            elif r.get("event") in ("start", "epoch", "step", "resume", "final"):
-                current = str(r["run"]) if "run" in r else current
-                by_run.setdefault(current, []).append(r)
-        for recs_ in by_run.values():
+        for recs_ in split_runs(recs).values():
             if any("config" in r for r in recs_) and any("device" in r for r in recs_):
                 runs.append(Run(path, recs_))
     return runs
+
+
+def split_runs(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The ``recipes.train`` records of each run in a log, by run name: a record's ``run``
+    field names its run (a ``runs.jsonl`` of several runs), a record without one (step records)
+    belongs to the run before it; a suite's ``{"final": ..., "epochs": [...]}`` record is a run
+    of its own, named by its position."""
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    current = None
+    for r in records:
+        if isinstance(r.get("final"), dict) and "config" in r["final"]:
+            by_run[f"{len(by_run)}"] = [*r.get("epochs", []), r["final"]]
+        elif r.get("event") in ("start", "epoch", "step", "resume", "final"):
+            current = str(r["run"]) if "run" in r else current
+            by_run.setdefault(current, []).append(r)
+    return by_run
 
 
 def load_published(path: Path = PUBLISHED) -> dict[str, Any]:

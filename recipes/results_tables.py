@@ -14,7 +14,7 @@ from .common import load_config, read_jsonl
 from .data import REPO
 from .results_cells import (NOT_RUN, accuracies, cells, distinct, fmt_acc, last_alignment_record,
                             published_for, quality_cells, step_ratio)
-from .results_load import Run
+from .results_load import Run, split_runs
 from .results_rows import MODELS, Group, Row, by_group, figure_paths
 from .table_runs import QUALITY
 
@@ -352,17 +352,16 @@ def runs_table(paths: list[Path]) -> str:
     ``PLAN`` writes them) or run folders (their ``log.jsonl``; the folder names the run): rule
     and options, lr, feedback iterations, test accuracy and training loss per epoch (``nan``:
     the run diverged), images/s, and the per-layer update angle to BP at steps 100 and 200."""
-    runs: dict[str, dict] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
     for path in paths:
-        tagged = path.is_file()
-        for r in read_jsonl(path if tagged else path / "log.jsonl"):
-            run = runs.setdefault(r["run"] if tagged else path.name, {"epochs": [], "steps": []})
-            if r.get("event") == "start":
-                run["start"] = r
-            elif r.get("event") == "epoch":
-                run["epochs"].append(r)
-            elif r.get("event") == "step":
-                run["steps"].append(r)
+        found = (split_runs(read_jsonl(path)) if path.is_file()
+                 else {path.name: read_jsonl(path / "log.jsonl")})
+        for name, recs in found.items():
+            records.setdefault(name, []).extend(recs)
+    runs = {name: {"start": next((r for r in reversed(recs) if r.get("event") == "start"), None),
+                   "epochs": [r for r in recs if r.get("event") == "epoch"],
+                   "steps": [r for r in recs if r.get("event") == "step"]}
+            for name, recs in records.items()}
 
     def num(v: float | None, fmt: str) -> str:
         return "-" if v is None else "nan" if not math.isfinite(v) else format(v, fmt)
@@ -370,7 +369,7 @@ def runs_table(paths: list[Path]) -> str:
             "epoch | img/s | update angle to BP, layers 1-5, at steps 100 / 200 |",
             "|---|---|---:|---|---|---|---:|---|"]
     for name, run in runs.items():
-        if "start" not in run:
+        if run["start"] is None:
             continue
         cfg = run["start"]["config"]
         rule = cfg["rule"] + (f", {cfg['rule_options']}" if cfg["rule_options"] else "")
