@@ -152,7 +152,6 @@ def fmt_best_val(row: Row) -> str:
     return fmt_acc([100 * a for a in accs])
 
 
-
 def last_alignment_record(run: Run, key: str) -> dict[str, Any] | None:
     """The run's last alignment record (``{"event": "step", "step": ..., "alignment": ...}``)
     that has ``key`` (``update_angle``, ``norm_ratio``, ...); None when the run logged none."""

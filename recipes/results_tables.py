@@ -18,7 +18,6 @@ from .results_load import Run, split_runs
 from .results_rows import MODELS, Group, Row, by_group, figure_paths
 from .table_runs import QUALITY
 
-
 COLUMNS = ("rule", "test acc %", "at best val", "gap to bp", "epochs", "img/s", "ratio",
            "device", "data", "seeds", "published %")
 HEADER = ("| rule | test acc % | test acc % at best val epoch | gap to bp (points) | epochs | "
@@ -27,12 +26,13 @@ HEADER = ("| rule | test acc % | test acc % at best val epoch | gap to bp (point
 
 
 def table_markdown(rows: list[Row], all_rows: list[Row], step_times, pub) -> str:
+    """The table of one group: a line per row of ``rows`` (gaps to ``bp`` among
+    ``all_rows``)."""
     lines = [HEADER]
     for row in rows:
         c = cells(row, all_rows, step_times, pub)
         lines.append("| " + " | ".join(c[k] for k in COLUMNS) + " |")
     return "\n".join(lines)
-
 
 
 def _fmt_ratio(value: float) -> str:
@@ -41,7 +41,6 @@ def _fmt_ratio(value: float) -> str:
         return str(value)
     text = f"{value:.2g}"
     return f"{float(text):.0f}" if "e+" in text and abs(value) < 1e6 else text
-
 
 
 def _merge_layers(orders: list[list[str]]) -> list[str]:
@@ -124,7 +123,6 @@ def layer_alignment_markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-
 QUALITY_COLUMNS = ("row", "rule", "optimizer", "rule options", "test acc %", "gap to bp",
                    "update angle", "norm ratio")
 QUALITY_HEADER = ("| row | rule | optimizer | rule options; other settings | test acc % | "
@@ -143,7 +141,6 @@ def quality_markdown(rows: list[Row], all_rows: list[Row]) -> str:
             c["row"] += f" ({row.data})"
         lines.append("| " + " | ".join(c[k] for k in QUALITY_COLUMNS) + " |")
     return "\n".join(lines)
-
 
 
 def _command_path(path: Path) -> str:
