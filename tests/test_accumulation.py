@@ -209,7 +209,7 @@ def test_drtp_scale_is_recovered_where_probabilities_round_to_one_hot():
         m = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4))
         with torch.no_grad():
             m[2].weight.mul_(gain)
-        localopt.wrap(m, "drtp", seed=1, target=target, gate=False)  # the scale c matters
+        localopt.wrap(m, "drtp", seed=1, target=target)
         out = m(x)
         if target == "given":
             localopt.set_targets(m, y, scale=s)

@@ -308,8 +308,8 @@ def test_drtp_ce_recovers_the_target_and_given_targets_match():
     x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
     a, b = make(), make()
     b.load_state_dict(a.state_dict())
-    localopt.wrap(a, "drtp", seed=3, gate=False)  # the published rule
-    localopt.wrap(b, "drtp", seed=3, target="given", gate=False)
+    localopt.wrap(a, "drtp", seed=3)
+    localopt.wrap(b, "drtp", seed=3, target="given")
     ga = grads(a, x, y)
     localopt.set_targets(b, y)
     gb = grads(b, x, y)
@@ -325,12 +325,12 @@ def test_drtp_ce_recovers_the_target_and_given_targets_match():
 
 @pytest.mark.parametrize("target", ["ce", "given"])
 def test_drtp_gate_sends_the_target_component_of_the_error(target):
-    """gate=True (default): each row sends e_t y* B = -(1 - p_t) y* B / c, the published
-    signal times 1 - p_t: it fades as a sample is learned, under any loss scale."""
+    """gate=True: each row sends e_t y* B = -(1 - p_t) y* B / c, the published signal times
+    1 - p_t: it fades as a sample is learned, under any loss scale."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 4))
     x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
-    localopt.wrap(net, "drtp", seed=3, target=target)
+    localopt.wrap(net, "drtp", seed=3, target=target, gate=True)
     probe = Probe(net[4])
     out = net(x)
     if target == "given":

@@ -45,23 +45,22 @@ class BFA(LearnsFeedback, FeedbackRule):
     of the layer on the data (``B = (W C W^T)^-1 W C`` for input covariance ``C``), which is
     aligned with W -- ``B`` equals ``W`` for an orthogonal W and white inputs.
 
-    ``track_norm=True`` (default; an option of this library, not of the paper): the backward
-    uses B at W's current Frobenius norm, ``dx = delta B ||W_t|| / ||B||`` (as ``fa``'s
-    ``track_norm``), so B learns the signal's direction and W sets its scale; the
-    reconstruction learning is unchanged.  Why: the least-squares inverse of a layer scales as
-    ``1 / ||W||``, so where W grows (BatchNorm-followed convs do, several-fold) each layer
-    shrinks the signal it sends down by about ``||W_0||^2 / ||W_t||^2`` against backprop, and
-    the factors compound with depth.  On ResNet-20 (one-cycle SGD, peak lr 0.1; RESULTS.md, row
-    ``bfa-published``) the published form's update norms fell to 0.001-0.03 of backprop's by
-    step 2000 and its training loss climbed from 2.1 to 82 around the one-cycle peak.
+    ``track_norm=True`` (an option of this library, not of the paper; off by default): the
+    backward uses B at W's current Frobenius norm, ``dx = delta B ||W_t|| / ||B||`` (as
+    ``fa``'s ``track_norm``), so B learns the signal's direction and W sets its scale; the
+    reconstruction learning is unchanged.  The idea: the least-squares inverse of a layer
+    scales as ``1 / ||W||``, so where W grows (BatchNorm-followed convs do) the signal shrinks
+    against backprop's.  Not a fix of bfa's failure on ResNet-20 (one-cycle SGD, peak lr 0.1:
+    the training loss climbs from 2.1 to 82 around the peak; RESULTS.md): in 300 steps at a
+    constant lr of 0.1 both forms diverge, this one faster (``results/notes/rule_stability.md``).
 
     Options:
         lr: feedback learning rate (default 0.5; stable below 2).
         decay: weight decay on B (default 0).
         init: initial ``B`` (``"xavier"`` default, as :class:`~localopt.rules.fa.FA`).
         match_norm: rescale the initial B to the Frobenius norm of W (as ``fa``).
-        track_norm: send ``delta B`` with B rescaled to ``||W_t||`` (default True; False:
-            the paper's rule, B at its learned norm).
+        track_norm: send ``delta B`` with B rescaled to ``||W_t||`` (default False: the
+            paper's rule, B at its learned norm).
 
     Plain ``nn.Linear``/``nn.ConvNd`` layers only (not subclasses that override ``forward``).
     State: buffer ``localopt_feedback`` (shape of W); its ``.grad`` holds the pending update.
@@ -71,7 +70,7 @@ class BFA(LearnsFeedback, FeedbackRule):
     feedback_from_data = True
 
     def __init__(self, *, lr: float = 0.5, decay: float = 0.0, init: str = "xavier",
-                 match_norm: bool = False, track_norm: bool = True) -> None:
+                 match_norm: bool = False, track_norm: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         lr = check_number(self.name, "lr", lr, low=0, high=2, low_open=True, high_open=True)
         decay = check_number(self.name, "decay", decay, low=0, high=1, high_open=True)
