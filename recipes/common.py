@@ -217,14 +217,17 @@ def _is_number(t: str) -> bool:
 
 def add_config_args(parser: argparse.ArgumentParser, keys: typing.Iterable[str] | None = None,
                     aliases: dict[str, typing.Sequence[str]] | None = None,
-                    defaults: Config | None = None) -> None:
+                    defaults: Config | None = None, *, config: bool = True) -> None:
     """``--config`` plus one flag per Config field (unset flags keep the config's value);
     ``keys``: only these fields (a recipe that reads a few settings); ``aliases``: more flag
     names of a field (``{"batch_size": ["--batch"]}``); ``defaults``: the config whose values
-    the help shows (a recipe's own default config; else Config's defaults).  A true/false
-    flag alone means true (``--compile`` is ``--compile true``)."""
-    parser.add_argument("--config", help="a TOML file or a name in recipes/configs "
-                        f"({', '.join(sorted(f.stem for f in CONFIG_DIR.glob('*.toml')))})")
+    the help shows (a recipe's own default config; else Config's defaults); ``config``: False
+    for a recipe whose config files come from elsewhere (``recipes.table_runs``: the table's
+    protocols), which then has the flags alone.  A true/false flag alone means true
+    (``--compile`` is ``--compile true``)."""
+    if config:
+        parser.add_argument("--config", help="a TOML file or a name in recipes/configs "
+                            f"({', '.join(sorted(f.stem for f in CONFIG_DIR.glob('*.toml')))})")
     group = parser.add_argument_group("settings (override the config file)")
     for key in FIELDS if keys is None else keys:
         if key == "config_name":
@@ -239,9 +242,16 @@ def add_config_args(parser: argparse.ArgumentParser, keys: typing.Iterable[str] 
                            type=lambda text, key=key: _parse_value(key, text), **extra)
 
 
+def config_overrides(args: argparse.Namespace,
+                     keys: typing.Iterable[str] | None = None) -> dict[str, Any]:
+    """The settings given as flags (:func:`add_config_args`): ``{key: value}`` of those set,
+    of ``keys`` (default: every Config field)."""
+    return {k: getattr(args, k) for k in (FIELDS if keys is None else keys)
+            if getattr(args, k, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k, None) is not None}
-    return load_config(args.config, **overrides)
+    return load_config(args.config, **config_overrides(args))
 
 
 # ----------------------------------------------------------------------------- building

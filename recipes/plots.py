@@ -1,7 +1,9 @@
 """The figures of the recipes (matplotlib, no display needed): accuracy curves of one or more
-runs, pipeline timelines (:class:`localopt.pipeline.Event` lists) and pipeline speed-ups."""
+runs, the per-layer alignment of several rules, pipeline timelines
+(:class:`localopt.pipeline.Event` lists) and pipeline speed-ups."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,13 +36,68 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path | str, title: 
         if tests:
             ax.plot(*tests[-1], "*", color=color, markersize=12,
                     label=f"{label} test {tests[-1][1]:.1f}%")
+    _epoch_axes(ax, "accuracy (%)", title)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path, dpi=120)
+
+
+def _epoch_axes(ax, ylabel: str, title: str) -> None:
+    """The labels of a panel over epochs: integer epoch ticks, ``ylabel``, ``title``, a grid."""
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def plot_accuracy_curves(runs: Sequence[tuple[str, list[dict[str, Any]], dict[str, Any]]],
+                         path: Path | str, title: str) -> Path:
+    """``runs``: (label, the run's per-epoch log records, its final record) per line:
+    validation accuracy per epoch (test accuracy where the run has no validation set), the
+    final test accuracy as a star (``recipes.report``'s figure of a table; per-run figures
+    with training accuracy: :func:`plot_curves`)."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (label, recs, final) in enumerate(runs):
+        color, ls = f"C{i % 10}", "-" if i < 10 else "--"
+        key = "val_acc" if any(r.get("val_acc") is not None for r in recs) else "test_acc"
+        pts = [(r["epoch"], 100 * r[key]) for r in recs if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), ls, color=color, marker="." if len(pts) < 3 else None,
+                    label=f"{label}: {100 * final['test_acc']:.1f}")
+        ax.plot(final["epoch"], 100 * final["test_acc"], "*", color=color, markersize=9)
+    _epoch_axes(ax, "validation accuracy (%); star: final test", title)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="test %",
+              title_fontsize=7)
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_alignment_summary(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path | str,
+                           title: str) -> Path | None:
+    """``runs``: (label, the run's alignment records) per line: per layer, the angle between
+    the rule's weight update and backprop's gradient, mean of the last 3 records that have
+    it; None (nothing drawn) when no run logged any."""
+    lines = []
+    for label, records in runs:
+        recs = [r["alignment"].get("update_angle") or {} for r in records]
+        recs = [r for r in recs if r][-3:]
+        if recs:
+            layers = list(recs[-1])
+            lines.append((label, layers, [statistics.fmean(r.get(n, float("nan"))
+                                                           for r in recs) for n in layers]))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, layers, values) in enumerate(lines):
+        ax.plot(range(len(layers)), values, marker="o", color=f"C{i % 10}",
+                ls="-" if i < 10 else "--", label=label, ms=3)
+    longest = max(lines, key=lambda t: len(t[1]))[1]
+    ax.set_xticks(range(len(longest)), longest, rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("angle(rule update, BP gradient) (deg)")
+    ax.axhline(90, color="grey", lw=0.8, ls=":")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return save_figure(fig, path, dpi=120)
+    return save_figure(fig, path, dpi=110)
 
 
 def save_figure(fig, path: Path | str, dpi: int, rect: tuple | None = None) -> Path:

@@ -19,9 +19,16 @@ stopped and resumed at any epoch boundary.
 
 ``--only MODEL/ROW/sSEED`` runs one run; ``--missing`` prints the ids of the runs not done yet
 (``recipes/gpu_table.sh`` starts one process per id, in parallel, and ``--collect`` copies the
-finished runs to the results folder afterwards).  ``--settings '{epochs = 1, val_size = 20}'``
-overrides config keys of every run (smoke tests; then ``--results`` must be given, so that
-such runs never land in the committed results).
+finished runs to the results folder afterwards).
+
+Every run's config is the protocol's config file with the row's settings; the settings flags
+of ``recipes.train`` (``--device cuda``, ``--threads 1``, ``--out-dir DIR``, ``--epochs 1``,
+...; not those the table sets: model, rule, rule options, seed, and ``protocol``, which here
+names the table's protocol) and ``--settings '{epochs = 1, val_size = 20}'`` (a TOML inline
+table of config keys) override it for every run.  Machine and output settings (device, threads,
+data, out_dir, ...) leave the table's runs as they are; any other changes what is trained
+(smoke tests), so then ``--results`` must be given, and such runs never land in the committed
+results.
 """
 from __future__ import annotations
 
@@ -33,17 +40,31 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .common import ConfigError, Config, load_config, read_jsonl, resolve_config_path
+from .common import (FIELDS, ConfigError, Config, add_config_args, config_overrides, flag,
+                     load_config, read_jsonl, resolve_config_path)
 from .data import REPO, DataNotFoundError, load_cifar10
 from .train import train
 
 TABLE = Path(__file__).resolve().parent / "table.toml"
+#: where finished runs are collected, the folder ``recipes.report`` reads
+RESULTS = REPO / "results"
+#: the training-quality track: variants of fa and dfa beside bp, in the table's format
+QUALITY = Path(__file__).resolve().parent / "quality.toml"
 #: config keys a row's ``base`` config contributes: the rule's training settings; the protocol
 #: keeps everything else (model, epochs, schedule, batch, augmentation, split, seed)
 TRAINING_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "betas", "eps",
                  "alpha", "aux_lr", "loss", "rule_options", "feedback_options")
 #: files of a finished run that are copied to the results folder
 RESULT_FILES = ("log.jsonl", "curves.png", "alignment.png")
+#: config keys that leave what is trained as it is (machine, outputs): settings of every run
+#: that the committed results folder accepts
+MACHINE_KEYS = ("data", "download", "device", "threads", "channels_last", "compile", "out_dir",
+                "log_every", "diagnostics_every", "eval_batch_size", "test_every_epoch")
+#: config keys with a flag here: all but those the table sets per run, ``ddp`` (a run is one
+#: process), and ``protocol`` (``--protocol`` is the table's)
+SETTINGS = tuple(k for k in FIELDS if k not in ("name", "config_name", "reference", "rules",
+                                                "model", "rule", "rule_options", "seed", "ddp",
+                                                "protocol"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +189,7 @@ def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--protocol", required=True, help="a [protocols.*] of recipes/table.toml")
@@ -185,26 +206,49 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the ids of the runs not done yet, one a line, and exit")
     p.add_argument("--collect", action="store_true",
                    help="copy the runs that have finished to the results folder and exit")
-    p.add_argument("--out-dir", default="runs", help="where runs train (default runs/)")
-    p.add_argument("--results", help=f"results folder (default {REPO / 'results'})")
+    p.add_argument("--results", help=f"results folder (default {RESULTS})")
     p.add_argument("--settings", help="TOML inline table of config keys for every run, e.g. "
-                   "'{epochs = 1, data = \"/tmp/tiny.tar.gz\"}' (needs --results)")
+                   "'{epochs = 1, data = \"/tmp/tiny.tar.gz\"}' (settings other than the "
+                   f"machine's and the outputs' -- {', '.join(MACHINE_KEYS)} -- need --results)")
     p.add_argument("--table", default=str(TABLE), help="the table definition")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_args(p, SETTINGS, config=False)
+    return p
+
+
+def plan(args: argparse.Namespace) -> tuple[Path, dict[Item, Config]]:
+    """The results folder and the config of each selected run: the protocol's config file,
+    the row's settings, then ``--settings``, then the settings flags.  Raises
+    :class:`ConfigError` for settings that change what is trained without ``--results``."""
+    table = load_table(args.table)
+    try:
+        settings = tomllib.loads(f"v = {args.settings}")["v"] if args.settings else {}
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--settings {args.settings!r}: {e}") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"--settings {args.settings!r}: write a TOML inline table, e.g. "
+                          "'{epochs = 1}'")
+    settings.update(config_overrides(args, SETTINGS))
+    changed = [k for k in settings if k not in MACHINE_KEYS]
+    if changed and args.results is None:
+        raise ConfigError(f"{', '.join(flag(k) for k in changed)} (--settings or flags) "
+                          "change what the table's runs train: give --results (not the "
+                          "committed results folder)")
+    todo = ([Item.parse(args.only)] if args.only else
+            items(table, args.protocol, _csv(args.models), _csv(args.rules),
+                  [int(s) for s in _csv(args.seeds)] if args.seeds else None))
+    return (Path(args.results) if args.results else RESULTS,
+            {it: item_config(table, args.protocol, it, settings=settings) for it in todo})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
-        table = load_table(a.table)
-        settings = tomllib.loads(f"v = {a.settings}")["v"] if a.settings else {}
-        if settings and a.results is None:
-            raise ConfigError("--settings changes the protocol: give --results (not the "
-                              "committed results folder)")
-        results = Path(a.results) if a.results else REPO / "results"
-        todo = ([Item.parse(a.only)] if a.only else
-                items(table, a.protocol, _csv(a.models), _csv(a.rules),
-                      [int(s) for s in _csv(a.seeds)] if a.seeds else None))
-        cfgs = {it: item_config(table, a.protocol, it, a.out_dir, settings) for it in todo}
+        results, cfgs = plan(a)
     except (ConfigError, tomllib.TOMLDecodeError) as e:
         p.exit(2, f"error: {e}\n")
+    todo = list(cfgs)
     dests = {it: result_dir(results, a.protocol, it) for it in todo}
     if a.list:
         for it in todo:

@@ -14,7 +14,7 @@ from torch import nn
 
 import localopt
 from trainloop import train_steps
-from localopt.rules.direct import _Send
+from localopt.rules.direct_base import _Send
 
 DIRECT = ["dfa", "bdfa", "drtp"]
 HYP = settings(max_examples=15, deadline=None, derandomize=True)
