@@ -295,7 +295,7 @@ def readme_block(rows: list[Row], pub, table: dict[str, Any]) -> str:
             for p in protos:
                 r = by_key.get((model, p, label))
                 cells_.append("—" if r is None else fmt_acc(accuracies(r))
-                              if r.runs else NOT_RUN)
+                              if r.runs else "diverged" if r.diverged else NOT_RUN)
             r = next((by_key[(model, p, label)] for p in protos
                       if (model, p, label) in by_key), None)
             pubs = published_for(r, pub) if r is not None else []

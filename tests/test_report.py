@@ -521,6 +521,12 @@ def test_a_diverged_run_is_shown_as_diverged_never_as_an_accuracy(results, tmp_p
     assert rows["dfa"]["gap to bp"] == "—" and rows["dfa"]["seeds"] == "—"
     assert rows["bdfa"]["test acc %"] == "33.00; **diverged** (seed 0: epoch 7)"
     assert rows["bdfa"]["seeds"] == "1"
+    readme = tmp_path / "README.md"                      # the README's summary says so too
+    readme.write_text(f"{report.BEGIN}\n{report.END}\n")
+    assert report.main(["--results", str(results), "--out", str(tmp_path / "R.md"),
+                        "--readme", str(readme), "--no-figures"]) == 0
+    dfa_line = next(l for l in readme.read_text().splitlines() if l.startswith("| `dfa` |"))
+    assert dfa_line.split("|")[2].strip() == "diverged"          # MLP, cpu
 
 
 def test_best_validation_epoch_column(results, tmp_path):
