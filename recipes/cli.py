@@ -17,7 +17,7 @@ from pathlib import Path
 
 #: modules of this package that are libraries, not commands
 _NOT_COMMANDS = {"cli", "common", "data", "plots", "alignment", "synthetic", "runlog", "variants",
-                 "pipeline_report", "pipeline_train"}
+                 "pipeline_report", "pipeline_sim", "pipeline_train"}
 
 
 def commands() -> list[str]:

@@ -16,17 +16,23 @@ This is a different draw from building the model eagerly after ``torch.manual_se
 (whose values depend on the order of every module drawn before); a model whose constructor
 initialises parameters by hand (rather than in ``reset_parameters``) needs ``init=``: modules
 with parameters or buffers that neither covers are refused, by name, before anything changes.
+
+The meta-device path of :func:`~localopt.pipeline.build` lives here too: :func:`meta_plan`, its
+shape pass and checks (the same on every rank, before any communication), and
+:func:`materialise_stages`, one rank's stages given values.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import rng
 from ..mechanism import Site
+from .split import Stage
 
 __all__ = ["materialize", "on_meta", "name_seed", "tensor_bytes",
            "check_initialisable"]
@@ -154,3 +160,108 @@ def _draw_site(site: Site, seed: int, device: torch.device) -> None:
         with torch.no_grad():
             m.get_buffer(key).copy_(rng.stream_state(s, 0))
 
+
+def meta_plan(model, stages, example, direct, sites, init) -> dict[str, Any]:
+    """The checks and shapes of the meta-device path of :func:`~localopt.pipeline.build`, the
+    same on every rank and before any communication (a refused set-up fails on every rank at
+    once): a shape pass of the whole model on the meta device (rules bypassed; each hooked
+    module's input recorded), the stages' composition, each stage's modules (and that ``init``
+    can give them values), and (direct) that each stage's first hooked module has feedback
+    (``sites``: ``id(module) -> Site`` of the hooked modules)."""
+    from ..wrap import sites as wrapped_sites, wrapping
+    all_sites = wrapped_sites(model) if wrapping(model) is not None else []
+    inputs: dict[int, tuple] = {}
+
+    def record_input(module, args):
+        if args and isinstance(args[0], Tensor):
+            inputs[id(module)] = (tuple(args[0].shape), args[0].requires_grad)
+
+    hooks = [s.module.register_forward_pre_hook(record_input) for s in all_sites]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            for s in all_sites:
+                stack.enter_context(s.bypassed())
+            ex = torch.empty(example.shape, dtype=example.dtype, device="meta")
+            z = model(ex)
+            shapes, h = [], torch.empty(example.shape, dtype=example.dtype, device="meta")
+            for st in stages:
+                h = st(h)
+                shapes.append((tuple(h.shape[1:]), h.dtype))
+    finally:
+        for hk in hooks:
+            hk.remove()
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(z, Tensor) or z.shape != h.shape:
+        raise ValueError(
+            f"localopt.pipeline: the stages of this {type(model).__name__} do not compose to its "
+            f"forward (output {tuple(h.shape)}, the model's "
+            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}; see "
+            "localopt.pipeline.split)")
+    mods = [stage_modules(model, st) for st in stages]
+    if init is None:
+        check_initialisable((f"{n}.{sub}" if sub else n, m) for pairs in mods
+                            for n, top in pairs for sub, m in top.named_modules())
+    for s in range(1, len(stages) if direct else 0):
+        site = entry_site(stages[s], sites)
+        if not inputs.get(id(site.module), (None, False))[1]:
+            raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
+                             f"of stage {s}) has no feedback matrix (its input needs no "
+                             "gradient): split after a module with parameters")
+    return {"shapes": shapes, "inputs": inputs, "z": tuple(z.shape), "modules": mods,
+            "sites": all_sites}
+
+
+def materialise_stages(model, stages, indices, plan, seed, device, init, direct, next_site):
+    """This rank's stages materialised by module name, and (direct rules) the feedback its
+    stage uses drawn, as the whole model's first forward would."""
+    mods = [pair for i in indices for pair in plan["modules"][i]]
+    ids = {id(m) for _, top in mods for m in top.modules()}
+    own_sites = [s for s in plan["sites"] if id(s.module) in ids]
+    extra = [next_site] if next_site is not None and next_site not in own_sites else []
+    materialize(model, seed, device, modules=mods, init=init, sites=own_sites + extra)
+    left = [f"{n}.{k}" for n, top in mods for k, t in
+            list(top.named_parameters()) + list(top.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"localopt.pipeline: {left[:5]} of this rank's stage are still on the "
+                         "meta device after init(): it must give every tensor of its module "
+                         "values")
+    if direct:
+        from ..wrap import wrapping
+        rule = wrapping(model).rule
+        entries = {id(m) for i in indices if i > 0 for _, m in stages[i].entry()}
+        for s in own_sites + extra:
+            shape, grad = plan["inputs"].get(id(s.module), (None, False))
+            if s is next_site or (grad and id(s.module) not in entries):
+                rule.draw_feedback(s, shape, plan["z"])
+    return plan["shapes"]
+
+
+def stage_modules(model: nn.Module, stage: Stage) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the model's modules that ``stage`` runs.  A traced stage's graph
+    module calls the model's modules; one that also reads the model's tensors directly
+    (``get_attr``: a ViT's ``cls_token``) cannot be materialised alone yet."""
+    if stage.names != [""]:
+        return list(zip(stage.names, stage.parts))
+    gm = stage.parts[0]
+    shared, held = [], set()
+    for name, m in gm.named_modules():
+        if name and m is model.get_submodule(name):
+            shared.append((name, m))
+            held.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
+    direct = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers())
+              if id(t) not in held]
+    if direct:
+        raise ValueError(f"localopt.pipeline: stage {stage.index} reads {direct[:5]} of the model "
+                         "directly (not through a module): materialising such a traced stage on "
+                         "its own is not supported; build the model materialised (every rank "
+                         "holds it), or give it a pipeline_sequence() whose modules own them")
+    return shared
+
+
+def entry_site(stage: Stage, sites: dict):
+    """The outermost hooked module that reads the stage input (None if there is none); ``sites``
+    maps ``id(module)`` to its :class:`~localopt.mechanism.Site`."""
+    return next((sites[id(m)] for _, m in stage.entry() if id(m) in sites), None)

@@ -1,7 +1,6 @@
 """``build``: cut a (wrapped) model into stages, one per process, and run a schedule."""
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -19,7 +18,7 @@ from .policy import check_bound
 from . import checkpoint
 from .batch import agree_batch
 from .events import Event, Recorder
-from .materialize import check_initialisable, materialize, on_meta, tensor_bytes
+from .materialize import entry_site, materialise_stages, meta_plan, on_meta, tensor_bytes
 from .split import Stage, check_coverage, split_stages
 
 __all__ = ["build", "PipelineStep", "SCHEDULES"]
@@ -451,7 +450,7 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
     if direct:   # before any communication: a refused set-up fails fast on every rank
         sites = {id(s.module): s for s in _sites(model)}
         for s in range(1, S):
-            if _entry_site(stages[s], sites) is None:
+            if entry_site(stages[s], sites) is None:
                 name, first = stages[s].entry()[-1]
                 raise ValueError(
                     f"localopt.pipeline: schedule='direct': stage {s} begins with '{name}' "
@@ -461,7 +460,7 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
                     f"stage in wrap(..., modules=[...]) (e.g. modules={list(split)})")
     check_coverage(model, stages)
     if meta:
-        plan = _meta_plan(model, stages, example, direct, sites, init)
+        plan = meta_plan(model, stages, example, direct, sites, init)
         device = torch.device("cpu" if device is None else device)
     else:
         param = next(model.parameters(), None)
@@ -494,14 +493,14 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
     mine = [stages[i] for i in indices]
     next_site = None
     if direct and indices[0] < S - 1:
-        next_site = _entry_site(stages[indices[0] + 1], sites)
+        next_site = entry_site(stages[indices[0] + 1], sites)
     if meta:
-        shapes = _materialise(model, stages, indices, plan, seed, device, init, direct,
-                              next_site)
+        shapes = materialise_stages(model, stages, indices, plan, seed, device, init, direct,
+                                    next_site)
     else:
         shapes = _shape_pass(model, stages, example.to(device), direct)
     for s in range(1, S if direct else 0):
-        site = _entry_site(stages[s], sites)
+        site = entry_site(stages[s], sites)
         if not meta and site.buffer("feedback").numel() == 0:
             raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
                              f"of stage {s}) has no feedback matrix (its input needs no "
@@ -520,108 +519,6 @@ def build(model: "nn.Module | Callable[[], nn.Module]", split: Sequence[str],
                              recorder)
     return PipelineStep(model, mine, indices, S, schedule, microbatches, runner, link, recorder,
                         group, rule, shapes, device, next_site, split, meta, asynchronous)
-
-
-def _meta_plan(model, stages, example, direct, sites, init) -> dict[str, Any]:
-    """The checks and shapes of the meta-device path of :func:`build`, the same on every rank
-    and before any communication (a refused set-up fails on every rank at once): a shape pass of
-    the whole model on the meta device (rules bypassed; each hooked module's input recorded),
-    the stages' composition, each stage's modules (and that ``init`` can give them values),
-    and (direct) that each stage's first hooked module has feedback."""
-    all_sites = _sites(model) if _rule_of(model) is not None else []
-    inputs: dict[int, tuple] = {}
-
-    def record_input(module, args):
-        if args and isinstance(args[0], Tensor):
-            inputs[id(module)] = (tuple(args[0].shape), args[0].requires_grad)
-
-    hooks = [s.module.register_forward_pre_hook(record_input) for s in all_sites]
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with contextlib.ExitStack() as stack:
-            for s in all_sites:
-                stack.enter_context(s.bypassed())
-            ex = torch.empty(example.shape, dtype=example.dtype, device="meta")
-            z = model(ex)
-            shapes, h = [], torch.empty(example.shape, dtype=example.dtype, device="meta")
-            for st in stages:
-                h = st(h)
-                shapes.append((tuple(h.shape[1:]), h.dtype))
-    finally:
-        for hk in hooks:
-            hk.remove()
-        for m, mode in modes:
-            m.training = mode
-    if not isinstance(z, Tensor) or z.shape != h.shape:
-        raise ValueError(
-            f"localopt.pipeline: the stages of this {type(model).__name__} do not compose to its "
-            f"forward (output {tuple(h.shape)}, the model's "
-            f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}; see "
-            "localopt.pipeline.split)")
-    mods = [_stage_modules(model, st) for st in stages]
-    if init is None:
-        check_initialisable((f"{n}.{sub}" if sub else n, m) for pairs in mods
-                            for n, top in pairs for sub, m in top.named_modules())
-    for s in range(1, len(stages) if direct else 0):
-        site = _entry_site(stages[s], sites)
-        if not inputs.get(id(site.module), (None, False))[1]:
-            raise ValueError(f"localopt.pipeline: schedule='direct': '{site.name}' (first module "
-                             f"of stage {s}) has no feedback matrix (its input needs no "
-                             "gradient): split after a module with parameters")
-    return {"shapes": shapes, "inputs": inputs, "z": tuple(z.shape), "modules": mods,
-            "sites": all_sites}
-
-
-def _materialise(model, stages, indices, plan, seed, device, init, direct, next_site):
-    """This rank's stages materialised by module name, and (direct rules) the feedback its
-    stage uses drawn, as the whole model's first forward would."""
-    mods = [pair for i in indices for pair in plan["modules"][i]]
-    ids = {id(m) for _, top in mods for m in top.modules()}
-    own_sites = [s for s in plan["sites"] if id(s.module) in ids]
-    extra = [next_site] if next_site is not None and next_site not in own_sites else []
-    materialize(model, seed, device, modules=mods, init=init, sites=own_sites + extra)
-    left = [f"{n}.{k}" for n, top in mods for k, t in
-            list(top.named_parameters()) + list(top.named_buffers()) if t.is_meta]
-    if left:
-        raise ValueError(f"localopt.pipeline: {left[:5]} of this rank's stage are still on the "
-                         "meta device after init(): it must give every tensor of its module "
-                         "values")
-    if direct:
-        rule = _rule_of(model)
-        entries = {id(m) for i in indices if i > 0 for _, m in stages[i].entry()}
-        for s in own_sites + extra:
-            shape, grad = plan["inputs"].get(id(s.module), (None, False))
-            if s is next_site or (grad and id(s.module) not in entries):
-                rule.draw_feedback(s, shape, plan["z"])
-    return plan["shapes"]
-
-
-def _stage_modules(model: nn.Module, stage: Stage) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the model's modules that ``stage`` runs.  A traced stage's graph
-    module calls the model's modules; one that also reads the model's tensors directly
-    (``get_attr``: a ViT's ``cls_token``) cannot be materialised alone yet."""
-    if stage.names != [""]:
-        return list(zip(stage.names, stage.parts))
-    gm = stage.parts[0]
-    shared, held = [], set()
-    for name, m in gm.named_modules():
-        if name and m is model.get_submodule(name):
-            shared.append((name, m))
-            held.update(id(t) for t in list(m.parameters()) + list(m.buffers()))
-    direct = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers())
-              if id(t) not in held]
-    if direct:
-        raise ValueError(f"localopt.pipeline: stage {stage.index} reads {direct[:5]} of the model "
-                         "directly (not through a module): materialising such a traced stage on "
-                         "its own is not supported; build the model materialised (every rank "
-                         "holds it), or give it a pipeline_sequence() whose modules own them")
-    return shared
-
-
-def _entry_site(stage: Stage, sites: dict):
-    """The outermost hooked module that reads the stage input (None if there is none)."""
-    return next((sites[id(m)] for _, m in stage.entry() if id(m) in sites), None)
 
 
 def _sites(model: nn.Module):
