@@ -17,7 +17,8 @@ from pathlib import Path
 
 #: modules of this package that are libraries, not commands
 _NOT_COMMANDS = {"cli", "common", "data", "plots", "alignment", "synthetic", "runlog", "variants",
-                 "pipeline_report", "pipeline_sim", "pipeline_train"}
+                 "pipeline_report", "pipeline_sim", "pipeline_train", "divergence", "ranks",
+                 "markdown", "results_load", "results_rows", "results_cells", "results_tables"}
 
 
 def commands() -> list[str]:

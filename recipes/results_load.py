@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import ConfigError, read_jsonl
-from .train import diverged
+from .divergence import diverged
 
 __all__ = ["PUBLISHED", "Run", "load_runs", "split_runs", "load_published", "load_step_times"]
 

@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,71 +45,14 @@ from .data import random_crop_flip
 from .alignment import plot_alignment
 from .plots import plot_curves
 from .runlog import write_summaries
+from .divergence import DIVERGENCE_FACTOR, Diverged, diverged  # noqa: F401 (re-exported)
+from .ranks import Ranks, current_ranks  # noqa: F401 (re-exported)
 
 #: settings a resumed run may change; everything else comes from the checkpoint
 RESUME_MAY_CHANGE = ("epochs", "device", "threads", "data", "download", "out_dir", "log_every",
                      "eval_batch_size", "ddp")
 #: timeout of every collective of a data-parallel run (rank 0 evaluates while the others wait)
 DDP_TIMEOUT = timedelta(minutes=30)
-#: a run has diverged when its training loss (mean over ``log_every`` steps) is not finite or
-#: exceeds this multiple of the run's first such mean; ``recipes.report`` applies the same
-#: test to the per-epoch losses of a log
-DIVERGENCE_FACTOR = 3.0
-
-
-def diverged(loss: float, start: float | None) -> bool:
-    """The divergence test of :data:`DIVERGENCE_FACTOR` (``start``: the reference loss)."""
-    return not math.isfinite(loss) or (start is not None and loss > DIVERGENCE_FACTOR * start)
-
-
-class Diverged(RuntimeError):
-    """Training stopped: the loss diverged (see :func:`diverged`); ``record`` goes to the log."""
-
-    def __init__(self, rule: str, epoch: int, step: int, loss: float, start: float | None):
-        self.record = {"epoch": epoch, "step": step, "loss": loss, "start_loss": start}
-        super().__init__(f"rule {rule!r} diverged at epoch {epoch}, step {step}: training loss "
-                         f"{loss:.4g} over the last steps, against {start:.4g} at the start "
-                         f"(the limit: {DIVERGENCE_FACTOR:g}x, or not finite); run stopped")
-
-
-@dataclass
-class Ranks:
-    """This process's place in a data-parallel run (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def sum_(self, *tensors: torch.Tensor) -> None:
-        """Sum tensors over the ranks, in place."""
-        if self.world > 1:
-            for t in tensors:
-                torch.distributed.all_reduce(t)
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-
-def current_ranks() -> Ranks:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size(),
-                     int(os.environ.get("LOCAL_RANK", dist.get_rank())))
-    return Ranks()
-
-
 def _autocast(cfg: Config, device: torch.device):
     if cfg.amp == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
