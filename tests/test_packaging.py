@@ -86,3 +86,14 @@ def test_wheel_requires_torch_alone_and_offers_the_extras(wheel):
               if line.startswith("Provides-Extra:")}
     assert {"recipes", "tensorboard", "docs", "dev"} <= extras
     assert not any("einops" in r for r in requires)
+
+
+def test_every_listed_recipe_command_has_a_main():
+    """``localopt <recipe>`` lists the recipes that are commands, not the library modules."""
+    import importlib
+    from recipes.cli import commands
+    listed = commands()
+    assert {"train", "report", "pipeline", "benchmark"} <= set(listed)
+    for name in listed:
+        assert callable(getattr(importlib.import_module("recipes." + name.replace("-", "_")),
+                                "main", None)), name
