@@ -7,7 +7,20 @@ from pathlib import Path
 
 from .common import ConfigError
 
-__all__ = ["markers", "replace_block"]
+__all__ = ["markers", "replace_block", "link_base"]
+
+
+def link_base(page: Path | str) -> Path:
+    """The folder that a generated block's relative links in ``page`` start from: the page's
+    own folder, except for a page of the documentation site (under ``docs/``), whose links
+    start from where the site serves it -- the site serves the repository's ``results/`` at
+    its root (``docs/hooks.py``), so ``docs/guide/x.md`` links ``../results/...``."""
+    page = Path(page).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    docs = repo / "docs"
+    if page.is_relative_to(docs):
+        return repo / page.parent.relative_to(docs)
+    return page.parent
 
 
 def markers(name: str) -> tuple[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from localopt.pipeline.backprop import BACKPROP_SCHEDULES as BACKPROP
 from localopt.pipeline.direct import DIRECT_RULES as DIRECT
 
-from .markdown import markers, replace_block
+from .markdown import link_base, markers, replace_block
 
 __all__ = ["write_report", "readme_block", "percents", "README_BEGIN", "README_END"]
 
@@ -88,7 +88,7 @@ def write_report(d: Path, headline_k: int = 4, headline_s: int = 8,
             continue
         short = page.name == "README.md"       # the project README: the answer only
         replace_block(page, "pipeline",
-                      readme_block(d, files, headline_k, headline_s, page.parent,
+                      readme_block(d, files, headline_k, headline_s, link_base(page),
                                    models=README_MODELS if short else None))
     return out
 
