@@ -2,6 +2,9 @@
 (README's results table) and recipes.pipeline_report (the pipeline headline)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,3 +106,13 @@ def test_report_names_a_readme_without_the_results_block(tmp_path, capsys):
     assert e.value.code == 2
     assert f"{readme}: no {report.BEGIN} line" in capsys.readouterr().err
     assert not (tmp_path / "RESULTS.md").exists()          # nothing written
+
+
+def test_link_base_is_the_site_folder_for_docs_pages_and_the_page_folder_elsewhere():
+    from localopt.recipes.markdown import link_base
+    repo = Path(__file__).resolve().parents[1]
+    assert link_base(repo / "docs" / "guide" / "model-parallel.md") == repo / "guide"
+    assert link_base(repo / "README.md") == repo
+    # the docs site serves results/ at its root: a guide page reaches it one level up
+    rel = os.path.relpath(repo / "results" / "pipeline", link_base(repo / "docs/guide/x.md"))
+    assert rel == os.path.join("..", "results", "pipeline")
