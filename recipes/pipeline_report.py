@@ -159,6 +159,27 @@ def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> l
             L.append(f"| {model_name(res['meta'])} | {res['meta']['batch']} | "
                      + " | ".join(cells) + f" | `{f.name}` |")
         L.append("")
+    bound_rows = [dict(row, file=f.name) for f, res in thr
+                  for row in speedup_bounds(res, K, S_sim)]
+    if bound_rows:
+        L += [f"## What bounds the speed-up (K = {K}; simulated: S = {S_sim}, K = 8)", "",
+              "Each direct schedule's measured speed-up over the fastest backprop schedule "
+              "beside what it would be with no process ever waiting (its busy time per step: "
+              "compute, message calls and the optimizer step), on the measured split and "
+              "with the work split evenly; the per-micro-batch compute ratio (forward + "
+              "backward summed over stages, best backprop schedule over the direct one: the "
+              "speed-up with no bubble on either side and no optimizer step); and the "
+              "simulated deeper pipeline with its own no-waiting ceiling.", "",
+              "| model | schedule | measured | no waiting | no waiting, balanced | compute "
+              f"per micro-batch | simulated S={S_sim} | its no-waiting ceiling | file |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in bound_rows:
+            cells = [f"{r[k]:.2f}x" if r.get(k) else "" for k in
+                     ("measured", "no_wait", "balanced", "compute", "simulated",
+                      "simulated_no_wait")]
+            L.append(f"| {r['model']} | {r['label']} | " + " | ".join(cells)
+                     + f" | `{r['file']}` |")
+        L.append("")
     groups = tta_groups(files)
     for key, (names, res) in groups.items():
         L += [f"## Headline: time to accuracy, {key[0]}, S = {key[1]} processes, K = {key[2]}, "
@@ -185,6 +206,47 @@ def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> l
                          f"{e['train_loss']:.4f} | {e['images_per_s']:.0f} | `{f.name}` |")
         L.append("")
     return L
+
+
+def speedup_bounds(res: dict, K: int, S_sim: int) -> list[dict]:
+    """Per direct schedule at ``K`` micro-batches, speed-ups over the fastest backprop
+    schedule (measured): ``measured``; ``no_wait``, its images/s if no process ever waited
+    (batch over the busiest process's busy time per step); ``balanced``, the same with the
+    busy time split evenly over the processes; ``compute``, the backprop schedule's forward +
+    backward time per micro-batch (all stages) over the direct one's; ``simulated``,
+    ``simulated_no_wait``: the simulated ``S_sim``-stage pipeline (``K = 8``) and its images/s
+    without idle time (every simulated stage costs the same), over the fastest simulated
+    backprop schedule."""
+    batch = res["meta"]["batch"]
+    runs = [r for r in res["runs"] if r["M"] == K]
+    bps = [r for r in runs if r["label"] in BACKPROP]
+    if not bps:
+        return []
+    bp = max(bps, key=lambda r: r["images_per_s"])
+
+    def compute(r: dict) -> float:
+        return sum(c["forward"] + c["backward"] + (c.get("backward_weight") or 0.0)
+                   for c in r["stage_costs"])
+
+    scaled = [x for x in res["simulation"].get("scaled", []) if x["S"] == S_sim and x["M"] == 8]
+    sim_bp = max((x["images_per_s"] for x in scaled if x["label"] in BACKPROP), default=None)
+    out = []
+    for r in runs:
+        if r["label"] in BACKPROP or not r.get("per_process"):
+            continue
+        busy = [p["busy_per_step"] for p in r["per_process"]]
+        row = {"model": model_name(res["meta"]), "label": r["label"],
+               "measured": r["images_per_s"] / bp["images_per_s"],
+               "no_wait": batch / max(busy) / bp["images_per_s"],
+               "balanced": batch * len(busy) / sum(busy) / bp["images_per_s"],
+               "compute": compute(bp) / compute(r)}
+        sim = next((x for x in scaled if x["label"] == r["label"]), None)
+        if sim and sim_bp:
+            row["simulated"] = sim["images_per_s"] / sim_bp
+            row["simulated_no_wait"] = (sim["images_per_s"] /
+                                        max(1e-9, 1 - sim["idle_fraction_mean"]) / sim_bp)
+        out.append(row)
+    return out
 
 
 def _report_throughput(res: dict, m: dict) -> list[str]:

@@ -320,7 +320,31 @@ def test_drtp_ce_recovers_the_target_and_given_targets_match():
         a[4].weight.mul_(3.0)
     F.cross_entropy(a(x), y).backward()
     B = feedback(a[4])
-    torch.testing.assert_close(probe.grad, -F.one_hot(y, 4).float() @ B / 6)
+    centred = F.one_hot(y, 4).float() - 0.25              # the default: y* - 1/K
+    torch.testing.assert_close(probe.grad, -centred @ B / 6)
+
+
+@pytest.mark.parametrize("target", ["ce", "given"])
+def test_drtp_default_signal_has_no_class_independent_part(target):
+    """center=True (default): a batch holding every class once sends a signal whose batch sum
+    is zero, whatever B; the paper's -y*/c (center=False) sends -(sum_k B_k)/c in sum, the same
+    push on every hidden unit at every step, which never fades."""
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5), torch.arange(4)
+    sums = {}
+    for center in (True, False):
+        net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(),
+                            nn.Linear(7, 4))
+        localopt.wrap(net, "drtp", seed=3, target=target, center=center)
+        probe = Probe(net[4])
+        out = net(x)
+        if target == "given":
+            localopt.set_targets(net, y)
+        F.cross_entropy(out, y).backward()
+        sums[center] = probe.grad.sum(0)
+        B = feedback(net[4])
+    assert sums[True].abs().max() < 1e-6, sums[True]
+    torch.testing.assert_close(sums[False], -B.sum(0) / 4)
 
 
 @pytest.mark.parametrize("target", ["ce", "given"])
@@ -330,7 +354,7 @@ def test_drtp_gate_sends_the_target_component_of_the_error(target):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 4))
     x, y = torch.randn(6, 5), torch.randint(0, 4, (6,))
-    localopt.wrap(net, "drtp", seed=3, target=target, gate=True)
+    localopt.wrap(net, "drtp", seed=3, target=target, gate=True, center=False)
     probe = Probe(net[4])
     out = net(x)
     if target == "given":

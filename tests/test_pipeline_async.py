@@ -335,3 +335,26 @@ def test_gpu_costs_recipe_dry_run(tmp_path, monkeypatch):
     assert {r["label"] for r in rows} == {"gpipe", "1f1b", "zb", "direct", "direct-async"}
     assert {(r["S"], r["link"]) for r in rows} == {(2, "10"), (2, "1"), (4, "10"), (4, "1")}
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_speedup_bounds_put_the_measured_speedup_beside_its_ceilings():
+    from recipes.pipeline_report import speedup_bounds
+
+    def run(label, ips, busy, f, b):
+        return {"label": label, "M": 4, "images_per_s": ips,
+                "per_process": [{"busy_per_step": t} for t in busy],
+                "stage_costs": [{"forward": f, "backward": b, "backward_weight": None}] * 2}
+    res = {"meta": {"batch": 100, "model": "mlp3x1024"},
+           "runs": [run("1f1b", 50.0, [1.0, 1.5], 1.0, 2.0), run("gpipe", 40.0, [1.0, 1.5], 1.0, 2.0),
+                    run("dfa", 75.0, [1.0, 0.6], 1.0, 1.0)],
+           "simulation": {"scaled": [{"S": 8, "M": 8, "label": "zb", "images_per_s": 100.0,
+                                      "idle_fraction_mean": 0.1},
+                                     {"S": 8, "M": 8, "label": "dfa", "images_per_s": 120.0,
+                                      "idle_fraction_mean": 0.25}]}}
+    (row,) = speedup_bounds(res, 4, 8)
+    assert row["label"] == "dfa" and row["measured"] == pytest.approx(1.5)
+    assert row["no_wait"] == pytest.approx(100 / 1.0 / 50)          # busiest process: 1.0 s
+    assert row["balanced"] == pytest.approx(100 * 2 / 1.6 / 50)
+    assert row["compute"] == pytest.approx(6.0 / 4.0)
+    assert row["simulated"] == pytest.approx(1.2)
+    assert row["simulated_no_wait"] == pytest.approx(120 / 0.75 / 100)

@@ -106,7 +106,8 @@ class DirectRunner:
 
     # -- helpers -------------------------------------------------------------------------------
     def _drtp_signal(self, y: Tensor, z_rows: int, K: int, dtype: torch.dtype) -> Tensor:
-        """``-y*/(n M)``: the target part of the error of ``CE/M``, from the given labels."""
+        """The rule's signal for the loss ``CE/M`` from the given labels (``-y*/(n M)``,
+        centred with ``center=True``: :meth:`~localopt.rules.direct.DRTP.target_signal`)."""
         if torch.is_floating_point(y):
             t = y.to(dtype)
         else:
@@ -115,7 +116,7 @@ class DirectRunner:
         if rows != z_rows:
             raise PipelineError(f"localopt.pipeline: drtp targets have {rows} rows per "
                                 f"micro-batch, the output has {z_rows}")
-        return t.mul(-1.0 / (rows * self.M))
+        return self.rule.target_signal(t, 1.0 / (rows * self.M))
 
     def _tag(self, base: int, k: int, m: int) -> int:
         return base + (k % 2) * self.M + m       # two steps' messages may be in flight
