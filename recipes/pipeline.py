@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.0, help="--epochs: Adam lr (default: the "
                    "model's config)")
     p.add_argument("--report", metavar="DIR", help="write DIR/README.md from DIR/*.json")
+    p.add_argument("--resimulate", metavar="JSON", nargs="+",
+                   help="re-run the simulation of these throughput JSON files from their "
+                   "recorded measurements (rewritten in place)")
     p.add_argument("--readme", default=None,
                    help="with --report: a page whose pipeline block gets the headline "
                    "(default: the checkout's docs/guide/model-parallel.md and README.md when "
@@ -295,6 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.load_before = list(os.getloadavg())          # 1, 5, 15 min (recorded in the JSON)
+    if args.resimulate:
+        from .pipeline_sim import resimulate
+        for f in args.resimulate:
+            if "simulation" in json.loads(Path(f).read_text()):
+                resimulate(f)
+                print(f"resimulated {f}")
+        return 0
     if args.report:
         repo = Path(__file__).resolve().parents[1]
         if args.readme:

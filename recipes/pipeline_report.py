@@ -13,6 +13,7 @@ from localopt.pipeline.backprop import BACKPROP_SCHEDULES as BACKPROP
 from localopt.pipeline.direct import DIRECT_RULES as DIRECT
 
 from .markdown import link_base, markers, replace_block
+from .pipeline_sim import WIDE
 
 __all__ = ["write_report", "readme_block", "percents", "README_BEGIN", "README_END"]
 
@@ -155,7 +156,9 @@ def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> l
                 s = sp.get(lb)
                 cells += [f"{s['over_gpipe']:.2f}x" if s and s["over_gpipe"] else "",
                           f"{s['speedup']:.2f}x ({s['over']})" if s else ""]
-            cells.append(", ".join(f"{sim[lb]:.2f}x" for lb in direct if lb in sim))
+            cells.append(", ".join(f"{sim[lb]:.2f}x" + (f" ({sim[lb + WIDE]:.2f}x {lb}{WIDE})"
+                                                        if lb + WIDE in sim else "")
+                                   for lb in direct if lb in sim))
             L.append(f"| {model_name(res['meta'])} | {res['meta']['batch']} | "
                      + " | ".join(cells) + f" | `{f.name}` |")
         L.append("")
@@ -170,13 +173,16 @@ def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> l
               "backward summed over stages, best backprop schedule over the direct one: the "
               "speed-up with no bubble on either side and no optimizer step); and the "
               "simulated deeper pipeline with its own no-waiting ceiling.", "",
+              f"`{WIDE[1:]}`: the asynchronous schedule with every stage holding up to S "
+              "micro-batches (`max_in_flight=S`, 1F1B's first stage's count), simulated.", "",
               "| model | schedule | measured | no waiting | no waiting, balanced | compute "
-              f"per micro-batch | simulated S={S_sim} | its no-waiting ceiling | file |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              f"per micro-batch | simulated S={S_sim} | its no-waiting ceiling | simulated, "
+              f"{WIDE[1:]} | file |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in bound_rows:
             cells = [f"{r[k]:.2f}x" if r.get(k) else "" for k in
                      ("measured", "no_wait", "balanced", "compute", "simulated",
-                      "simulated_no_wait")]
+                      "simulated_no_wait", "simulated_wide")]
             L.append(f"| {r['model']} | {r['label']} | " + " | ".join(cells)
                      + f" | `{r['file']}` |")
         L.append("")
@@ -245,6 +251,9 @@ def speedup_bounds(res: dict, K: int, S_sim: int) -> list[dict]:
             row["simulated"] = sim["images_per_s"] / sim_bp
             row["simulated_no_wait"] = (sim["images_per_s"] /
                                         max(1e-9, 1 - sim["idle_fraction_mean"]) / sim_bp)
+        wide = next((x for x in scaled if x["label"] == r["label"] + WIDE), None)
+        if wide and sim_bp:
+            row["simulated_wide"] = wide["images_per_s"] / sim_bp
         out.append(row)
     return out
 

@@ -20,6 +20,10 @@ def csv_list(text: str, cast=str) -> list:
 
 #: ``<rule>-async``: the rule on the asynchronous direct schedule (no flush between steps)
 ASYNC = "-async"
+#: ``<rule>-async-wide`` (simulated only): the asynchronous schedule with ``max_in_flight=S``,
+#: every stage holding up to ``S`` micro-batches -- 1F1B's first stage's count, on every stage
+#: (so no process holds more than 1F1B's busiest one; stage ``s`` more than 1F1B's ``S - s``)
+WIDE = "-wide"
 
 
 def base(label: str) -> str:
@@ -112,11 +116,16 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
             else:
                 deep = dict(costs=deepen(costs, S2, args.deepen),
                             schedule=_sim_schedule(label), **_sim_options(label))
-            sim = simulate(microbatches=M, **deep, **kw)
-            free = simulate(microbatches=M, **deep, **{**kw, "link": CommCost(), "e_bytes": 0.0})
-            scaled.append({"label": label, "M": M, "S": S2, "images_per_s": sim.images_per_s,
-                           "idle_fraction_mean": sum(sim.idle_fraction) / S2,
-                           "images_per_s_free_messages": free.images_per_s})
+            variants = [(label, {})]
+            if label.endswith(ASYNC):
+                variants.append((label + WIDE, {"max_in_flight": S2}))
+            for name, extra in variants:
+                sim = simulate(microbatches=M, **deep, **extra, **kw)
+                free = simulate(microbatches=M, **deep, **extra,
+                                **{**kw, "link": CommCost(), "e_bytes": 0.0})
+                scaled.append({"label": name, "M": M, "S": S2, "images_per_s": sim.images_per_s,
+                               "idle_fraction_mean": sum(sim.idle_fraction) / S2,
+                               "images_per_s_free_messages": free.images_per_s})
             if args.timeline and S2 == 8 and M == 8:         # two steps, for the figure
                 s8[label] = simulate(microbatches=M, **deep, **{**kw, "steps": 2}).events
     return {"check": check, "scaled": scaled, "assumption": args.deepen, "_s8_events": s8,
@@ -155,3 +164,30 @@ def _bandwidth_sweep(by_key: dict, args, loopback) -> dict[str, Any]:
                                                    "per_byte": v.per_byte}
                                                for k, v in links.items()},
             "rows": rows, "speedup": out}
+
+
+def resimulate(path) -> dict[str, Any]:
+    """Re-run :func:`simulate_all` on a throughput JSON written by :mod:`recipes.pipeline`
+    (its measured costs, split, link, stage counts, deepening and bandwidths as recorded) and
+    rewrite its simulation and simulated speed-ups in place: the simulator's answers for
+    measurements already taken.  Returns the new contents."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+    path = Path(path)
+    res = json.loads(path.read_text())
+    old = res["simulation"]
+    bw = old.get("bandwidth") or {}
+    args = SimpleNamespace(
+        stages=res["meta"]["stages"], batch=res["meta"]["batch"], timeline=None,
+        simulate=",".join(str(S) for S in sorted({x["S"] for x in old["scaled"]})),
+        deepen=old["assumption"], bandwidth=",".join(bw.get("links") or ["loopback"]),
+        latency=bw.get("latency", 5e-5))
+    plan = {"profile": res["profile"], "splits": res["splits"]}
+    sim = simulate_all({"link": res["link"], "runs": res["runs"]}, args, plan)
+    sim.pop("_s8_events")
+    res["simulation"] = sim
+    res["speedup_simulated"] = speedups(sim["scaled"])
+    res["speedup_simulated_free_messages"] = speedups(sim["scaled"], "images_per_s_free_messages")
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    return res

@@ -358,3 +358,26 @@ def test_speedup_bounds_put_the_measured_speedup_beside_its_ceilings():
     assert row["compute"] == pytest.approx(6.0 / 4.0)
     assert row["simulated"] == pytest.approx(1.2)
     assert row["simulated_no_wait"] == pytest.approx(120 / 0.75 / 100)
+
+
+def test_resimulate_reproduces_the_recorded_replay_and_adds_the_wide_variant(tmp_path):
+    """A committed throughput file re-simulated from its own measurements: the replay of the
+    measured runs is what the file records (the simulator is deterministic), and every
+    asynchronous label gains its max_in_flight=S variant at each simulated S."""
+    import json
+    import shutil
+    from pathlib import Path
+    from recipes.pipeline_sim import WIDE, resimulate
+    src = Path(__file__).resolve().parents[1] / "results" / "pipeline" / "mlp8x1024_S2.json"
+    f = tmp_path / src.name
+    shutil.copy(src, f)
+    before = json.loads(src.read_text())
+    after = resimulate(f)
+    assert json.loads(f.read_text()) == after
+    assert [c["simulated_images_per_s"] for c in after["simulation"]["check"]] == \
+        pytest.approx([c["simulated_images_per_s"] for c in before["simulation"]["check"]])
+    scaled = after["simulation"]["scaled"]
+    for x in scaled:
+        if x["label"].endswith("-async"):
+            assert any(y["label"] == x["label"] + WIDE and (y["S"], y["M"]) == (x["S"], x["M"])
+                       for y in scaled), x

@@ -52,6 +52,9 @@ for s in 1f1b dfa-async dfa drtp; do           # ResNet-20 (module-wise dfa): on
 done
 # per-block costs on a CUDA GPU, simulated pipelines (DRY=1: a CPU smoke test)
 # python -m recipes.pipeline_gpu --json $OUT/gpu_costs.json
+# the current simulator on every throughput file's recorded costs (adds <rule>-async-wide: the
+# asynchronous schedule with max_in_flight=S), then the report
+python -m recipes.pipeline --resimulate $OUT/*.json
 python -m recipes.pipeline --report $OUT    # and the blocks of the guide and the README
 uptime
 # memory per process: the 8x4096 MLP built on the meta device, each process its stage, against
