@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["DIVERGENCE_FACTOR", "diverged", "Diverged"]
+__all__ = ["DIVERGENCE_FACTOR", "diverged", "start_loss", "Diverged"]
 
 #: a run has diverged when its training loss (mean over ``log_every`` steps) is not finite or
 #: exceeds this multiple of the run's first such mean; ``recipes.report`` applies the same
 #: test to the per-epoch losses of a log
 DIVERGENCE_FACTOR = 3.0
+
+
+def start_loss(first_step: float, first_window: float) -> float:
+    """The reference of :func:`diverged`: the lower of the run's first step's loss and the
+    mean over its first ``log_every`` steps, so that a loss that climbs within that first
+    window is measured against where it began.  A non-finite first value is ignored."""
+    finite = [v for v in (first_step, first_window) if math.isfinite(v)]
+    return min(finite) if finite else first_window
 
 
 def diverged(loss: float, start: float | None) -> bool:

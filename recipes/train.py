@@ -45,7 +45,7 @@ from .data import random_crop_flip
 from .alignment import plot_alignment
 from .plots import plot_curves
 from .runlog import write_summaries
-from .divergence import DIVERGENCE_FACTOR, Diverged, diverged  # noqa: F401 (re-exported)
+from .divergence import DIVERGENCE_FACTOR, Diverged, diverged, start_loss  # noqa: F401
 from .ranks import Ranks, current_ranks  # noqa: F401 (re-exported)
 
 #: settings a resumed run may change; everything else comes from the checkpoint
@@ -146,10 +146,16 @@ def train_epoch(model, opt, sched, split: Split, cfg: Config, epoch: int, norm: 
                 append_jsonl(log_path, {"event": "step", "epoch": epoch, "step": global_step,
                                         **extra})
         bar.update()
+        if watch["start"] is None and "first" not in watch:   # one host sync per run
+            first = loss.detach() * len(y)
+            n = torch.tensor(float(len(y)), device=first.device)
+            ranks.sum_(first, n)
+            watch["first"] = float(first / n)
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             ranks.sum_(window)
             mean = float(window[0] / window[1])
-            watch["start"] = mean if watch["start"] is None else watch["start"]
+            if watch["start"] is None:   # a climb inside the first window counts too
+                watch["start"] = start_loss(watch.pop("first", mean), mean)
             if diverged(mean, watch["start"]):
                 raise Diverged(cfg.rule, epoch, global_step, mean, watch["start"])
             window.zero_()

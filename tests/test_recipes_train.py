@@ -3,6 +3,7 @@ checkpoint, exact resume, plots, table; configs, optimizers and schedules."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -511,6 +512,19 @@ def test_a_diverging_run_stops_and_its_final_record_says_so(tiny_data, tmp_path,
     assert f"rule 'fa' diverged at epoch {d['epoch']}, step {d['step']}" in err
     assert not (d["loss"] <= train.DIVERGENCE_FACTOR * d["start_loss"])  # too big, or NaN
     assert len(_records(tmp_path / "boom", "epoch")) == d["epoch"] - 1
+
+
+def test_a_climb_inside_the_first_window_is_measured_from_the_first_step(tiny_data, tmp_path):
+    """The reference loss is the lower of the first step's and the first window's mean: a run
+    that blows up within its first window (here: the whole first epoch, 4 steps) is stopped
+    there, with a finite loss, not measured against its own inflated start."""
+    args = _args(tiny_data, tmp_path, "--model", "mlp3x1024", "--rule", "bp", "--epochs", "2",
+                 "--optimizer", "sgd", "--lr", "3", "--name", "climb")
+    assert train.main(args) == 0
+    (final,) = _records(tmp_path / "climb", "final")
+    d = final["diverged"]
+    assert d is not None and d["epoch"] == 1 and math.isfinite(d["loss"]), d
+    assert d["start_loss"] < 3.0 < d["loss"] / train.DIVERGENCE_FACTOR, d
 
 
 def test_final_record_has_the_test_accuracy_at_the_best_validation_epoch(tiny_data, tmp_path):
