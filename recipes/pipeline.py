@@ -301,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resimulate:
         from .pipeline_sim import resimulate
         for f in args.resimulate:
-            if "simulation" in json.loads(Path(f).read_text()):
+            if "simulation" not in json.loads(Path(f).read_text()):
+                continue
+            try:
                 resimulate(f)
                 print(f"resimulated {f}")
+            except ValueError as exc:
+                print(f"left as it is: {exc}")
         return 0
     if args.report:
         repo = Path(__file__).resolve().parents[1]

@@ -186,6 +186,15 @@ def resimulate(path) -> dict[str, Any]:
     plan = {"profile": res["profile"], "splits": res["splits"]}
     sim = simulate_all({"link": res["link"], "runs": res["runs"]}, args, plan)
     sim.pop("_s8_events")
+    was = {(c["label"], c["M"]): c["simulated_images_per_s"] for c in old["check"]}
+    for c in sim["check"]:
+        before = was.get((c["label"], c["M"]))
+        if before is None or abs(c["simulated_images_per_s"] - before) > 1e-6 * before:
+            raise ValueError(
+                f"{path}: the simulator no longer replays this file's measured run "
+                f"{c['label']} K={c['M']} as it did ({before} images/s recorded, "
+                f"{c['simulated_images_per_s']:.6g} now): it was measured with a runner the "
+                "current simulator does not model; measure it again instead")
     res["simulation"] = sim
     res["speedup_simulated"] = speedups(sim["scaled"])
     res["speedup_simulated_free_messages"] = speedups(sim["scaled"], "images_per_s_free_messages")

@@ -365,17 +365,28 @@ def test_resimulate_reproduces_the_recorded_replay_and_adds_the_wide_variant(tmp
     measured runs is what the file records (the simulator is deterministic), and every
     asynchronous label gains its max_in_flight=S variant at each simulated S."""
     import json
-    import shutil
     from pathlib import Path
     from recipes.pipeline_sim import WIDE, resimulate
     src = Path(__file__).resolve().parents[1] / "results" / "pipeline" / "mlp8x1024_S2.json"
+
+    def copy(path, to):             # one simulated S and the measured link only: fast
+        d = json.loads(path.read_text())
+        d["simulation"]["scaled"] = [x for x in d["simulation"]["scaled"] if x["S"] == 8]
+        d["simulation"]["bandwidth"] = {"links": ["loopback"], "latency": 5e-5}
+        to.write_text(json.dumps(d))
+        return d
+
     f = tmp_path / src.name
-    shutil.copy(src, f)
-    before = json.loads(src.read_text())
+    before = copy(src, f)
     after = resimulate(f)
     assert json.loads(f.read_text()) == after
     assert [c["simulated_images_per_s"] for c in after["simulation"]["check"]] == \
         pytest.approx([c["simulated_images_per_s"] for c in before["simulation"]["check"]])
+    old = tmp_path / "old.json"        # measured before the runner's current policy
+    kept = copy(src.with_name("resnet20_S2.json"), old)
+    with pytest.raises(ValueError, match="no longer replays"):
+        resimulate(old)
+    assert json.loads(old.read_text()) == kept
     scaled = after["simulation"]["scaled"]
     for x in scaled:
         if x["label"].endswith("-async"):
