@@ -179,23 +179,17 @@ class DRTP(DirectRule):
     ``drtp-published`` keeps the paper's form).  ``u = y* - 1/K`` is ``-c e`` for an output at
     chance (``p = 1/K``), so it is still known from the target alone, before the forward ends.
 
-    ``gate=True`` (an option of this library, not of the paper; off by default): each row's signal
-    is the target component of its error, ``dx = P(e) @ B`` with ``P(e) = (e . y* / ||y*||^2)
-    y*`` -- for a hard-label cross-entropy ``-(1 - p_t) y* / c``, the published signal times
-    how far the sample still is from its target.  The direction (the target's projection) is
-    DRTP's; only its size fades as a sample is learned.  Why: the published signal ``-y*/c``
-    never fades, so it keeps pushing every hidden unit along its fixed random direction and,
-    in a network whose growth nothing bounds (ReLU, BatchNorm's scale and shift; Frenkel et
-    al. trained tanh/sigmoid networks, which saturate), the activity and the logits grow: on
-    ResNet-20 (RESULTS.md, row ``drtp``) its training loss rose from 2.2 to 9.4 in
-    epochs 5-9 with update norms 3-14 times backprop's.  Not shown to fix that: in 100 steps at
-    a constant lr of 0.02 both forms diverge (training loss 135 published, 93 gated), so the
-    default stays the paper's rule (``gate=False``).
-    The price: the gate needs ``p_t``, so the hidden layers wait for the output, as ``dfa``'s
-    do; with ``gate=False`` the signal is known from the target alone, before the forward pass
-    ends (what :mod:`localopt.pipeline`'s direct schedule sends: the published form).
+    ``gate=True`` (an option of this library, not of the paper; off by default): each row's
+    signal is the error's component along ``u``, ``dx = P(e) @ B`` with ``P(e) = u (e . u) /
+    ||u||^2`` -- with ``center=False`` and a hard-label cross-entropy ``-(1 - p_t) y* / c``,
+    the published signal times how far the sample still is from its target.  Its size fades
+    as a sample is learned.  It does not stop ResNet-20's divergence (at a constant lr of 0.02
+    both the paper's and the gated signal diverged within 100 steps), so it stays off.  Its
+    price: the gate needs ``p_t``, so the hidden layers wait for the output, as ``dfa``'s do;
+    without it the signal is known from the target alone, before the forward pass ends (what
+    :mod:`localopt.pipeline`'s direct schedule sends).
 
-    Option ``target`` (besides those of :class:`DFA`):
+    Options ``center``, ``gate`` (above) and ``target`` (besides those of :class:`DFA`):
 
     * ``"ce"`` (default): for a hard-label cross-entropy loss on the output, with any
       reduction and scale (``F.cross_entropy(z, y) / k`` for gradient accumulation, ``sum``
@@ -209,7 +203,7 @@ class DRTP(DirectRule):
       If ``softmax(z) - c e`` is not one-hot (another loss, or soft labels: label smoothing
       and a loss scale cannot be told apart in ``e``) the backward raises.
     * ``"given"``: ``localopt.set_targets(model, y, scale=s)`` before each backward (class
-      indices, or one-hot/soft targets of any loss); the signal is ``-s y* / R`` -- the
+      indices, or one-hot/soft targets of any loss); the signal is ``-s u / R`` -- the
       target part of ``s`` times a mean-reduced loss's error.  Pass the loss's scale as
       ``s``: ``1/k`` for ``loss / k`` over ``k`` equal micro-batches (``n_i / N`` for a
       micro-batch of ``n_i`` of ``N`` samples), ``R`` for a ``sum`` reduction.
