@@ -129,7 +129,7 @@ def readme_block(d: Path, files: list, K: int, S_sim: int, root: Path,
 
 def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> list[str]:
     """The headline tables; ``models``: only their throughput rows, the time-to-accuracy
-    tables, no one-process comparison."""
+    tables, no bounds table and no one-process comparison (the project README's block)."""
     thr = [(f, r) for f, r in files if "simulation" in r
            and (models is None or model_name(r.get("meta", {})) in models)]
     L: list[str] = []
@@ -164,7 +164,7 @@ def _headline(files: list, K: int, S_sim: int, models: tuple | None = None) -> l
         L.append("")
     bound_rows = [dict(row, file=f.name) for f, res in thr
                   for row in speedup_bounds(res, K, S_sim)]
-    if bound_rows:
+    if bound_rows and models is None:
         L += [f"## What bounds the speed-up (K = {K}; simulated: S = {S_sim}, K = 8)", "",
               "Each direct schedule's measured speed-up over the fastest backprop schedule "
               "beside what it would be with no process ever waiting (its busy time per step: "
