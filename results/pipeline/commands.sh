@@ -46,9 +46,9 @@ for s in 1f1b dfa dfa-async drtp; do
       --microbatches 4 --schedules $s --batch 128 --epochs 2 --eval-every 100 \
       --json $OUT/time_to_accuracy_mlp8x1024_S2_$s.json
 done
-for s in 1f1b dfa-async dfa drtp; do           # ResNet-20 (module-wise dfa): one epoch
+for s in 1f1b dfa-async dfa drtp; do           # ResNet-20 (module-wise dfa): two epochs
   python -m recipes.pipeline --model resnet20 --stages 2 --microbatches 4 --schedules $s \
-      --batch 64 --epochs 1 --eval-every 200 --json $OUT/time_to_accuracy_resnet20_S2_$s.json
+      --batch 64 --epochs 2 --eval-every 400 --json $OUT/time_to_accuracy_resnet20_S2_$s.json
 done
 # per-block costs on a CUDA GPU, simulated pipelines (DRY=1: a CPU smoke test)
 # python -m recipes.pipeline_gpu --json $OUT/gpu_costs.json
