@@ -5,6 +5,9 @@ link bandwidths of ``--bandwidth``, and the bytes a training step sends
 (:func:`bytes_per_step`); with the schedule labels the recipe shares with it."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from localopt.pipeline.analysis import speedups, stage_costs
@@ -171,9 +174,6 @@ def resimulate(path) -> dict[str, Any]:
     (its measured costs, split, link, stage counts, deepening and bandwidths as recorded) and
     rewrite its simulation and simulated speed-ups in place: the simulator's answers for
     measurements already taken.  Returns the new contents."""
-    import json
-    from pathlib import Path
-    from types import SimpleNamespace
     path = Path(path)
     res = json.loads(path.read_text())
     old = res["simulation"]

@@ -324,6 +324,23 @@ def test_drtp_ce_recovers_the_target_and_given_targets_match():
     torch.testing.assert_close(probe.grad, -centred @ B / 6)
 
 
+@HYP
+@given(k=st.integers(2, 12), n=st.integers(1, 9), seed=st.integers(0, 2**16),
+       scale=st.floats(1e-3, 1e3))
+def test_drtp_target_signal_is_the_centred_target_times_the_scale(k, n, seed, scale):
+    """For any labels: centred, each row of the signal sums to zero over the classes (it has
+    no part common to every class) and differs from the paper's -scale y* by the constant
+    scale/K; uncentred, it is the paper's -scale y*."""
+    y = F.one_hot(torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed)),
+                  k).double()
+    centred = localopt.rules.direct.DRTP(center=True).target_signal(y, scale)
+    paper = localopt.rules.direct.DRTP(center=False).target_signal(y, scale)
+    torch.testing.assert_close(paper, -scale * y)
+    torch.testing.assert_close(centred.sum(-1), torch.zeros(n, dtype=torch.float64),
+                               atol=1e-9 * scale, rtol=0)
+    torch.testing.assert_close(centred - paper, torch.full_like(y, scale / k))
+
+
 @pytest.mark.parametrize("target", ["ce", "given"])
 def test_drtp_default_signal_has_no_class_independent_part(target):
     """center=True (default): a batch holding every class once sends a signal whose batch sum

@@ -225,19 +225,22 @@ class DRTP(DirectRule):
         self.target = target
         self.needs_output = target == "ce"
 
+    def _direction(self, y: Tensor) -> Tensor:
+        """``u``: the targets, centred over the classes with ``center=True``."""
+        return y - y.mean(-1, keepdim=True) if self.center else y
+
     def target_signal(self, y: Tensor, scale: Tensor | float) -> Tensor:
         """The projected signal from the targets ``y`` (one-hot or soft, shaped like the
         output): ``-scale * u`` with ``u = y - mean_k(y)`` (``center=True``) or ``u = y``
         (the paper's); ``scale`` is ``1/c``, the loss's normaliser (``1/R`` for a batch mean
         over ``R`` error rows).  What every stage of :mod:`localopt.pipeline` computes from
         the labels alone."""
-        u = y - y.mean(-1, keepdim=True) if self.center else y
-        return u * (-scale)
+        return self._direction(y) * (-scale)
 
     def gated_signal(self, y: Tensor, e: Tensor) -> Tensor:
         """``gate=True``: the error's component along the target direction ``u`` (as in
         :meth:`target_signal`), row by row: ``u (e . u) / ||u||^2``."""
-        u = y - y.mean(-1, keepdim=True) if self.center else y
+        u = self._direction(y)
         return u * ((e * u).sum(-1, keepdim=True) /
                     u.square().sum(-1, keepdim=True).clamp_min(1e-30))
 
