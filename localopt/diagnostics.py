@@ -94,7 +94,7 @@ def _preserved(model: nn.Module, site_list: list[Site]):
     """Restore non-feedback buffers and set aside the pending feedback-learning signals (the
     feedback buffers' ``.grad``, least-squares normalisers, target-propagation traces:
     :meth:`~localopt.Rule.take_pending_feedback`)."""
-    feedback = {id(site.module._buffers[b]) for site in site_list for b in site.buffer_names}
+    feedback = {id(t) for site in site_list for _, t in site.state_buffers()}
     saved = [(buf, buf.clone()) for buf in model.buffers() if id(buf) not in feedback]
     rule = site_list[0].rule if site_list else None
     pending = rule.take_pending_feedback(site_list) if rule is not None else None

@@ -235,6 +235,11 @@ class Site:
     def buffer(self, name: str) -> Tensor:
         return self.module._buffers[self.BUFFER_PREFIX + name]
 
+    def state_buffers(self) -> list[tuple[str, Tensor]]:
+        """This site's state: ``(registered name, tensor)`` of every buffer the rule
+        registered on the module (the ``localopt_*`` names), in registration order."""
+        return [(b, self.module._buffers.get(b)) for b in self.buffer_names]
+
     @property
     def weight(self) -> Tensor:
         return self.module.weight

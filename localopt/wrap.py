@@ -302,14 +302,13 @@ def _state_key(prefix: str, site: Site, buffer_name: str) -> str:
 # ---------------------------------------------------------------------------------------
 def _state_buffers(rec: _Wrapping):
     for s in rec.sites:
-        for b in s.buffer_names:
-            t = s.module._buffers.get(b)
+        for b, t in s.state_buffers():
             if t is not None:
                 yield s, b, t
 
 
 def _on_meta(sites: list[Site]) -> bool:
-    return any(t.is_meta for s in sites for t in (s.module._buffers.get(b) for b in s.buffer_names)
+    return any(t.is_meta for s in sites for _, t in s.state_buffers()
                if t is not None and t.numel() > 0)
 
 

@@ -258,6 +258,14 @@ def speedup_bounds(res: dict, K: int, S_sim: int) -> list[dict]:
     return out
 
 
+def _steady(c: dict) -> str:
+    """The timed-window replay of an asynchronous run, beside the 4-step one."""
+    st = c.get("simulated_steady_images_per_s")
+    if not st:
+        return ""
+    return f"; timed window {st:.0f} ({100 * (st / c['measured_images_per_s'] - 1):+.1f}%)"
+
+
 def _report_throughput(res: dict, m: dict) -> list[str]:
     L = [f"Timed: {m.get('steps')} steps after {m.get('warmup')} warm-up steps per row. "
          f"Splits ({res.get('split_how')}): " +
@@ -274,7 +282,8 @@ def _report_throughput(res: dict, m: dict) -> list[str]:
         fw = ", ".join(_ms(s["forward"]) for s in r["stage_costs"])
         L.append(f"| {r['label']} | {r['M']} | {r['images_per_s']:.0f} | "
                  f"{percents(r['idle_fraction'])} | {fw} | {bw} | "
-                 + (f"{c['simulated_images_per_s']:.0f} ({100 * c['error']:+.1f}%) | "
+                 + (f"{c['simulated_images_per_s']:.0f} ({100 * c['error']:+.1f}%)"
+                    + _steady(c) + " | "
                     f"{c['simulated_free_messages_images_per_s']:.0f} | "
                     f"{c['simulated_balanced_images_per_s']:.0f}" if c else " | ") + " |")
     L += ["", "Where each process's time goes (ms per step: compute = forward + backward, "

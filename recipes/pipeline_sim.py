@@ -57,6 +57,19 @@ def _sim_options(label: str) -> dict:
     return {"asynchronous": True} if label.endswith(ASYNC) else {}
 
 
+def _window(label: str, meta: dict) -> dict:
+    """``simulate``'s steps and timed window for a schedule.  The asynchronous schedule never
+    flushes, so it fills the pipeline once per training: it is timed as the recipe times a
+    measured run (the recorded untimed ``warmup`` steps, then ``steps`` timed ones, the last
+    step's drain left out).  Every other schedule flushes and fills again at every step, so
+    4 steps over their total is its steady state already (the two agree within 1% on the
+    committed files)."""
+    if not label.endswith(ASYNC):
+        return {"steps": 4}
+    warm = max(1, int(meta.get("warmup", 3)))
+    return {"steps": warm + int(meta.get("steps", 12)) + 1, "warmup": warm}
+
+
 def bytes_per_step(plan: dict, label: str, M: int, batch: int, S: int) -> dict[str, Any]:
     """Bytes one training step sends, per stage boundary (``zb``: between virtual stages; a
     boundary inside one process sends nothing): activations forward; backprop: their
@@ -79,7 +92,13 @@ def bytes_per_step(plan: dict, label: str, M: int, batch: int, S: int) -> dict[s
 
 
 def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
-    """Replay every measured run (same S) and the deeper pipelines of ``--simulate``."""
+    """Replay every measured run (same S) and the deeper pipelines of ``--simulate``.
+
+    The replay of a measured run totals 4 steps (``simulated_images_per_s``, the figure
+    checked against the measurement); an asynchronous run also gets the timed-window replay
+    (``simulated_steady_images_per_s``, :func:`_window`), the estimator the deeper pipelines
+    and the bandwidth sweep use for it."""
+    meta = {"warmup": getattr(args, "warmup", 3), "steps": getattr(args, "steps", 12)}
     from localopt.pipeline.timeline import CommCost, deepen, simulate
     link = CommCost(res["link"]["latency"], res["link"]["per_byte"])
     S = args.stages
@@ -103,13 +122,17 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
         # what decides it: the same costs with free messages, and with perfectly balanced stages
         free = sim_of(costs, link=CommCost(), e_bytes=0.0)
         balanced = sim_of(deepen(costs, len(costs), "finer"))
+        steady = (sim_of(costs, **_window(label, meta)).images_per_s
+                  if label.endswith(ASYNC) else None)
         check.append({"label": label, "M": M, "measured_images_per_s": run["images_per_s"],
                       "simulated_images_per_s": sim.images_per_s, "error": err,
+                      "simulated_steady_images_per_s": steady,
                       "simulated_idle_fraction": sim.idle_fraction,
                       "simulated_free_messages_images_per_s": free.images_per_s,
                       "simulated_balanced_images_per_s": balanced.images_per_s})
         by_key[(label, M)] = (costs, kw, sim)
     for (label, M), (costs, kw, _) in by_key.items():
+        kw = {**kw, **_window(label, meta)}
         for S2 in csv_list(args.simulate, int) if args.simulate else []:
             if label == "1f1b" and M < S2:               # torch's Schedule1F1B needs M >= S
                 continue
@@ -130,12 +153,12 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
                                "idle_fraction_mean": sum(sim.idle_fraction) / S2,
                                "images_per_s_free_messages": free.images_per_s})
             if args.timeline and S2 == 8 and M == 8:         # two steps, for the figure
-                s8[label] = simulate(microbatches=M, **deep, **{**kw, "steps": 2}).events
+                s8[label] = simulate(microbatches=M, **deep, **{**kw, "steps": 2, "warmup": 0}).events
     return {"check": check, "scaled": scaled, "assumption": args.deepen, "_s8_events": s8,
-            "bandwidth": _bandwidth_sweep(by_key, args, link)}
+            "bandwidth": _bandwidth_sweep(by_key, args, link, meta)}
 
 
-def _bandwidth_sweep(by_key: dict, args, loopback) -> dict[str, Any]:
+def _bandwidth_sweep(by_key: dict, args, loopback, meta: dict) -> dict[str, Any]:
     """images/s of every schedule over links of ``--bandwidth`` Gbit/s (``loopback``: the
     measured one) with ``--latency``, for ``S`` = the measured count and ``--simulate``; the
     measured costs deepened as for ``--simulate``."""
@@ -150,7 +173,7 @@ def _bandwidth_sweep(by_key: dict, args, loopback) -> dict[str, Any]:
             if label == "1f1b" and M < S2:
                 continue
             for name, lk in links.items():
-                base = {**kw, "link": lk, "e_link": None, "steps": 3}
+                base = {**kw, "link": lk, "e_link": None, "steps": 3, **_window(label, meta)}
                 if label == "zb":
                     vc = deepen(costs, 2 * S2, args.deepen)
                     sim = simulate(vc[:S2], "zb", M, virtual_costs=vc, **base)
@@ -180,6 +203,7 @@ def resimulate(path) -> dict[str, Any]:
     bw = old.get("bandwidth") or {}
     args = SimpleNamespace(
         stages=res["meta"]["stages"], batch=res["meta"]["batch"], timeline=None,
+        warmup=res["meta"].get("warmup", 3), steps=res["meta"].get("steps", 12),
         simulate=",".join(str(S) for S in sorted({x["S"] for x in old["scaled"]})),
         deepen=old["assumption"], bandwidth=",".join(bw.get("links") or ["loopback"]),
         latency=bw.get("latency", 5e-5))

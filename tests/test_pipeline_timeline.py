@@ -245,3 +245,31 @@ def test_the_library_timeline_needs_no_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("S,M", [(4, 4), (8, 8), (3, 6)])
+def test_steady_window_amortises_the_asynchronous_fill_only(S, M):
+    """``warmup``: the timed window of a long training.  The asynchronous schedule fills the
+    pipeline once, so its steady step is shorter than the 4-step average (which pays the fill
+    and the drain) yet never shorter than its busiest stage's work; a flushing schedule
+    fills at every step, so both estimators agree; one stage is the synchronous step."""
+    c = [StageCost(1.0, 3.0, direct=1.5, step=0.25)] * S
+    kw = dict(asynchronous=True, max_in_flight=S)
+    total = simulate(c, "direct", M, steps=4, **kw).makespan
+    steady = simulate(c, "direct", M, steps=12, warmup=3, **kw).makespan
+    busiest = M * (1.0 + 1.5) + 0.25
+    assert busiest - 1e-9 <= steady < total
+    for sched in ("direct", "1f1b"):
+        a = simulate(c, sched, M, steps=4).makespan
+        assert simulate(c, sched, M, steps=12, warmup=3).makespan == pytest.approx(a, rel=1e-3)
+    one = simulate(c[:1], "direct", M, steps=10, warmup=2, **kw).makespan
+    assert one == pytest.approx(busiest)
+
+
+def test_bad_warmup_is_named():
+    c = [StageCost(1.0, 1.0)] * 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup"):
+            simulate(c, "direct", 2, steps=6, warmup=bad)
+    with pytest.raises(ValueError, match="warmup=3"):
+        simulate(c, "direct", 2, steps=4, warmup=3)

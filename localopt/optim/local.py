@@ -208,8 +208,8 @@ class LocalOptimizer(Optimizer):
         if check:
             self._check_finite("value", [(f"{b} of '{s.name}'", t) for s in self._sites
                                          for b, t in s.module.named_parameters(recurse=False)]
-                               + [(f"{b} of '{s.name}'", s.module._buffers[b])
-                                  for s in self._sites for b in s.buffer_names])
+                               + [(f"{b} of '{s.name}'", t)
+                                  for s in self._sites for b, t in s.state_buffers()])
         return loss
 
     def _check_finite(self, what: str, tensors: list[tuple[str, Tensor | None]]) -> None:
@@ -236,8 +236,8 @@ class LocalOptimizer(Optimizer):
         buffer that holds one, and the least-squares normalisers (``site.feedback_norm``)."""
         out = []
         for s in self._sites:
-            for b in s.buffer_names:
-                g = s.module._buffers[b].grad
+            for _, t in s.state_buffers():
+                g = t.grad
                 if g is not None:
                     out.append(g)
             if s.feedback_norm is not None:

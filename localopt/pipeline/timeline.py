@@ -160,7 +160,7 @@ class _Op:
 
 
 def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
-         ) -> tuple[list[tuple], float]:
+         ) -> tuple[list[tuple], float, dict[tuple, float]]:
     """Replay ``ops``.  ``order[r]`` is a fixed list of op keys for rank ``r``, or a
     :class:`_PolicyOrder` whose ``candidates()`` name the ops rank ``r``'s state allows,
     preferred first, and whose ``done(key)`` records one (returning the steps whose receives
@@ -173,7 +173,7 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
     needs it, as torch's single-stage schedules post them; ``"early"``: when the receiving
     rank starts the step, as localopt's direct schedule and torch's zero-bubble runtime do),
     and is delivered ``delay`` later; a send's completion is that delivery.
-    Returns (records (rank, kind, microbatch, start, end), makespan)."""
+    Returns (records (rank, kind, microbatch, start, end), makespan, end time of every op)."""
     end: dict[tuple, float] = {}
     post: dict[tuple, float] = {}                   # when the rank became ready for the op
     step_start: dict[tuple, float] = {}             # (rank, step) -> when it began the step
@@ -286,7 +286,7 @@ def _run(ops: dict, order: Mapping[int, Any], nranks: int, recv: str
         if isinstance(order[r], _PolicyOrder):
             for rank, k, at in order[r].done(key, free[r]):   # a batch given: its receives
                 step_start.setdefault((rank, k), at)          # are posted then
-    return records, max(free)
+    return records, max(free), end
 
 
 class _BatchCheck:
@@ -376,7 +376,7 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
              link: CommCost = CommCost(), e_link: CommCost | None = None, e_bytes: float = 0.0,
              batch: float | None = None, steps: int = 1, zb_variant: str = "zbv",
              virtual_costs: Sequence[StageCost] | None = None, asynchronous: bool = False,
-             max_in_flight: int | None = None) -> SimResult:
+             max_in_flight: int | None = None, warmup: int = 0) -> SimResult:
     """Simulate ``steps`` training steps of ``schedule`` on ``len(costs)`` stages (processes).
 
     Args:
@@ -395,8 +395,16 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
             default: every process's stage cut into two halves of equal cost.
         asynchronous, max_in_flight: ``direct``/``drtp``: the runner's options
             (:class:`~localopt.pipeline.policy.DirectPolicy`, the object the runner uses).
+        warmup: 0 (default): the makespan per step is the total over ``steps``, filling and
+            draining the pipeline included.  ``warmup = w > 0``: the steady state a long
+            training runs in, as :mod:`recipes.pipeline` times it (after untimed warm-up
+            steps, up to the last step's return): the time from the end of step ``w - 1``
+            to the end of step ``steps - 2`` (a step ends with the last of its optimizer
+            updates over the stages), over ``steps - 1 - w`` steps.  It differs from the
+            total only for a schedule that does not flush: the asynchronous one fills the
+            pipeline once per training, not once per step.  Needs ``steps >= w + 2``.
 
-    Returns: :class:`SimResult` with the makespan *per step* (total / ``steps``); its events
+    Returns: :class:`SimResult` with the makespan *per step* (``warmup``); its events
     carry the process index as ``stage``, kinds ``forward``, ``backward`` (``zb``: the input
     gradient), ``backward_weight`` (``zb``: the deferred weight gradient), ``step`` (the
     optimizer step, when it costs anything) and ``wait`` (idle until a message arrives).
@@ -407,6 +415,10 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
     if S < 1 or M < 1 or steps < 1:
         raise ValueError(f"simulate: need at least one stage, micro-batch and step (got S={S}, "
                          f"M={M}, steps={steps})")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0 or \
+            (warmup and steps < warmup + 2):
+        raise ValueError(f"simulate: warmup={warmup!r} must be an int >= 0, and steps >= "
+                         f"warmup + 2 when it is not 0 (got steps={steps})")
     if asynchronous and schedule in BACKPROP:
         raise ValueError(f"simulate: asynchronous=True runs the direct schedules only; "
                          f"schedule={schedule!r} needs the next stage's gradient")
@@ -506,12 +518,15 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
         for key, op in ops.items():                   # own optimizer step (direct: the policy)
             if key[0] > 0:
                 op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
-    records, total = _run(ops, order, S, "late" if schedule in ("gpipe", "1f1b") else "early")
+    records, total, end = _run(ops, order, S, "late" if schedule in ("gpipe", "1f1b") else "early")
     records = [rec for rec in records if not (rec[1] == "step" and rec[4] == rec[3])]
     Event = _event_type()
     events = sorted((Event(r, kind, mb, start, end) for r, kind, mb, start, end in records),
                     key=lambda e: (e.stage, e.start))
     makespan = total / steps
+    if warmup:
+        step_end = [max(end[(k, r, "S", -1)] for r in range(S)) for k in range(steps)]
+        makespan = (step_end[steps - 2] - step_end[warmup - 1]) / (steps - 1 - warmup)
     idle = idle_fractions(events, S, total)
     images = M if batch is None else batch
     return SimResult(schedule, S, M, makespan, images / makespan, idle, events)
