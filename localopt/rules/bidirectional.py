@@ -51,8 +51,10 @@ class BFA(LearnsFeedback, FeedbackRule):
     reconstruction learning is unchanged.  The idea: the least-squares inverse of a layer
     scales as ``1 / ||W||``, so where W grows (BatchNorm-followed convs do) the signal shrinks
     against backprop's.  Not a fix of bfa's failure on ResNet-20 (one-cycle SGD, peak lr 0.1:
-    the training loss climbs from 2.1 to 82 around the peak; RESULTS.md): in 300 steps at a
-    constant lr of 0.1 both forms diverge, this one faster (``results/notes/rule_stability.md``).
+    the training loss climbs from 2.1 to 82 around the peak; RESULTS.md): with it the same
+    protocol diverges one epoch earlier, and the signal stays as small as the paper's rule's,
+    since the learned B's direction (63-88 degrees from W) sets its size along the error
+    (row ``bfa-track``; ``results/notes/rule_stability.md``).
 
     Options:
         lr: feedback learning rate (default 0.5; stable below 2).
