@@ -67,7 +67,7 @@ def _timed_as(row: Row, variant: dict[str, Any] | None, file_optimizer: str) -> 
 
 def step_ratio(row: Row, step_times: list[dict[str, Any]]) -> tuple[str, Path | None]:
     """The row's step-time ratio to plain backprop: a plain rule's from the file that measured
-    the most rules; a row with options or its own optimizer (``fa-best``, ``dfa-stage``) from
+    the most rules (not when that file timed the rule with other options than the row's); a row with options or its own optimizer (``fa-best``, ``dfa-stage``) from
     a file that timed it by its label with the same rule, options and optimizer."""
     device = row.group.device
     if row.runs:
@@ -75,7 +75,10 @@ def step_ratio(row: Row, step_times: list[dict[str, Any]]) -> tuple[str, Path | 
     for st in step_times:
         if st["model"] != row.group.model or st["device"] != device:
             continue
-        if row.plain and row.rule in st["ratios"]:
+        timed = st["variants"].get(row.rule)      # a plain rule timed with other options
+        if row.plain and row.rule in st["ratios"] and (
+                timed is None or timed.get("options", {}) ==
+                (row.settings or {}).get("rule_options", {})):
             return f"{st['ratios'][row.rule]:.2f}", st["path"]
         if (not row.plain and row.variant in st["ratios"]
                 and _timed_as(row, st["variants"].get(row.variant), st["optimizer"])):

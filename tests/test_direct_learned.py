@@ -97,6 +97,28 @@ def test_dkp_channel_mode_conv_gradient():
     assert B.grad is None and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_dkp_default_feedback_is_the_read_out_of_the_pooled_input():
+    """dkp's default B on a conv input is one K x C matrix shared by every position, so it
+    learns a read-out of the pooled input (grad B = e^T x summed over positions); the dense
+    K x CHW matrix that diverges on ResNet-20 is an option.  On Linear inputs the two are the
+    same matrix: an MLP trains bit for bit as with feedback="dense"."""
+    model = localopt.wrap(conv_net(), "dkp", seed=5)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    F.cross_entropy(model(x), y).backward()
+    assert model[2]._buffers["localopt_feedback"].shape == (10, 32)
+    runs = []
+    for opts in ({}, {"feedback": "dense"}):
+        mlp = localopt.wrap(net(), "dkp", seed=5, **opts)
+        opt = LocalOptimizer(mlp, torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        runs.append((train_steps(mlp, *data(), opt, 3),
+                     {k: t.clone() for k, t in mlp.state_dict().items()
+                      if k != "localopt_rule"}))       # (that one records the options)
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1].keys() == runs[1][1].keys()
+    assert all(torch.equal(t, runs[1][1][k]) for k, t in runs[0][1].items())
+
+
 def conv_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),

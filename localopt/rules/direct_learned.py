@@ -42,6 +42,18 @@ class DKP(LearnsFeedback, DFA):
     large inputs ``x``, ``||B||`` grows by orders of magnitude and the training diverges
     (RESULTS.md, row ``dkp-published``: ``||B||`` from 3 to 1e13, loss 23 after epoch 2 at a
     learning rate below 2e-4, 1e29 at the end).
+
+    ``feedback="channel"`` (the default; an option of :class:`~localopt.rules.direct.DFA`,
+    whose own default is ``"dense"``): on an input with positions (a conv layer's ``C x H x
+    W``) one ``K x C`` matrix is shared by every position, so ``grad B = sum over positions
+    of e^T x`` is the gradient of a linear read-out of the *pooled* input -- what a
+    globally pooled network's classifier reads, through the identity shortcuts, from every
+    point of a residual stream.  The dense ``B`` (``K x C H W``) learns a read-out of every
+    pixel instead: its signal ``e B`` is a mix of the inputs' spatial patterns, the weight
+    updates it drives add up over positions and samples, and on ResNet-20 the training
+    diverges (row ``dkp-dense``: loss 2.8 -> 14.7 by epoch 4) where the channel form trains
+    above ``dfa`` (rows ``dkp``, ``dfa``; ``results/notes/rule_stability.md``).  On inputs
+    without positions (``Linear`` layers, MLPs) the two are the same matrix, bit for bit.
     Other options as :class:`~localopt.rules.direct.DFA`.
     """
 
@@ -49,7 +61,7 @@ class DKP(LearnsFeedback, DFA):
     feedback_from_data = True
     mirrors_update = True
 
-    def __init__(self, *, fixed_norm: bool = True, feedback: str = "dense",
+    def __init__(self, *, fixed_norm: bool = True, feedback: str = "channel",
                  init: str = "uniform", scale: float = 1.0, output: "int | str | None" = None,
                  modules: Any = None, channel_dim: "int | None" = None,
                  max_feedback_mb: float = 1024.0, inside: str = "bp") -> None:
