@@ -477,7 +477,8 @@ def test_step_time_ratio_of_a_row_with_options_or_its_own_optimizer(results, tmp
     """A row with rule options or its own optimizer (``fa-best``: fa init="weight" with Muon;
     ``dfa-stage``) takes its ratio from a ``--variants-from`` file that timed it by its label
     with the same rule, options and optimizer -- never from a same-named variant of another
-    definition, nor from its plain rule's ratio."""
+    definition, nor from its plain rule's ratio; a plain row only from a file that timed the
+    rule with the row's options."""
     def write(name: str, variants: dict, optimizer: str = "sgd(lr=0.001)") -> None:
         (results / "step_time" / name).write_text(json.dumps(
             {"model": "resnet20", "device": "cpu", "optimizer": optimizer,
@@ -489,12 +490,14 @@ def test_step_time_ratio_of_a_row_with_options_or_its_own_optimizer(results, tmp
         "fa-best": {"rule": "fa", "options": {"init": "weight"}, "optimizer": "muon",
                     "ratio": 1.12},
         "dfa-stage": {"rule": "dfa", "options": {"modules": ["layers.0"]}, "ratio": 7.0},
-        "bp-muon": {"rule": "bp", "options": {}, "ratio": 8.0}})       # timed with sgd
+        "bp-muon": {"rule": "bp", "options": {}, "ratio": 8.0},        # timed with sgd
+        "dkp": {"rule": "dkp", "options": {}, "ratio": 0.5}})  # the row names feedback=channel
     write("other_resnet20.json", {"dfa-stage": {"rule": "dfa", "options": stage, "ratio": 0.97}})
     rows = table_rows(_build(results, tmp_path), "Protocol cpu: config resnet20_cpu")
     assert rows["fa"]["ratio"] == "1.05" and rows["fa-best"]["ratio"] == "1.12"
     assert rows["dfa-stage"]["ratio"] == "0.97"   # the file whose options are the row's
     assert rows["bp-muon"]["ratio"] == "—"        # timed with another optimizer
+    assert rows["dkp"]["ratio"] == "—"            # a plain rule timed with other options
 
 
 def _edit_log(path: Path, edit) -> None:
