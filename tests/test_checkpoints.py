@@ -77,13 +77,15 @@ def test_feedback_of_another_kind_is_refused_at_load(src, dst, kw):
     b.load_state_dict(localopt.strip_feedback(a.state_dict()), strict=False)  # the way out
 
 
-@pytest.mark.parametrize("src,dst", [("fa", "kp"), ("kp", "fa"), ("bfa", "kp"), ("dfa", "dkp"),
-                                     ("dfa", "bdfa"), ("dtp", "sdtp")])
-def test_feedback_of_the_same_kind_loads_across_rules(src, dst):
+@pytest.mark.parametrize("src,dst,opts", [("fa", "kp", {}), ("kp", "fa", {}), ("bfa", "kp", {}),
+                                          ("dfa", "dkp", {"feedback": "dense"}),
+                                          ("dfa", "bdfa", {}), ("dtp", "sdtp", {})])
+def test_feedback_of_the_same_kind_loads_across_rules(src, dst, opts):
+    """(dkp's default feedback is shared over positions, another kind than dfa's dense B.)"""
     torch.manual_seed(0)
     a = localopt.wrap(mlp(), src, seed=0)
     a(torch.randn(2, 8, requires_grad=True)).sum().backward()
-    b = localopt.wrap(mlp(), dst, seed=1)
+    b = localopt.wrap(mlp(), dst, seed=1, **opts)
     b.load_state_dict(a.state_dict(), strict=False)
     for k, v in a.state_dict().items():
         if k in b.state_dict() and v.numel() and k != "localopt_rule":
