@@ -397,7 +397,7 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
             (:class:`~localopt.pipeline.policy.DirectPolicy`, the object the runner uses).
         warmup: 0 (default): the makespan per step is the total over ``steps``, filling and
             draining the pipeline included.  ``warmup = w > 0``: the steady state a long
-            training runs in, as :mod:`recipes.pipeline` times it (after untimed warm-up
+            training runs in, as ``recipes.pipeline`` times it (after untimed warm-up
             steps, up to the last step's return): the time from the end of step ``w - 1``
             to the end of step ``steps - 2`` (a step ends with the last of its optimizer
             updates over the stages), over ``steps - 1 - w`` steps.  It differs from the
