@@ -62,10 +62,10 @@ def _window(label: str, meta: dict) -> dict:
     flushes, so it fills the pipeline once per training: it is timed as the recipe times a
     measured run (the recorded untimed ``warmup`` steps, then ``steps`` timed ones, the last
     step's drain left out).  Every other schedule flushes and fills again at every step, so
-    4 steps over their total is its steady state already (the two agree within 1% on the
-    committed files)."""
+    a total over a few steps is its steady state already (they agree within 1% on the
+    committed files): ``{}``, the caller's own step count."""
     if not label.endswith(ASYNC):
-        return {"steps": 4}
+        return {}                   # the caller's step count (a total over a few steps)
     warm = max(1, int(meta.get("warmup", 3)))
     return {"steps": warm + int(meta.get("steps", 12)) + 1, "warmup": warm}
 
@@ -153,7 +153,8 @@ def simulate_all(res: dict, args, plan: dict) -> dict[str, Any]:
                                "idle_fraction_mean": sum(sim.idle_fraction) / S2,
                                "images_per_s_free_messages": free.images_per_s})
             if args.timeline and S2 == 8 and M == 8:         # two steps, for the figure
-                s8[label] = simulate(microbatches=M, **deep, **{**kw, "steps": 2, "warmup": 0}).events
+                s8[label] = simulate(microbatches=M, **deep,
+                                     **{**kw, "steps": 2, "warmup": 0}).events
     return {"check": check, "scaled": scaled, "assumption": args.deepen, "_s8_events": s8,
             "bandwidth": _bandwidth_sweep(by_key, args, link, meta)}
 

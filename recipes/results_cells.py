@@ -67,7 +67,8 @@ def _timed_as(row: Row, variant: dict[str, Any] | None, file_optimizer: str) -> 
 
 def step_ratio(row: Row, step_times: list[dict[str, Any]]) -> tuple[str, Path | None]:
     """The row's step-time ratio to plain backprop: a plain rule's from the file that measured
-    the most rules (not when that file timed the rule with other options than the row's); a row with options or its own optimizer (``fa-best``, ``dfa-stage``) from
+    the most rules (not when that file timed the rule with other options than the row's); a
+    row with options or its own optimizer (``fa-best``, ``dfa-stage``) from
     a file that timed it by its label with the same rule, options and optimizer."""
     device = row.group.device
     if row.runs:

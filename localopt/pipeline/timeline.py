@@ -518,7 +518,8 @@ def simulate(costs: Sequence[StageCost], schedule: str, microbatches: int, *,
         for key, op in ops.items():                   # own optimizer step (direct: the policy)
             if key[0] > 0:
                 op.deps.append(((key[0] - 1, op.rank, "S", -1), 0.0))
-    records, total, end = _run(ops, order, S, "late" if schedule in ("gpipe", "1f1b") else "early")
+    recv = "late" if schedule in ("gpipe", "1f1b") else "early"
+    records, total, end = _run(ops, order, S, recv)
     records = [rec for rec in records if not (rec[1] == "step" and rec[4] == rec[3])]
     Event = _event_type()
     events = sorted((Event(r, kind, mb, start, end) for r, kind, mb, start, end in records),
