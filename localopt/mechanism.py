@@ -233,12 +233,25 @@ class Site:
         self.buffer_names.append(full)
 
     def buffer(self, name: str) -> Tensor:
-        return self.module._buffers[self.BUFFER_PREFIX + name]
+        """The rule's buffer ``name`` on this site's module (registered as ``localopt_<name>``)."""
+        return getattr(self.module, self.BUFFER_PREFIX + name)
+
+    def has_buffer(self, name: str) -> bool:
+        """Whether the rule registered a buffer ``name`` on this site."""
+        return self.BUFFER_PREFIX + name in self.buffer_names
+
+    def set_buffer(self, name: str, tensor: Tensor) -> None:
+        """Replace the rule's buffer ``name`` by ``tensor`` (registered with :meth:`register_buffer`
+        first)."""
+        full = self.BUFFER_PREFIX + name
+        if full not in self.buffer_names:
+            raise KeyError(f"localopt: site '{self.name}' has no buffer {name!r}")
+        self.module.register_buffer(full, tensor, persistent=True)
 
     def state_buffers(self) -> list[tuple[str, Tensor]]:
         """This site's state: ``(registered name, tensor)`` of every buffer the rule
         registered on the module (the ``localopt_*`` names), in registration order."""
-        return [(b, self.module._buffers.get(b)) for b in self.buffer_names]
+        return [(b, getattr(self.module, b)) for b in self.buffer_names]
 
     @property
     def weight(self) -> Tensor:
@@ -256,8 +269,10 @@ class Site:
         for h in self._handles:
             h.remove()
         self._handles = []
+        own = dict(m.named_buffers(recurse=False))
         for b in self.buffer_names:
-            m._buffers.pop(b, None)
+            if b in own:
+                delattr(m, b)
         self.buffer_names = []
         m.__dict__.pop(_SITE_ATTR, None)
 
@@ -305,6 +320,23 @@ def _conv_backward(delta, shape, w, stride, padding, dilation, groups):
     )[0]
 
 
+def mode_padding(m: nn.Module) -> list[int]:
+    """The padding a conv layer with ``padding_mode != "zeros"`` applies with ``F.pad`` before
+    its convolution, in ``F.pad``'s order (last dimension first, ``(low, high)`` per dimension),
+    as ``torch.nn.modules.conv`` derives it from ``padding`` (``"same"``: ``dilation *
+    (kernel - 1)`` in all, the extra one at the high end)."""
+    nd = len(m.kernel_size)
+    if isinstance(m.padding, str):
+        pad = [0] * (2 * nd)
+        if m.padding == "same":
+            for i, (d, k) in enumerate(zip(m.dilation, m.kernel_size)):
+                total = d * (k - 1)
+                j = 2 * (nd - 1 - i)
+                pad[j], pad[j + 1] = total // 2, total - total // 2
+        return pad
+    return [p for p in reversed(m.padding) for _ in range(2)]
+
+
 def _conv_input_grad(m: nn.Module, delta: Tensor, w: Tensor, shape: torch.Size) -> Tensor:
     nd = w.dim() - 2
     unbatched = delta.dim() == nd + 1
@@ -313,7 +345,7 @@ def _conv_input_grad(m: nn.Module, delta: Tensor, w: Tensor, shape: torch.Size) 
     spatial = tuple(shape[-nd:])
     if m.padding_mode != "zeros":
         # forward was conv(F.pad(x, pad, mode), padding=0): transpose the conv, then the pad.
-        pad = m._reversed_padding_repeated_twice
+        pad = mode_padding(m)
         lo = [pad[2 * (nd - 1 - i)] for i in range(nd)]
         hi = [pad[2 * (nd - 1 - i) + 1] for i in range(nd)]
         padded = shape[:-nd] + tuple(s + a + b for s, a, b in zip(spatial, lo, hi))

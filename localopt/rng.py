@@ -59,7 +59,7 @@ def next_seed(site, salt: int = 0) -> int:
     """Advance ``site``'s stream by one draw and return that draw's seed.  ``salt`` (e.g. the
     data-parallel rank, for noise on a rank's own data shard) varies the seed without changing
     the stream's state."""
-    buf = site.module._buffers["localopt_" + BUFFER]
+    buf = site.buffer(BUFFER)
     cache = site.__dict__.get("_rng_cache")
     if cache is None or cache[0] is not buf or cache[1] != buf._version:
         seed, draws = (int(v) for v in buf.tolist())  # a host read only after outside changes
@@ -129,7 +129,7 @@ def counter_uniform(site, shape: tuple[int, ...], device: torch.device) -> Tenso
     ``splitmix64(s * phi + k * c + i * phi)`` (Steele, Lea & Flood 2014's finaliser, wrapping
     int64 arithmetic), its top 24 bits mapped to ``(j + 0.5) / 2**24``.  Deterministic per
     device type, eager and compiled alike."""
-    buf = site.module._buffers["localopt_" + BUFFER]
+    buf = site.buffer(BUFFER)
     n = 1
     for d in shape:
         n *= d
@@ -157,9 +157,7 @@ def preserved_streams(sites) -> Iterator[None]:
     """Leave the streams of ``sites`` as they were (for code that inspects a rule without
     training it, e.g. :mod:`localopt.diagnostics`): what runs inside sees the draws the next
     training step will see."""
-    key = "localopt_" + BUFFER
-    saved = [(s.module._buffers[key], s.module._buffers[key].clone())
-             for s in sites if key in s.module._buffers]
+    saved = [(s.buffer(BUFFER), s.buffer(BUFFER).clone()) for s in sites if s.has_buffer(BUFFER)]
     try:
         yield
     finally:

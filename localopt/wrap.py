@@ -242,8 +242,9 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
         raise ValueError(f"localopt: rule {rule_obj.name!r} found no layer to wrap in this "
                          f"{type(model).__name__} (it wraps: {kinds}; check include/exclude)")
     for n, m in picked:
-        clash = [k for k in list(m._buffers) + list(m._parameters) + list(m.__dict__)
-                 if k.startswith(Site.BUFFER_PREFIX)]
+        own = [n for n, _ in m.named_buffers(recurse=False)]
+        own += [n for n, _ in m.named_parameters(recurse=False)] + list(vars(m))
+        clash = [k for k in own if k.startswith(Site.BUFFER_PREFIX)]
         if clash:
             raise RuntimeError(f"localopt: module '{n}' already has attribute(s) {clash}, which "
                                "localopt reserves for its state")
@@ -384,8 +385,7 @@ def reset_feedback(model: nn.Module, seed: int | None = None) -> nn.Module:
     for k, s in enumerate(rec.sites):
         rec.rule.redraw(s, generator)
         if rec.rule.random_stream:
-            s.module._buffers[Site.BUFFER_PREFIX + rng.BUFFER] = rng.stream_state(
-                base_seed, k, _device_of(s.module))
+            s.set_buffer(rng.BUFFER, rng.stream_state(base_seed, k, _device_of(s.module)))
     rec.meta_state, rec.checked = _on_meta(rec.sites), None
     if isinstance(rec.rule, FeedbackRule):
         check_feedback_scale(rec.rule, rec.sites)
@@ -438,10 +438,9 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
     saved = state_dict.pop(prefix + FORMAT_KEY, None)
     ours, materialise, kept = set(), [], False
     for s in rec.sites:  # validate everything first: an error leaves the model untouched
-        for b in s.buffer_names:
+        for b, cur in s.state_buffers():
             key = _state_key(prefix, s, b)
             ours.add(key)
-            cur = s.module._buffers[b]
             if key not in state_dict or (state_dict[key].numel() == 0 and cur.numel() > 0):
                 state_dict[key] = cur
                 kept = kept or cur.numel() > 0
@@ -482,8 +481,7 @@ def _check_checkpoint(module, state_dict, prefix, local_metadata, strict, missin
     if not kept:  # every piece of state comes from the checkpoint
         rec.meta_state = False
     for s, b, shape in materialise:  # lazily-sized feedback: allocate, load_state_dict fills it
-        m = s.module
-        cur = m._buffers[b]
+        cur = dict(s.state_buffers())[b]
         with torch.no_grad():  # in place: the buffer keeps its identity (DDP, optimizers)
             cur.set_(torch.empty(shape, dtype=cur.dtype, device=cur.device))
 

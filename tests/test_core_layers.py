@@ -131,6 +131,27 @@ def test_conv_properties(cfg, dtype, rule, seed):
     _check_layer(layer, torch.randn(shape), dtype, rule)
 
 
+@settings(max_examples=40, deadline=None)
+@given(cfg=conv_configs(), seed=st.integers(0, 99))
+def test_mode_padding_is_the_pad_the_layer_applies(cfg, seed):
+    """``mode_padding`` (the input gradient's and bfa's transposed pad) is the pad of the
+    layer's own forward: padding then convolving without padding gives the layer's output."""
+    from localopt.mechanism import mode_padding
+    torch.manual_seed(seed)
+    mode = "reflect" if cfg["mode"] == "zeros" else cfg["mode"]
+    padding = cfg["padding"]
+    if padding in ("valid", 0) or isinstance(padding, tuple):
+        padding = (1,) * cfg["nd"] if isinstance(padding, tuple) else 1
+    layer = CONVS[cfg["nd"]](cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"],
+                             padding=padding, dilation=cfg["dil"], groups=cfg["groups"],
+                             bias=cfg["bias"], padding_mode=mode).double()
+    x = torch.randn((2, cfg["cin"]) + cfg["size"], dtype=torch.float64)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[cfg["nd"]]
+    out = conv(F.pad(x, mode_padding(layer), mode=mode), layer.weight, layer.bias,
+               layer.stride, 0, layer.dilation, layer.groups)
+    torch.testing.assert_close(out, layer(x))
+
+
 def test_depthwise_and_asymmetric_same():
     torch.manual_seed(0)
     dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)

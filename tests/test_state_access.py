@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +281,36 @@ def test_feedback_scale_check_follows_the_declared_capabilities():
             warnings.simplefilter("always")
             localopt.wrap(mlp(), cls(), seed=0)
         assert any("explode" in str(x.message) for x in w) == warns, cls.__name__
+
+
+# ------------------------------------------------------------------ torch's private state
+#: torch.nn.Module's private dictionaries and the conv modules' private padding: localopt goes
+#: through the public API (register_buffer, named_buffers, attribute access, delattr) instead
+PRIVATE_TORCH = re.compile(r"\._(buffers|parameters|modules|non_persistent_buffers_set|"
+                           r"(forward|backward)(_pre)?_hooks|reversed_padding_repeated_twice)\b")
+
+
+def test_the_library_uses_no_private_state_of_torch_modules():
+    root = Path(localopt.__file__).parent
+    found = [f"{p.relative_to(root)}:{i}: {line.strip()}"
+             for p in sorted(root.rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if PRIVATE_TORCH.search(line)]
+    assert not found, found
+
+
+def test_unwrap_removes_the_state_and_set_buffer_replaces_it_in_place_of_the_old():
+    m = mlp()
+    plain = {k for k, _ in m.named_buffers()}
+    localopt.wrap(m, "fa", seed=0)
+    site = site_of(m[0])
+    B = site.buffer("feedback")
+    assert site.has_buffer("feedback") and not site.has_buffer("nothing")
+    site.set_buffer("feedback", B.clone().zero_())
+    assert not torch.equal(site.buffer("feedback"), B)
+    assert torch.equal(m.state_dict()["0.localopt_feedback"], site.buffer("feedback"))
+    with pytest.raises(KeyError, match="no buffer 'nothing'"):
+        site.set_buffer("nothing", B)
+    localopt.unwrap(m)
+    assert {k for k, _ in m.named_buffers()} == plain
+    assert not hasattr(m[0], "localopt_feedback")

@@ -174,7 +174,7 @@ class Rule:
         :meth:`restore_pending_feedback` (used by :mod:`localopt.diagnostics`).  By default
         the ``.grad`` of every feedback buffer and :attr:`Site.feedback_norm`; rules that keep
         more extend it (target propagation: the traces of those passes)."""
-        bufs = [s.module._buffers[b] for s in sites for b in s.buffer_names]
+        bufs = [t for s in sites for _, t in s.state_buffers()]
         taken = ([(t, t.grad) for t in bufs], [(s, s.feedback_norm) for s in sites])
         for t in bufs:
             t.grad = None

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..mechanism import CONV_TYPES, Site, input_grad
+from ..mechanism import CONV_TYPES, Site, input_grad, mode_padding
 from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, check_number,
                    init_feedback, register_rule, scaled_to)
 from .learned import LearnsFeedback, accumulate_feedback_grad, apply_feedback_grads
@@ -135,7 +135,7 @@ def _recon_grad(site: Site, y: Tensor, x: Tensor, B: Tensor) -> Tensor:
                 y, r = y.unsqueeze(0), r.unsqueeze(0)
             nd, padding = B.dim() - 2, None
             if m.padding_mode != "zeros":  # forward: conv(pad(x, mode), padding=0)
-                r = F.pad(r, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+                r = F.pad(r, mode_padding(m), mode=m.padding_mode)
                 padding = [0] * nd
             elif not isinstance(m.padding, str) or m.padding == "valid":
                 padding = [0] * nd if m.padding == "valid" else list(m.padding)

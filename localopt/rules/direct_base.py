@@ -51,7 +51,7 @@ class _InsideFA(FeedbackRule):
 
     def feedback(self, site: Site) -> Tensor:
         module, buf = site.feedback_of
-        return module._buffers[buf]
+        return getattr(module, buf)
 
 
 class DirectRule(Rule):

@@ -100,7 +100,7 @@ def zero_feedback_grads(sites: list[Site], set_to_none: bool = True) -> None:
     """Discard the feedback signals accumulated since the last step (``zero_grad`` of the
     optimizers): ``B.grad`` and ``feedback_norm`` set to ``None``, or zeroed in place."""
     for s in sites:
-        B = s.module._buffers.get(Site.BUFFER_PREFIX + "feedback")
+        B = s.buffer("feedback") if s.has_buffer("feedback") else None
         if B is not None and B.grad is not None:
             if set_to_none:
                 B.grad = None
