@@ -213,7 +213,7 @@ def recon_loss(model, x):
 
 @pytest.mark.parametrize("conv", [False, True])
 def test_bfa_lowers_reconstruction_loss(conv):
-    model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7)
+    model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7, lr=0.5)
     opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)
     x, y = batch(conv=conv)
     r0 = recon_loss(model, x)
