@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = list(cfgs)
     dests = {it: result_dir(results, a.protocol, it) for it in todo}
     if a.list:
+        width = max((len(it.id) for it in todo), default=0)
         for it in todo:
-            print(f"{it.id:<28} {status(cfgs[it], dests[it]):<22} {dests[it]}")
+            print(f"{it.id:<{width}}  {status(cfgs[it], dests[it]):<22} {dests[it]}")
         return 0
     if a.missing:
         for it in todo:
