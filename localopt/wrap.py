@@ -242,8 +242,8 @@ def wrap(model: nn.Module, rule: "str | Rule" = "fa", *, include: Selector = Non
         raise ValueError(f"localopt: rule {rule_obj.name!r} found no layer to wrap in this "
                          f"{type(model).__name__} (it wraps: {kinds}; check include/exclude)")
     for n, m in picked:
-        own = [n for n, _ in m.named_buffers(recurse=False)]
-        own += [n for n, _ in m.named_parameters(recurse=False)] + list(vars(m))
+        own = [k for k, _ in m.named_buffers(recurse=False)]
+        own += [k for k, _ in m.named_parameters(recurse=False)] + list(vars(m))
         clash = [k for k in own if k.startswith(Site.BUFFER_PREFIX)]
         if clash:
             raise RuntimeError(f"localopt: module '{n}' already has attribute(s) {clash}, which "

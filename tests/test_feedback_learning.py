@@ -426,7 +426,8 @@ def test_update_angles_leave_training_state_alone(rule):
     loss.backward()
     state = copy.deepcopy(model.state_dict())
     grads = [p.grad.clone() for p in model.parameters()]
-    fb = lambda: [s.module._buffers.get("localopt_feedback") for s in localopt.sites(model)]  # noqa
+    fb = lambda: [s.buffer("feedback") if s.has_buffer("feedback") else None  # noqa: E731
+                  for s in localopt.sites(model)]
     pending = [b.grad for b in fb() if b is not None]
     rng = torch.get_rng_state()
     ua = diagnostics.update_angles(model, F.cross_entropy, x, y)

@@ -52,14 +52,14 @@ class BFA(LearnsFeedback, FeedbackRule):
     scales as ``1 / ||W||``, so where W grows (BatchNorm-followed convs do) the signal shrinks
     against backprop's.  Not a fix of bfa's failure on ResNet-20 (one-cycle SGD, peak lr 0.1:
     at the former feedback step 0.5 the training loss climbs from 2.1 to 82 around the peak;
-    RESULTS.md): with it the same protocol diverges one epoch earlier, and the signal stays as small as the paper's rule's,
-    since the learned B's direction (63-88 degrees from W) sets its size along the error
-    (row ``bfa-track``; ``results/notes/rule_stability.md``).
+    RESULTS.md): with it the same protocol diverges one epoch earlier, and the signal stays
+    as small as the paper's rule's, since the learned B's direction (63-88 degrees from W)
+    sets its size along the error (row ``bfa-track``; ``results/notes/rule_stability.md``).
 
     The default feedback step ``lr = 0.05`` (the step of this library's normalised update,
-    which the paper's plain gradient descent lacks) is 10x below the 0.5 the library first used: B stays near its
-    random start for longer, so the layers can align with it as under ``fa`` while it moves
-    toward the least-squares inverse.  It scored better in every run compared (the 3x1024 MLP,
+    which the paper's plain gradient descent lacks) is 10x below the 0.5 the library first
+    used: B stays near its random start for longer, so the layers can align with it as under
+    ``fa`` while it moves toward the least-squares inverse.  It scored better in every run compared (the 3x1024 MLP,
     two seeds; on ResNet-20 it trains through the protocol's one-cycle peak on one seed of two,
     where 0.5 diverged; row ``bfa-lr5e-1`` keeps the former step).  It does not remove the
     divergence: on the other seed that run was stopped as diverged at epoch 6.
