@@ -150,8 +150,14 @@ def test_readme_block_and_check(results, tmp_path, capsys):
     assert block.startswith("# x\n\nbefore\n") and block.endswith(f"{report.END}\nafter\n")
     bp_line = next(l for l in block.splitlines() if l.startswith("| `bp` |"))
     assert bp_line.split("|")[2].strip().startswith("52.00")     # MLP, cpu
+    assert bp_line.split("|")[3].strip() == "58.68"              # MLP, published
+    assert "gpu" not in block                    # no run of that protocol: RESULTS.md lists it
+    write_log(results, "gpu", "mlp3x1024", "fa", 0, 0.46)
+    assert report.main([*args, "--no-figures"]) == 0
+    head = next(l for l in readme.read_text().splitlines() if l.startswith("| rule |"))
+    assert "3x1024 tanh MLP, gpu" in head and "ResNet-20, gpu" in head
+    bp_line = next(l for l in readme.read_text().splitlines() if l.startswith("| `bp` |"))
     assert bp_line.split("|")[3].strip() == "not run"            # MLP, gpu
-    assert bp_line.split("|")[4].strip() == "58.68"              # MLP, published
     write_log(results, "cpu", "mlp3x1024", "usf", 0, 0.44)      # a new log: stale again
     assert report.main([*args, "--check"]) == 1
     assert "stale" in capsys.readouterr().err
@@ -528,8 +534,11 @@ def test_a_diverged_run_is_shown_as_diverged_never_as_an_accuracy(results, tmp_p
     readme.write_text(f"{report.BEGIN}\n{report.END}\n")
     assert report.main(["--results", str(results), "--out", str(tmp_path / "R.md"),
                         "--readme", str(readme), "--no-figures"]) == 0
-    dfa_line = next(l for l in readme.read_text().splitlines() if l.startswith("| `dfa` |"))
+    lines = readme.read_text().splitlines()
+    dfa_line = next(l for l in lines if l.startswith("| `dfa` |"))
     assert dfa_line.split("|")[2].strip() == "diverged"          # MLP, cpu
+    bdfa_line = next(l for l in lines if l.startswith("| `bdfa` |"))
+    assert bdfa_line.split("|")[2].strip() == "33.00; seed 0 diverged"
 
 
 def test_best_validation_epoch_column(results, tmp_path):
