@@ -40,10 +40,11 @@ CASES = {  # id: (rule, options)
     "dfa-modules-fa": ("dfa", {"modules": ["1"], "inside": "fa"}),
     "dfa-channel": ("dfa", {"feedback": "channel"}), "bdfa": ("bdfa", {}),
     "drtp": ("drtp", {}), "drtp-given": ("drtp", {"target": "given"}),
-    "dkp": ("dkp", {}), "bidfa": ("bidfa", {}),
+    "dkp": ("dkp", {}), "bidfa": ("bidfa", {}), "bidfa-center": ("bidfa", {"center": True}),
 }
-LSQ = ("bfa", "bidfa")  # normalised least squares: the update does not depend on the loss
-LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa")
+# normalised least squares: the update does not depend on the loss
+LSQ = ("bfa", "bidfa", "bidfa-center")
+LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa", "bidfa-center")
 TP_RULES = ("dtp", "sdtp", "ao-sdtp", "drl", "l-drl")
 
 

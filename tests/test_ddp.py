@@ -20,7 +20,9 @@ DEADLINE_S = 120
 STEPS = 2
 #: one DDP step equals the single-process step on the whole batch (float tolerance)
 EXACT = ["bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "bfa", "dfa", "bdfa", "drtp", "dkp",
-         "bidfa"]
+         "bidfa", "bidfa-center"]
+#: cases that are a rule with options
+OPTIONS = {"wm": ("wm", {"warmup": 1}), "bidfa-center": ("bidfa", {"center": True})}
 #: per-sample noise of each rank's own shard: identical on the ranks, not equal to one process
 NOISY = ["dtp", "sdtp", "ao-sdtp", "drl", "l-drl"]
 #: (rule, DDP's forward_sync_buffers, how the optimizer finds the group); buffers are always
@@ -52,7 +54,8 @@ def _build(rule: str, rank: int):
     """Rank-dependent weights and rule seed (``seed=None``: one draw of the global RNG)."""
     import localopt
     torch.manual_seed(100 + rank)
-    return localopt.wrap(_model(), rule, **({"warmup": 1} if rule == "wm" else {}))
+    name, options = OPTIONS.get(rule, (rule, {}))
+    return localopt.wrap(_model(), name, **options)
 
 
 def _batches():

@@ -4,6 +4,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import localopt
@@ -220,7 +222,63 @@ def test_bidfa_learns():
     assert losses[-1] < 0.8 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("bad", [{"lr": 2.5}, {"decay": -1}, {"feedback": "sparse"}])
+def _feedback_after_one_step(model, x, y):
+    """Each learned B after one LocalOptimizer step with the weights held (lr 0), and the
+    inputs its layer saw."""
+    seen, sites = {}, [s for s in localopt.sites(model)]
+    hooks = [s.module.register_forward_pre_hook(
+        lambda mod, a, s=s: seen.__setitem__(s.name, a[0].detach().clone())) for s in sites]
+    opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)
+    z = model(x)
+    F.cross_entropy(z, y).backward()
+    for h in hooks:
+        h.remove()
+    before = {s.name: s.buffer("feedback").clone() for s in sites}
+    opt.step()
+    return ({s.name: s.buffer("feedback").clone() for s in sites if before[s.name].numel()},
+            before, seen, z.detach())
+
+
+def test_bidfa_center_takes_the_centred_least_squares_step():
+    """center=True: B <- B - lr (Z_c^T (Z_c B - X_c)) / ||Z_c||^2 with Z_c, X_c the output and
+    the layer input minus their batch means (inputs far from zero mean, as after a ReLU)."""
+    model = localopt.wrap(net(), "bidfa", center=True, lr=0.5, seed=5)
+    x, y = data()
+    after, before, seen, z = _feedback_after_one_step(model, x + 3.0, y)
+    assert after
+    zc = z - z.mean(0)
+    for name, B in after.items():
+        B0, xc = before[name], seen[name] - seen[name].mean(0)
+        expected = B0 - 0.5 * zc.t() @ (zc @ B0 - xc) / zc.square().sum()
+        torch.testing.assert_close(B, expected, rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(c=st.floats(-5.0, 5.0).filter(lambda c: abs(c) > 0.1))
+def test_bidfa_center_ignores_an_offset_shared_by_every_sample(c):
+    """Shift a layer's input by the same vector for every sample (the first layer's bias
+    moves, the second's compensates, so the output is unchanged): with center=True every B
+    takes the same step; without it, the shifted layer's B does not."""
+    x, y = data()
+    shift = c * torch.linspace(-1.0, 1.0, 16)
+    for center in (True, False):
+        runs = []
+        for offset in (False, True):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(10, 16), nn.Linear(16, 16), nn.Tanh(),
+                                  nn.Linear(16, 4))
+            if offset:
+                with torch.no_grad():
+                    model[0].bias += shift
+                    model[1].bias -= model[1].weight @ shift
+            localopt.wrap(model, "bidfa", center=center, lr=0.5, seed=5)
+            runs.append(_feedback_after_one_step(model, x, y)[0])
+        same = [torch.allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5) for k in runs[0]]
+        assert len(same) == 2 and (all(same) if center else not same[0]), (center, same)
+
+
+@pytest.mark.parametrize("bad", [{"lr": 2.5}, {"decay": -1}, {"feedback": "sparse"},
+                                 {"center": True, "feedback": "channel"}])
 def test_bidfa_bad_options(bad):
     with pytest.raises(ValueError, match="bidfa"):
         localopt.wrap(net(), "bidfa", **bad)
