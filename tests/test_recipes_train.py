@@ -538,3 +538,33 @@ def test_final_record_has_the_test_accuracy_at_the_best_validation_epoch(tiny_da
         assert final["test_acc_at_best_val"] == final["test_acc"]
     else:  # the saved model of that epoch, tested
         assert 0.0 <= final["test_acc_at_best_val"] <= 1.0
+
+
+def test_feedback_probe_measures_the_feedback_along_the_mean_input(tiny_data, tmp_path):
+    """``recipes.feedback_probe``: a checkpoint whose first layer outputs the same vector ``h``
+    for every image gives the next layer a constant input (mean share 1); a B whose rows lie
+    along ``h`` reads 1, one orthogonal to it 0."""
+    from recipes import feedback_probe
+    cfg = load_config(data=str(tiny_data), out_dir=str(tmp_path), val_size=16, batch_size=8,
+                      eval_batch_size=16, threads=1, model="mlp3x1024",
+                      model_options={"hidden": [8, 8]}, rule="bidfa", optimizer="sgd",
+                      lr=0.05, epochs=1, name="probe")
+    train.train(cfg, progress=False)
+    run = tmp_path / "probe"
+    rows = feedback_probe.probe(run)
+    assert [r["layer"] for r in rows] == ["3", "5"]
+    assert all(0.0 <= r["B_along_mean"] <= 1.0 and 0.0 <= r["mean_share"] <= 1.0 for r in rows)
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    sd = ckpt["model"]
+    bias = torch.linspace(-1.0, 1.0, 8)
+    sd["1.weight"].zero_()
+    sd["1.bias"].copy_(bias)
+    h = torch.tanh(bias)
+    other = torch.ones(8) - h * (h.sum() / h.square().sum())     # orthogonal to h
+    for B, want in ((torch.outer(torch.arange(1.0, 11.0), h), 1.0),
+                    (torch.outer(torch.arange(1.0, 11.0), other), 0.0)):
+        sd["3.localopt_feedback"].copy_(B)
+        torch.save(ckpt, run / "checkpoint.pt")
+        (row3, _) = feedback_probe.probe(run)
+        assert row3["mean_share"] == pytest.approx(1.0, abs=1e-5)
+        assert row3["B_along_mean"] == pytest.approx(want, abs=1e-5)

@@ -135,9 +135,9 @@ class BiDFA(LearnsFeedback, DFA):
 
     with ``r_i = z_i B - x_i``.  Why: without an intercept B also fits the mean activity, a
     direction shared by every sample, and the signal ``e B`` pushes each sample along it; in
-    the ResNet-20 runs of the plain rule 11-54% (seed 0) and 35-98% (seed 42, which stalls
+    the ResNet-20 runs of the plain rule 11-53% (seed 0) and 38-98% (seed 42, which stalls
     at 27%) of each learned B's energy lies along its layer's mean-input direction, against
-    ``1 / D`` for a random B.  The step needs the sums ``sum z_i``, ``sum x_i``, ``N`` of
+    at most 1% for ``dfa``'s random B (``python -m recipes.feedback_probe RUN``).  The step needs the sums ``sum z_i``, ``sum x_i``, ``N`` of
     every backward pass since the last step; they are accumulated (and averaged over DDP
     ranks) with the normaliser, so gradient accumulation still gives exactly the step of one
     batch holding them all.

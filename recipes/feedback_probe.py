@@ -1,0 +1,90 @@
+"""How much of each learned feedback matrix lies along its layer's mean input.
+
+    python -m recipes.feedback_probe runs/table-cpu/resnet20/bidfa-s42 [--images 256]
+
+Loads a run's last checkpoint (``checkpoint.pt`` beside its ``log.jsonl``), rebuilds the
+wrapped model from the logged config, runs ``--images`` training images drawn at random (seed
+0) through it in training mode, and prints for every hooked layer with a feedback matrix:
+
+* ``B along mean``: ``||B m||^2 / ||B||_F^2`` for ``m`` the unit direction of the layer's mean
+  input over the batch (the flattened input for a dense direct feedback ``(E, D)``; the mean
+  over positions for a channel-shared ``(K, C)``, or a W-shaped B's input features).  A random
+  B has about ``1 / D``; a B that has learned to read out the mean activity, close to 1.
+* ``mean share``: ``||mean x||^2 / mean ||x||^2``, how much of the input's energy the mean
+  activity holds.
+
+Reads no private state: the model's ``state_dict``, ``localopt.sites`` and ``Site.buffer``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .common import apply_rule, build_model, load_config
+from .data import Normalizer, load_cifar10
+
+
+def probe(run_dir: Path, images: int = 256, data: str | None = None) -> list[dict]:
+    import localopt
+    start = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
+    keys = ("model", "model_options", "rule", "rule_options", "seed")
+    cfg = load_config(None, **{k: start["config"][k] for k in keys})
+    arrays = load_cifar10(data or start["config"].get("data") or None)
+    idx = torch.randperm(len(arrays.train_y), generator=torch.Generator().manual_seed(0))
+    x = torch.from_numpy(arrays.train_x[idx[:images].numpy()]).permute(0, 3, 1, 2)
+    model = apply_rule(build_model(cfg, len(arrays.classes), torch.device("cpu")), cfg)
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    model.train()
+    inputs: dict[str, torch.Tensor] = {}
+    sites = localopt.sites(model)
+    hooks = [s.module.register_forward_pre_hook(
+        lambda mod, args, name=s.name: inputs.__setitem__(name, args[0].detach()))
+        for s in sites]
+    with torch.no_grad():
+        model(Normalizer("cpu")(x))
+    for h in hooks:
+        h.remove()
+    rows = []
+    for s in sites:
+        B = s.buffer("feedback") if s.has_buffer("feedback") else None
+        inp = inputs.get(s.name)
+        if B is None or inp is None or B.numel() == 0:
+            continue
+        mean = inp.mean(0)
+        B2 = B.reshape(B.shape[0], -1)
+        m = mean.flatten() if B2.shape[1] == mean.numel() else \
+            mean.reshape(B2.shape[1], -1).mean(1)   # channel-shared or W-shaped: per feature
+        m = m / m.norm().clamp_min(1e-30)
+        rows.append({"layer": s.name,
+                     "B_along_mean": ((B2 @ m).square().sum() / B2.square().sum()).item(),
+                     "mean_share": (mean.square().sum() / inp.square().mean(0).sum()).item()})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (log.jsonl, checkpoint.pt)")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--data", help="CIFAR-10 location (default: the run's, else LOCALOPT_DATA)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    for run in a.runs:
+        rows = probe(run, a.images, a.data)
+        print(f"{run}: {len(rows)} layers")
+        print(f"  {'layer':<20} {'B along mean':>12} {'mean share':>10}")
+        for r in rows:
+            print(f"  {r['layer']:<20} {r['B_along_mean']:>12.3f} {r['mean_share']:>10.2f}")
+        if rows:
+            a_ = [r["B_along_mean"] for r in rows]
+            print(f"  range of B along mean: {min(a_):.2f}-{max(a_):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
