@@ -203,6 +203,8 @@ class Site:
     #: Normalised least-squares feedback learning (``bfa``, ``bidfa``): the normaliser summed
     #: over the backward passes since the last optimizer step (``None``: no pending signal);
     #: the step divides ``B.grad`` by it (:func:`~localopt.rules.learned.apply_feedback_grads`).
+    #: ``bidfa`` with ``center=True`` keeps a vector here, the normaliser followed by the batch
+    #: sums its centring needs (summed, zeroed and averaged over ranks like a scalar one).
     feedback_norm: "Tensor | None" = None
     #: ``wm``: True once the site's feedback carried an error backward (a forward alone does
     #: not), so the mirror step updates only feedback that is used.

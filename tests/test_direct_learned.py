@@ -253,6 +253,18 @@ def test_bidfa_center_takes_the_centred_least_squares_step():
         torch.testing.assert_close(B, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("copies", [1, 8])
+def test_bidfa_center_leaves_b_as_it_is_when_the_output_does_not_vary(copies):
+    """One sample, or copies of one: the centred output is zero, nothing to regress on -- no
+    step (not the rounding error of the centred gradient over a zero normaliser)."""
+    model = localopt.wrap(net(), "bidfa", center=True, lr=1.0, seed=5)
+    x, y = data(n=1)
+    x, y = x.repeat(copies, 1), y.repeat(copies)
+    after, before, _, _ = _feedback_after_one_step(model, x, y)
+    for name, B in after.items():
+        assert torch.equal(B, before[name]), name
+
+
 @settings(max_examples=5, deadline=None, derandomize=True)
 @given(c=st.floats(-5.0, 5.0).filter(lambda c: abs(c) > 0.1))
 def test_bidfa_center_ignores_an_offset_shared_by_every_sample(c):

@@ -137,10 +137,11 @@ class BiDFA(LearnsFeedback, DFA):
     direction shared by every sample, and the signal ``e B`` pushes each sample along it; in
     the ResNet-20 runs of the plain rule 11-53% (seed 0) and 38-98% (seed 42, which stalls
     at 27%) of each learned B's energy lies along its layer's mean-input direction, against
-    at most 1% for ``dfa``'s random B (``python -m recipes.feedback_probe RUN``).  The step needs the sums ``sum z_i``, ``sum x_i``, ``N`` of
-    every backward pass since the last step; they are accumulated (and averaged over DDP
-    ranks) with the normaliser, so gradient accumulation still gives exactly the step of one
-    batch holding them all.
+    at most 1% for ``dfa``'s random B (``python -m recipes.feedback_probe RUN``).  The step
+    needs the sums ``sum z_i``, ``sum x_i``, ``N`` of every backward pass since the last step;
+    they are accumulated (and averaged over DDP ranks) with the normaliser, so gradient
+    accumulation still gives exactly the step of one batch holding them all.  A batch whose
+    outputs do not vary (one sample) leaves B as it is.
 
     Options: ``lr`` (default 0.5), ``decay`` (default 0), ``fixed_norm`` (default True),
     ``center`` (default False), and those of :class:`~localopt.rules.direct.DFA`.
@@ -222,5 +223,9 @@ def _center_pending(site: Site) -> None:
     E = B.shape[0]
     n = st[1].clamp_min(1.0)
     sz, sx = st[2:2 + E].to(B.dtype), st[2 + E:].to(B.dtype)
-    B.grad = G - torch.outer(sz, sz @ B - sx) / n.to(B.dtype)
-    site.feedback_norm = (st[0] - sz.to(st.dtype).square().sum() / n).clamp_min(0.0)
+    norm = st[0] - sz.to(st.dtype).square().sum() / n
+    # outputs that do not vary over the batch (a single sample): nothing to regress on, and
+    # the centred gradient is rounding error -- no step rather than rounding / ~0
+    varies = norm > 1e-6 * st[0]
+    B.grad = torch.where(varies, G - torch.outer(sz, sz @ B - sx) / n.to(B.dtype), 0.0)
+    site.feedback_norm = torch.where(varies, norm, 1.0)
