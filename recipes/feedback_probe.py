@@ -8,10 +8,15 @@ wrapped model from the logged config, runs ``--images`` training images drawn at
 
 * ``B along mean``: ``||B m||^2 / ||B||_F^2`` for ``m`` the unit direction of the layer's mean
   input over the batch (the flattened input for a dense direct feedback ``(E, D)``; the mean
-  over positions for a channel-shared ``(K, C)``, or a W-shaped B's input features).  A random
-  B has about ``1 / D``; a B that has learned to read out the mean activity, close to 1.
+  over positions for a channel-shared ``(K, C)`` or a W-shaped B's input features, a conv
+  kernel summed over its taps).  A random B has about ``1 / D``; a B that has learned to
+  read out the mean activity, close to 1.
 * ``mean share``: ``||mean x||^2 / mean ||x||^2``, how much of the input's energy the mean
   activity holds.
+* for a ``Linear`` layer whose B has W's shape (``bfa``, ``fa``, ``kp``, ...): the angles to W
+  of B, of the layer's least-squares inverse on the batch (``(W C W^T)^-1 W C``, ``C`` the
+  inputs' second moment: the minimiser of ``bfa``'s reconstruction loss), and of the centred
+  inverse (``C`` the inputs' covariance).
 
 Reads no private state: the model's ``state_dict``, ``localopt.sites`` and ``Site.buffer``.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -56,14 +62,34 @@ def probe(run_dir: Path, images: int = 256, data: str | None = None) -> list[dic
         if B is None or inp is None or B.numel() == 0:
             continue
         mean = inp.mean(0)
-        B2 = B.reshape(B.shape[0], -1)
+        # a W-shaped conv B: its response to a constant map, the kernel summed
+        B2 = B.flatten(2).sum(2) if B.dim() > 2 else B.reshape(B.shape[0], -1)
         m = mean.flatten() if B2.shape[1] == mean.numel() else \
             mean.reshape(B2.shape[1], -1).mean(1)   # channel-shared or W-shaped: per feature
         m = m / m.norm().clamp_min(1e-30)
-        rows.append({"layer": s.name,
-                     "B_along_mean": ((B2 @ m).square().sum() / B2.square().sum()).item(),
-                     "mean_share": (mean.square().sum() / inp.square().mean(0).sum()).item()})
+        row = {"layer": s.name,
+               "B_along_mean": ((B2 @ m).square().sum() / B2.square().sum()).item(),
+               "mean_share": (mean.square().sum() / inp.square().mean(0).sum()).item()}
+        W = getattr(s.module, "weight", None)
+        if isinstance(s.module, torch.nn.Linear) and W is not None and B.shape == W.shape:
+            row.update(_inverse_angles(inp.reshape(-1, inp.shape[-1]), W.detach(), B))
+        rows.append(row)
     return rows
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    cos = (a.flatten() @ b.flatten()) / (a.norm() * b.norm()).clamp_min(1e-300)
+    return math.degrees(math.acos(float(cos.clamp(-1.0, 1.0))))
+
+
+def _inverse_angles(X: torch.Tensor, W: torch.Tensor, B: torch.Tensor) -> dict[str, float]:
+    """Angles (degrees) to W of B and of the least-squares inverses, plain and centred."""
+    X, W, B = X.double(), W.double(), B.double()
+    C = X.t() @ X / len(X)
+    mu = X.mean(0)
+    inverse = {k: torch.linalg.solve(W @ c @ W.t(), W @ c)
+               for k, c in (("inverse", C), ("centred_inverse", C - torch.outer(mu, mu)))}
+    return {"B_to_W": _angle(B, W), **{f"{k}_to_W": _angle(v, W) for k, v in inverse.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{run}: {len(rows)} layers")
         print(f"  {'layer':<20} {'B along mean':>12} {'mean share':>10}")
         for r in rows:
-            print(f"  {r['layer']:<20} {r['B_along_mean']:>12.3f} {r['mean_share']:>10.2f}")
+            extra = "".join(f"  {k} {r[k]:.1f} deg" for k in ("B_to_W", "inverse_to_W",
+                                                              "centred_inverse_to_W") if k in r)
+            print(f"  {r['layer']:<20} {r['B_along_mean']:>12.3f} {r['mean_share']:>10.2f}"
+                  + extra)
         if rows:
             a_ = [r["B_along_mean"] for r in rows]
             print(f"  range of B along mean: {min(a_):.2f}-{max(a_):.2f}")

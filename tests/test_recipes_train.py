@@ -568,3 +568,20 @@ def test_feedback_probe_measures_the_feedback_along_the_mean_input(tiny_data, tm
         (row3, _) = feedback_probe.probe(run)
         assert row3["mean_share"] == pytest.approx(1.0, abs=1e-5)
         assert row3["B_along_mean"] == pytest.approx(want, abs=1e-5)
+
+
+def test_feedback_probe_least_squares_inverses():
+    """White inputs and orthonormal W: the least-squares inverse is W (0 degrees).  The same
+    inputs shifted by a common mean: the plain inverse turns away from W, the centred one
+    does not."""
+    from recipes.feedback_probe import _inverse_angles
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(20000, 6, generator=g, dtype=torch.float64)
+    Z = (Z - Z.mean(0)) @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(Z.t())).t())
+    W = torch.linalg.qr(torch.randn(6, 3, generator=g, dtype=torch.float64))[0].t()
+    white = _inverse_angles(Z, W, W)
+    assert white["B_to_W"] == pytest.approx(0.0, abs=1e-4)
+    assert white["inverse_to_W"] == pytest.approx(0.0, abs=0.1)
+    shifted = _inverse_angles(Z + 3.0 * torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), W, W)
+    assert shifted["inverse_to_W"] > 5.0
+    assert shifted["centred_inverse_to_W"] == pytest.approx(0.0, abs=0.1)
