@@ -13,6 +13,9 @@ wrapped model from the logged config, runs ``--images`` training images drawn at
   read out the mean activity, close to 1.
 * ``mean share``: ``||mean x||^2 / mean ||x||^2``, how much of the input's energy the mean
   activity holds.
+* ``spread along mean``: ``E[((x - mean x) . m)^2] / E||x - mean x||^2``, the share of the
+  inputs' variation about their mean that lies along the mean direction itself (samples whose
+  activity differs mostly in overall level: near 1; isotropic: about ``1 / D``).
 * for a ``Linear`` layer whose B has W's shape (``bfa``, ``fa``, ``kp``, ...): the angles to W
   of B, of the layer's least-squares inverse on the batch (``(W C W^T)^-1 W C``, ``C`` the
   inputs' second moment: the minimiser of ``bfa``'s reconstruction loss), and of the centred
@@ -61,20 +64,29 @@ def probe(run_dir: Path, images: int = 256, data: str | None = None) -> list[dic
         inp = inputs.get(s.name)
         if B is None or inp is None or B.numel() == 0:
             continue
-        mean = inp.mean(0)
-        # a W-shaped conv B: its response to a constant map, the kernel summed
-        B2 = B.flatten(2).sum(2) if B.dim() > 2 else B.reshape(B.shape[0], -1)
-        m = mean.flatten() if B2.shape[1] == mean.numel() else \
-            mean.reshape(B2.shape[1], -1).mean(1)   # channel-shared or W-shaped: per feature
-        m = m / m.norm().clamp_min(1e-30)
-        row = {"layer": s.name,
-               "B_along_mean": ((B2 @ m).square().sum() / B2.square().sum()).item(),
-               "mean_share": (mean.square().sum() / inp.square().mean(0).sum()).item()}
+        row = {"layer": s.name, **mean_shares(inp, B)}
         W = getattr(s.module, "weight", None)
         if isinstance(s.module, torch.nn.Linear) and W is not None and B.shape == W.shape:
             row.update(_inverse_angles(inp.reshape(-1, inp.shape[-1]), W.detach(), B))
         rows.append(row)
     return rows
+
+
+def mean_shares(inp: torch.Tensor, B: torch.Tensor) -> dict[str, float]:
+    """``B_along_mean``, ``mean_share`` and ``spread_along_mean`` (module docstring) of a
+    layer's batch of inputs ``inp`` and its feedback ``B``."""
+    mean = inp.mean(0)
+    # a W-shaped conv B: its response to a constant map, the kernel summed
+    B2 = B.flatten(2).sum(2) if B.dim() > 2 else B.reshape(B.shape[0], -1)
+    per_feature = B2.shape[1] != mean.numel()  # channel-shared or W-shaped: per feature
+    m = mean.reshape(B2.shape[1], -1).mean(1) if per_feature else mean.flatten()
+    m = m / m.norm().clamp_min(1e-30)
+    dev = inp - mean
+    dev = dev.reshape(len(dev), B2.shape[1], -1).mean(2) if per_feature else dev.flatten(1)
+    return {"B_along_mean": ((B2 @ m).square().sum() / B2.square().sum()).item(),
+            "mean_share": (mean.square().sum() / inp.square().mean(0).sum()).item(),
+            "spread_along_mean": ((dev @ m).square().mean()
+                                  / dev.square().sum(1).mean().clamp_min(1e-30)).item()}
 
 
 def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,15 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     for run in a.runs:
         rows = probe(run, a.images, a.data)
         print(f"{run}: {len(rows)} layers")
-        print(f"  {'layer':<20} {'B along mean':>12} {'mean share':>10}")
+        print(f"  {'layer':<20} {'B along mean':>12} {'mean share':>10} "
+              f"{'spread along mean':>17}")
         for r in rows:
             extra = "".join(f"  {k} {r[k]:.1f} deg" for k in ("B_to_W", "inverse_to_W",
                                                               "centred_inverse_to_W") if k in r)
-            print(f"  {r['layer']:<20} {r['B_along_mean']:>12.3f} {r['mean_share']:>10.2f}"
-                  + extra)
+            print(f"  {r['layer']:<20} {r['B_along_mean']:>12.3f} {r['mean_share']:>10.2f} "
+                  f"{r['spread_along_mean']:>17.3f}" + extra)
         if rows:
-            a_ = [r["B_along_mean"] for r in rows]
-            print(f"  range of B along mean: {min(a_):.2f}-{max(a_):.2f}")
+            for key in ("B_along_mean", "spread_along_mean"):
+                v = [r[key] for r in rows]
+                print(f"  range of {key.replace('_', ' ')}: {min(v):.2f}-{max(v):.2f}")
     return 0
 
 

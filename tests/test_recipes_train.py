@@ -553,7 +553,8 @@ def test_feedback_probe_measures_the_feedback_along_the_mean_input(tiny_data, tm
     run = tmp_path / "probe"
     rows = feedback_probe.probe(run)
     assert [r["layer"] for r in rows] == ["3", "5"]
-    assert all(0.0 <= r["B_along_mean"] <= 1.0 and 0.0 <= r["mean_share"] <= 1.0 for r in rows)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows
+               for k in ("B_along_mean", "mean_share", "spread_along_mean"))
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     sd = ckpt["model"]
     bias = torch.linspace(-1.0, 1.0, 8)
@@ -585,3 +586,18 @@ def test_feedback_probe_least_squares_inverses():
     shifted = _inverse_angles(Z + 3.0 * torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), W, W)
     assert shifted["inverse_to_W"] > 5.0
     assert shifted["centred_inverse_to_W"] == pytest.approx(0.0, abs=0.1)
+
+
+def test_feedback_probe_spread_along_the_mean():
+    """Inputs that differ only in overall level (a_i times one pattern m) spread along m;
+    isotropic noise about the same mean spreads about 1/D along it."""
+    from recipes.feedback_probe import mean_shares
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(64, generator=g) + 0.5
+    level = (torch.rand(4096, 1, generator=g) + 0.5) * m
+    noise = m + 0.3 * torch.randn(4096, 64, generator=g)
+    B = torch.randn(10, 64, generator=g)
+    assert mean_shares(level, B)["spread_along_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert mean_shares(noise, B)["spread_along_mean"] == pytest.approx(1 / 64, rel=0.2)
+    assert mean_shares(noise, torch.outer(torch.ones(10), m))["B_along_mean"] == \
+        pytest.approx(1.0, abs=1e-3)
