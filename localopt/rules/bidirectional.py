@@ -75,8 +75,8 @@ class BFA(LearnsFeedback, FeedbackRule):
     still trains better (50.56% and 56.88%): learning B toward the local least-squares inverse
     costs accuracy.  The classifier's B still reaches its inverse within the run (an estimate:
     each step shrinks the residual along one of the 10 output directions by about lr / 10,
-    a time constant of 2,000 steps), and on ResNet-20 its angle to W stays at 73-76 degrees
-    where ``fa``'s falls to 53-55.  Rows ``bfa-lr5e-2`` and ``bfa-lr5e-1`` keep the former
+    a time constant of 2,000 steps), and on ResNet-20 its angle to W stays at 70-79 degrees
+    (both seeds) where ``fa``'s falls to 53-55.  Rows ``bfa-lr5e-2`` and ``bfa-lr5e-1`` keep the former
     steps.
 
     Options:
