@@ -129,6 +129,14 @@ class Track:
         return table_group(self.table, proto, model, quality=self.quality)
 
 
+def is_own_run(run: Run, group: Group, variant: str) -> bool:
+    """Whether ``run`` is the run ``recipes.table_runs`` made for row ``variant`` of the
+    definition-file protocol ``group`` (its name ``table-<protocol>/<model>/<row>-s<seed>``),
+    not another run that happens to have the row's settings."""
+    return group.table and run.config.get("name") == (
+        f"table-{group.protocol}/{group.model}/{variant}-s{run.info['seed']}")
+
+
 def classify(run: Run, table: dict[str, Any], expected,
              quality: Track | None = None) -> tuple[Group, str, str, bool]:
     """(group, variant label, rule, plain) of a run.
@@ -202,10 +210,12 @@ def build_rows(runs: list[Run], table: dict[str, Any],
                                    if track.quality and m == model and v == want), "")
                     rows[(model, g.key, it.row, None)] = Row(g, it.row, rule, it.row == rule,
                                                              settings=want, shared=shared)
-    for run in runs:
-        if run.config["model"] not in MODELS:
-            continue
-        group, variant, rule, plain = classify(run, table, expected, qtrack)
+    classified = [(run, *classify(run, table, expected, qtrack)) for run in runs
+                  if run.config["model"] in MODELS]
+    # a row's seed shows one run: the one recipes.table_runs made for that row and seed when
+    # there is one, else the first by path among those with the row's settings
+    classified.sort(key=lambda c: not is_own_run(c[0], c[1], c[2]))
+    for run, group, variant, rule, plain in classified:
         if (group.model, group.key) in groups:      # one Group object per protocol
             known = groups[(group.model, group.key)]
             if not group.table:
@@ -228,7 +238,10 @@ def build_rows(runs: list[Run], table: dict[str, Any],
         if run.final is None:
             row.running.append(run)
         elif run.info["seed"] not in seeds | {r.info["seed"] for r in row.diverged}:
-            (row.diverged if run.diverged else row.runs).append(run)  # one per seed: the first
+            (row.diverged if run.diverged else row.runs).append(run)  # one per seed
+    for row in rows.values():       # shown in seed order
+        row.runs.sort(key=lambda r: r.info["seed"])
+        row.diverged.sort(key=lambda r: r.info["seed"])
     for row in rows.values():       # a quality row with a table row's settings: its runs
         if row.shared and not (row.runs or row.running or row.diverged):
             proto, label = row.shared.split("/", 1)

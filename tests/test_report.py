@@ -175,6 +175,25 @@ def test_figures_are_written_and_linked(results, tmp_path):
     assert [a["alignment"]["update_angle"]["1"] for a in fa.runs[0].alignment] == [80.0] * 20
 
 
+def test_a_seed_shows_the_table_runs_own_run_over_another_with_its_settings(results):
+    # an earlier-by-path run with the row's settings but another name (a config file run)
+    other = write_log(results, "cpu", "mlp3x1024", "fa", 1, 0.30, folder="a_config_run")
+    recs = [json.loads(line) for line in other.read_text().splitlines()]
+    for r in recs:
+        if "config" in r:
+            r["config"]["name"] = "mlp3x1024_aug-mlp3x1024-fa-s1"
+    other.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    def fa_seed1():
+        rows = report.build_rows(report.load_runs(results), TABLE)
+        fa = next(r for r in rows if r.group.key == "cpu" and r.variant == "fa"
+                  and r.data == JPEG)
+        return [r.final["test_acc"] for r in fa.runs if r.info["seed"] == 1]
+    assert fa_seed1() == [0.30]        # the only seed-1 run with the row's settings counts
+    write_log(results, "cpu", "mlp3x1024", "fa", 1, 0.48)      # table_runs' own run of it
+    assert fa_seed1() == [0.48]
+
+
 def test_a_real_run_from_table_runs_into_the_report(tmp_path):
     data = write_imagefolder(tmp_path / "tiny.tar.gz", synthetic_arrays(n_train=48, n_test=16))
     res = tmp_path / "results"
