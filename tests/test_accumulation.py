@@ -41,10 +41,11 @@ CASES = {  # id: (rule, options)
     "dfa-channel": ("dfa", {"feedback": "channel"}), "bdfa": ("bdfa", {}),
     "drtp": ("drtp", {}), "drtp-given": ("drtp", {"target": "given"}),
     "dkp": ("dkp", {}), "bidfa": ("bidfa", {}), "bidfa-center": ("bidfa", {"center": True}),
+    "bidfa-drop-mean": ("bidfa", {"drop_mean": True}),
 }
 # normalised least squares: the update does not depend on the loss
-LSQ = ("bfa", "bidfa", "bidfa-center")
-LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa", "bidfa-center")
+LSQ = ("bfa", "bidfa", "bidfa-center", "bidfa-drop-mean")
+LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa", "bidfa-center", "bidfa-drop-mean")
 TP_RULES = ("dtp", "sdtp", "ao-sdtp", "drl", "l-drl")
 
 

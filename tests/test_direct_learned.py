@@ -289,11 +289,35 @@ def test_bidfa_center_ignores_an_offset_shared_by_every_sample(c):
         assert len(same) == 2 and (all(same) if center else not same[0]), (center, same)
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_bidfa_drop_mean_steps_then_removes_the_mean_input_direction(center):
+    """drop_mean=True: the step of the rule without it (plain or centred), then B <- B (I -
+    u u^T) with u the batch's mean input direction: B @ u = 0 after the step."""
+    x, y = data()
+    after = {}
+    for drop in (False, True):
+        model = localopt.wrap(net(), "bidfa", center=center, drop_mean=drop, lr=0.5, seed=5)
+        after[drop], _, seen, _ = _feedback_after_one_step(model, x + 3.0, y)
+    assert after[True]
+    for name, B in after[True].items():
+        u = seen[name].mean(0)
+        u = u / u.norm()
+        torch.testing.assert_close(B, after[False][name] - torch.outer(after[False][name] @ u, u),
+                                   rtol=1e-4, atol=1e-6)
+        assert (B @ u).abs().max() < 1e-5 * B.norm()
+
+
 @pytest.mark.parametrize("bad", [{"lr": 2.5}, {"decay": -1}, {"feedback": "sparse"},
-                                 {"center": True, "feedback": "channel"}])
+                                 {"center": True, "feedback": "channel"},
+                                 {"drop_mean": True, "feedback": "channel"}])
 def test_bidfa_bad_options(bad):
     with pytest.raises(ValueError, match="bidfa"):
         localopt.wrap(net(), "bidfa", **bad)
+
+
+def test_bidfa_drop_mean_must_be_a_bool():
+    with pytest.raises(TypeError, match="bidfa.*drop_mean"):
+        localopt.wrap(net(), "bidfa", drop_mean=1)
 
 
 @pytest.mark.parametrize("rule", ["dkp", "bidfa"])

@@ -147,8 +147,18 @@ class BiDFA(LearnsFeedback, DFA):
     *varies* along it (samples differ in overall level): a read-out learns that level with
     or without the intercept.
 
+    ``drop_mean=True`` (an option of this library, not of the paper; dense feedback only):
+    after each step, B loses its component along the layer's mean input direction of the
+    batches since the last step, ``B <- B (I - u u^T)`` with ``u = sum_i x_i / ||sum_i x_i||``,
+    so the signal ``e B`` never pushes a sample along the direction every sample shares,
+    however much the samples' overall level varies (which ``center`` cannot remove: the
+    level is what the read-out then learns).  ``sum_i x_i`` is accumulated with the
+    normaliser, as for ``center``, so accumulation and DDP still give exactly the step of the
+    whole batch.  Combines with ``center``.
+
     Options: ``lr`` (default 0.5), ``decay`` (default 0), ``fixed_norm`` (default True),
-    ``center`` (default False), and those of :class:`~localopt.rules.direct.DFA`.
+    ``center`` (default False), ``drop_mean`` (default False), and those of
+    :class:`~localopt.rules.direct.DFA`.
     """
 
     name = "bidfa"
@@ -156,7 +166,7 @@ class BiDFA(LearnsFeedback, DFA):
     needs_output = True  # the detached output z reaches send() with the error
 
     def __init__(self, *, lr: float = 0.5, decay: float = 0.0, fixed_norm: bool = True,
-                 center: bool = False,
+                 center: bool = False, drop_mean: bool = False,
                  feedback: str = "dense", init: str = "uniform", scale: float = 1.0,
                  output: "int | str | None" = None, modules: Any = None,
                  channel_dim: "int | None" = None, max_feedback_mb: float = 1024.0) -> None:
@@ -168,9 +178,11 @@ class BiDFA(LearnsFeedback, DFA):
         self.lr, self.decay = float(lr), float(decay)
         self.fixed_norm = check_bool(self.name, "fixed_norm", fixed_norm)
         self.center = check_bool(self.name, "center", center)
-        if self.center and self.feedback != "dense":
-            raise ValueError(f"localopt: rule 'bidfa': option center=True supports "
-                             f"feedback='dense' only, not feedback={self.feedback!r}")
+        self.drop_mean = check_bool(self.name, "drop_mean", drop_mean)
+        for opt in ("center", "drop_mean"):
+            if getattr(self, opt) and self.feedback != "dense":
+                raise ValueError(f"localopt: rule 'bidfa': option {opt}=True supports "
+                                 f"feedback='dense' only, not feedback={self.feedback!r}")
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
@@ -198,7 +210,7 @@ class BiDFA(LearnsFeedback, DFA):
             x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
             loss = 0.5 * (x_hat - x.to(x_hat.dtype)).square().sum()
             g = torch.autograd.grad(loss, Bv)[0]
-        if self.center:  # the sums the centring needs, accumulated with the normaliser
+        if self.center or self.drop_mean:  # the sums they need, accumulated with the normaliser
             n = x.shape[0]
             stats = torch.cat([zz.reshape(1), zz.new_full((1,), n),
                                z.reshape(n, -1).sum(0).to(zz.dtype),
@@ -209,27 +221,43 @@ class BiDFA(LearnsFeedback, DFA):
         return dx
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
-        if self.center:
-            for s in sites:
-                _center_pending(s)
+        sums = [(s, _pending_stats(s, self.center)) for s in sites] \
+            if self.center or self.drop_mean else []
         apply_feedback_grads(sites, self.lr, self.decay)
+        if self.drop_mean:
+            for s, sx in sums:
+                if sx is not None:
+                    _drop_direction(s.buffer("feedback"), sx)
 
 
 @torch.no_grad()
-def _center_pending(site: Site) -> None:
-    """Turn the pending uncentred gradient ``sum z_i^T r_i`` and the statistics ``[sum ||z_i||^2,
-    N, sum z_i, sum x_i]`` of ``center=True`` into the centred gradient and normaliser:
-    ``G - s_z^T (s_z B - s_x) / N`` and ``sum ||z_i||^2 - ||s_z||^2 / N``."""
+def _pending_stats(site: Site, center: bool) -> "Tensor | None":
+    """Turn the pending gradient ``sum z_i^T r_i`` and the statistics ``[sum ||z_i||^2, N,
+    sum z_i, sum x_i]`` (``center`` or ``drop_mean``) into the step's gradient and normaliser,
+    and return ``sum x_i`` (None when there is no pending step).  With ``center``: the centred
+    gradient and normaliser, ``G - s_z^T (s_z B - s_x) / N`` and ``sum ||z_i||^2 - ||s_z||^2 /
+    N``; without: ``G`` and ``sum ||z_i||^2``."""
     B = site.buffer("feedback")
     G, st = B.grad, site.feedback_norm
     if G is None or st is None:
-        return
+        return None
     E = B.shape[0]
-    n = st[1].clamp_min(1.0)
     sz, sx = st[2:2 + E].to(B.dtype), st[2 + E:].to(B.dtype)
+    if not center:
+        site.feedback_norm = st[0]
+        return sx
+    n = st[1].clamp_min(1.0)
     norm = st[0] - sz.to(st.dtype).square().sum() / n
     # outputs that do not vary over the batch (a single sample): nothing to regress on, and
     # the centred gradient is rounding error -- no step rather than rounding / ~0
     varies = norm > 1e-6 * st[0]
     B.grad = torch.where(varies, G - torch.outer(sz, sz @ B - sx) / n.to(B.dtype), 0.0)
     site.feedback_norm = torch.where(varies, norm, 1.0)
+    return sx
+
+
+@torch.no_grad()
+def _drop_direction(B: Tensor, v: Tensor) -> None:
+    """``B <- B (I - u u^T)``, ``u = v / ||v||`` (in place; no change when ``v`` is zero)."""
+    u = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+    B.sub_(torch.outer(B @ u, u))
