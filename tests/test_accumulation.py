@@ -42,10 +42,12 @@ CASES = {  # id: (rule, options)
     "drtp": ("drtp", {}), "drtp-given": ("drtp", {"target": "given"}),
     "dkp": ("dkp", {}), "bidfa": ("bidfa", {}), "bidfa-center": ("bidfa", {"center": True}),
     "bidfa-drop-mean": ("bidfa", {"drop_mean": True}),
+    "bidfa-channel-drop-mean": ("bidfa", {"drop_mean": True, "feedback": "channel"}),
 }
 # normalised least squares: the update does not depend on the loss
-LSQ = ("bfa", "bidfa", "bidfa-center", "bidfa-drop-mean")
-LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa", "bidfa-center", "bidfa-drop-mean")
+LSQ = ("bfa", "bidfa", "bidfa-center", "bidfa-drop-mean", "bidfa-channel-drop-mean")
+LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa", "bidfa-center", "bidfa-drop-mean",
+           "bidfa-channel-drop-mean")
 TP_RULES = ("dtp", "sdtp", "ao-sdtp", "drl", "l-drl")
 
 

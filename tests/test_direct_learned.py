@@ -308,11 +308,28 @@ def test_bidfa_drop_mean_steps_then_removes_the_mean_input_direction(center):
 
 
 @pytest.mark.parametrize("bad", [{"lr": 2.5}, {"decay": -1}, {"feedback": "sparse"},
-                                 {"center": True, "feedback": "channel"},
-                                 {"drop_mean": True, "feedback": "channel"}])
+                                 {"center": True, "feedback": "channel"}])
 def test_bidfa_bad_options(bad):
     with pytest.raises(ValueError, match="bidfa"):
         localopt.wrap(net(), "bidfa", **bad)
+
+
+def test_bidfa_channel_drop_mean_removes_the_mean_channel_direction():
+    """feedback="channel": B is (outputs, channels), and u the input's mean over the batch and
+    the positions, one value per channel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(6, 4))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 3, 8, 8, generator=g) + 2.0, torch.randint(0, 4, (16,), generator=g)
+    localopt.wrap(model, "bidfa", feedback="channel", drop_mean=True, seed=5)
+    after, before, seen, _ = _feedback_after_one_step(model, x, y)
+    assert after
+    for name, B in after.items():
+        u = seen[name].mean(dim=(0, 2, 3)) if seen[name].dim() == 4 else seen[name].mean(0)
+        assert B.shape[1] == u.numel() and not torch.equal(B, before[name])
+        assert (B @ u).abs().max() < 1e-5 * B.norm() * u.norm(), name
 
 
 def test_bidfa_drop_mean_must_be_a_bool():

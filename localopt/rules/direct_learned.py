@@ -147,9 +147,10 @@ class BiDFA(LearnsFeedback, DFA):
     *varies* along it (samples differ in overall level): a read-out learns that level with
     or without the intercept.
 
-    ``drop_mean=True`` (an option of this library, not of the paper; dense feedback only):
-    after each step, B loses its component along the layer's mean input direction of the
-    batches since the last step, ``B <- B (I - u u^T)`` with ``u = sum_i x_i / ||sum_i x_i||``,
+    ``drop_mean=True`` (an option of this library, not of the paper): after each step, B
+    loses its component along the layer's mean input direction of the batches since the last
+    step, ``B <- B (I - u u^T)`` with ``u = sum_i x_i / ||sum_i x_i||`` (``"channel"``: the sum
+    also over the positions that share B, one value per channel),
     so the signal ``e B`` never pushes a sample along the direction every sample shares,
     however much the samples' overall level varies (which ``center`` cannot remove: the
     level is what the read-out then learns).  ``sum_i x_i`` is accumulated with the
@@ -179,10 +180,9 @@ class BiDFA(LearnsFeedback, DFA):
         self.fixed_norm = check_bool(self.name, "fixed_norm", fixed_norm)
         self.center = check_bool(self.name, "center", center)
         self.drop_mean = check_bool(self.name, "drop_mean", drop_mean)
-        for opt in ("center", "drop_mean"):
-            if getattr(self, opt) and self.feedback != "dense":
-                raise ValueError(f"localopt: rule 'bidfa': option {opt}=True supports "
-                                 f"feedback='dense' only, not feedback={self.feedback!r}")
+        if self.center and self.feedback != "dense":
+            raise ValueError(f"localopt: rule 'bidfa': option center=True supports "
+                             f"feedback='dense' only, not feedback={self.feedback!r}")
 
     def forward(self, site: Site, x: Tensor, out: Tensor) -> Any:
         self.check_synced(site)
@@ -210,15 +210,27 @@ class BiDFA(LearnsFeedback, DFA):
             x_hat = self._project(site, z.to(B.dtype), Bv, x.shape)
             loss = 0.5 * (x_hat - x.to(x_hat.dtype)).square().sum()
             g = torch.autograd.grad(loss, Bv)[0]
-        if self.center or self.drop_mean:  # the sums they need, accumulated with the normaliser
+        # the sums center / drop_mean need, accumulated with the normaliser
+        if self.center:
             n = x.shape[0]
             stats = torch.cat([zz.reshape(1), zz.new_full((1,), n),
                                z.reshape(n, -1).sum(0).to(zz.dtype),
                                x.reshape(n, -1).sum(0).to(zz.dtype)])
             accumulate_feedback_grad(site, g, stats)
+        elif self.drop_mean:
+            accumulate_feedback_grad(site, g, torch.cat([(zz * positions).reshape(1),
+                                                         self._input_sum(site, x).to(zz.dtype)]))
         else:
             accumulate_feedback_grad(site, g, zz * positions)
         return dx
+
+    def _input_sum(self, site: Site, x: Tensor) -> Tensor:
+        """``sum_i x_i`` in B's input space: over the batch (dense), or over the batch and the
+        positions that share B (``feedback="channel"``: one value per channel)."""
+        if self.feedback == "dense":
+            return x.reshape(x.shape[0], -1).sum(0)
+        fdim = self._feature_dim(site, x.dim())
+        return x.movedim(fdim, -1).reshape(-1, x.shape[fdim]).sum(0)
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         sums = [(s, _pending_stats(s, self.center)) for s in sites] \
@@ -232,20 +244,20 @@ class BiDFA(LearnsFeedback, DFA):
 
 @torch.no_grad()
 def _pending_stats(site: Site, center: bool) -> "Tensor | None":
-    """Turn the pending gradient ``sum z_i^T r_i`` and the statistics ``[sum ||z_i||^2, N,
-    sum z_i, sum x_i]`` (``center`` or ``drop_mean``) into the step's gradient and normaliser,
-    and return ``sum x_i`` (None when there is no pending step).  With ``center``: the centred
+    """Turn the pending gradient ``sum z_i^T r_i`` and the accumulated statistics into the
+    step's gradient and normaliser, and return ``sum x_i`` (None when there is no pending
+    step).  With ``center``, statistics ``[sum ||z_i||^2, N, sum z_i, sum x_i]``: the centred
     gradient and normaliser, ``G - s_z^T (s_z B - s_x) / N`` and ``sum ||z_i||^2 - ||s_z||^2 /
-    N``; without: ``G`` and ``sum ||z_i||^2``."""
+    N``; without (``drop_mean`` alone), ``[normaliser, sum x_i]``: both as they are."""
     B = site.buffer("feedback")
     G, st = B.grad, site.feedback_norm
     if G is None or st is None:
         return None
-    E = B.shape[0]
-    sz, sx = st[2:2 + E].to(B.dtype), st[2 + E:].to(B.dtype)
     if not center:
         site.feedback_norm = st[0]
-        return sx
+        return st[1:].to(B.dtype)
+    E = B.shape[0]
+    sz, sx = st[2:2 + E].to(B.dtype), st[2 + E:].to(B.dtype)
     n = st[1].clamp_min(1.0)
     norm = st[0] - sz.to(st.dtype).square().sum() / n
     # outputs that do not vary over the batch (a single sample): nothing to regress on, and
