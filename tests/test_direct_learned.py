@@ -204,7 +204,7 @@ def test_bidfa_lowers_reconstruction_error(feedback):
                               nn.Flatten(), nn.Linear(6, 4))
         g = torch.Generator().manual_seed(2)
         x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)
-    localopt.wrap(model, "bidfa", feedback=feedback, seed=5)
+    localopt.wrap(model, "bidfa", feedback=feedback, drop_mean=False, seed=5)
     opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)  # weights fixed: only B learns
     step(model, opt, x, y)
     r0 = _recon_error(model, x)
@@ -242,7 +242,7 @@ def _feedback_after_one_step(model, x, y):
 def test_bidfa_center_takes_the_centred_least_squares_step():
     """center=True: B <- B - lr (Z_c^T (Z_c B - X_c)) / ||Z_c||^2 with Z_c, X_c the output and
     the layer input minus their batch means (inputs far from zero mean, as after a ReLU)."""
-    model = localopt.wrap(net(), "bidfa", center=True, lr=0.5, seed=5)
+    model = localopt.wrap(net(), "bidfa", center=True, drop_mean=False, lr=0.5, seed=5)
     x, y = data()
     after, before, seen, z = _feedback_after_one_step(model, x + 3.0, y)
     assert after
@@ -257,7 +257,7 @@ def test_bidfa_center_takes_the_centred_least_squares_step():
 def test_bidfa_center_leaves_b_as_it_is_when_the_output_does_not_vary(copies):
     """One sample, or copies of one: the centred output is zero, nothing to regress on -- no
     step (not the rounding error of the centred gradient over a zero normaliser)."""
-    model = localopt.wrap(net(), "bidfa", center=True, lr=1.0, seed=5)
+    model = localopt.wrap(net(), "bidfa", center=True, drop_mean=False, lr=1.0, seed=5)
     x, y = data(n=1)
     x, y = x.repeat(copies, 1), y.repeat(copies)
     after, before, _, _ = _feedback_after_one_step(model, x, y)
@@ -283,7 +283,7 @@ def test_bidfa_center_ignores_an_offset_shared_by_every_sample(c):
                 with torch.no_grad():
                     model[0].bias += shift
                     model[1].bias -= model[1].weight @ shift
-            localopt.wrap(model, "bidfa", center=center, lr=0.5, seed=5)
+            localopt.wrap(model, "bidfa", center=center, drop_mean=False, lr=0.5, seed=5)
             runs.append(_feedback_after_one_step(model, x, y)[0])
         same = [torch.allclose(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5) for k in runs[0]]
         assert len(same) == 2 and (all(same) if center else not same[0]), (center, same)
@@ -312,6 +312,21 @@ def test_bidfa_drop_mean_steps_then_removes_the_mean_input_direction(center):
 def test_bidfa_bad_options(bad):
     with pytest.raises(ValueError, match="bidfa"):
         localopt.wrap(net(), "bidfa", **bad)
+
+
+def test_bidfa_default_feedback_never_points_along_the_mean_input():
+    """The default (drop_mean=True): after a step no learned B has a component along its
+    layer's mean input direction, which every sample's signal would share; with the plain
+    read-out (drop_mean=False) inputs far from zero mean put a large share of B there."""
+    x, y = data()
+    for default in (True, False):
+        model = localopt.wrap(net(), "bidfa", seed=5, **({} if default else {"drop_mean": False}))
+        after, _, seen, _ = _feedback_after_one_step(model, x + 3.0, y)
+        assert after
+        for name, B in after.items():
+            u = seen[name].mean(0)
+            share = (B @ (u / u.norm())).square().sum() / B.square().sum()
+            assert share < 1e-8 if default else share > 0.05, (default, name, share)
 
 
 def test_bidfa_channel_drop_mean_removes_the_mean_channel_direction():
