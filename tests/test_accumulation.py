@@ -43,11 +43,13 @@ CASES = {  # id: (rule, options)
     "dkp": ("dkp", {}), "bidfa": ("bidfa", {}), "bidfa-center": ("bidfa", {"center": True}),
     "bidfa-drop-mean": ("bidfa", {"drop_mean": True}),
     "bidfa-channel-drop-mean": ("bidfa", {"drop_mean": True, "feedback": "channel"}),
+    "bfa-drop-mean": ("bfa", {"drop_mean": True}),
 }
 # normalised least squares: the update does not depend on the loss
-LSQ = ("bfa", "bidfa", "bidfa-center", "bidfa-drop-mean", "bidfa-channel-drop-mean")
-LEARNED = ("kp", "wm", "bfa", "dkp", "bidfa", "bidfa-center", "bidfa-drop-mean",
-           "bidfa-channel-drop-mean")
+LSQ = ("bfa", "bfa-drop-mean", "bidfa", "bidfa-center", "bidfa-drop-mean",
+       "bidfa-channel-drop-mean")
+LEARNED = ("kp", "wm", "bfa", "bfa-drop-mean", "dkp", "bidfa", "bidfa-center",
+           "bidfa-drop-mean", "bidfa-channel-drop-mean")
 TP_RULES = ("dtp", "sdtp", "ao-sdtp", "drl", "l-drl")
 
 

@@ -225,6 +225,42 @@ def test_bfa_lowers_reconstruction_loss(conv):
     assert r1 < (0.85 if conv else 0.6) * r0, (r0, r1)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_bfa_drop_mean_signal_has_no_component_along_the_mean_input(conv):
+    """drop_mean=True: after a step, the signal ``delta B`` of any output error has no
+    component along the layer's mean input (per channel for a conv, also a grouped one), at
+    every position; without it, it has."""
+    x, y = batch(conv=conv)
+    x = x + 2.0                                     # inputs far from zero mean
+    for drop in (True, False):
+        model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7, lr=0.5,
+                              drop_mean=drop)
+        opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)
+        inputs = {}
+        hooks = [s.module.register_forward_hook(
+            lambda m, i, o, s=s: inputs.__setitem__(s, (i[0].detach(), o.detach())))
+            for s in localopt.sites(model)]
+        step(model, opt, x, y)
+        for h in hooks:
+            h.remove()
+        g = torch.Generator().manual_seed(3)
+        for s, (xin, out) in list(inputs.items())[1:]:  # the first layer sends no signal
+            u = xin.transpose(0, 1).reshape(xin.shape[1], -1).mean(1) if xin.dim() == 4 \
+                else xin.mean(0)
+            delta = torch.randn(out.shape, generator=g)
+            dx = localopt.input_grad(s, delta, s.buffer("feedback"), xin.shape)
+            along = torch.einsum("nc...,c->n...", dx, u / u.norm())
+            share = along.square().sum() / dx.square().sum()
+            assert share < 1e-10 if drop else share > 1e-3, (drop, s.name, share)
+
+
+def test_bfa_drop_mean_must_be_a_bool():
+    model = mlp()
+    with pytest.raises(TypeError, match="'bfa'.*drop_mean"):
+        localopt.wrap(model, "bfa", drop_mean="yes")
+    assert not localopt.is_wrapped(model)
+
+
 def test_bfa_rejects_forward_override():
     class MyLinear(nn.Linear):
         def forward(self, x):

@@ -12,7 +12,8 @@ from torch import Tensor
 from ..mechanism import CONV_TYPES, Site, input_grad, mode_padding
 from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, check_number,
                    init_feedback, register_rule, scaled_to)
-from .learned import LearnsFeedback, accumulate_feedback_grad, apply_feedback_grads
+from .learned import (LearnsFeedback, accumulate_feedback_grad, apply_feedback_grads,
+                      drop_input_direction, split_pending_input_sum)
 
 
 @register_rule
@@ -76,8 +77,17 @@ class BFA(LearnsFeedback, FeedbackRule):
     costs accuracy.  The classifier's B still reaches its inverse within the run (an estimate:
     each step shrinks the residual along one of the 10 output directions by about lr / 10,
     a time constant of 2,000 steps), and on ResNet-20 its angle to W stays at 70-79 degrees
-    (both seeds) where ``fa``'s falls to 53-55.  Rows ``bfa-lr5e-2`` and ``bfa-lr5e-1`` keep the former
-    steps.
+    (both seeds) where ``fa``'s falls to 53-55.  Rows ``bfa-lr5e-2`` and ``bfa-lr5e-1`` keep
+    the former steps.
+
+    ``drop_mean=True`` (an option of this library, not of the paper; off by default), as
+    :class:`~localopt.rules.direct_learned.BiDFA`'s: after each step B loses its component
+    along the layer's mean input direction (per input channel for a convolution: the sum of
+    the input over the batch and positions), ``B <- B (I - u u^T)`` on B's input dimension,
+    so that ``delta B`` never pushes a sample along the direction every sample shares.  The
+    least-squares inverse learns the samples' overall level, which varies along that
+    direction: at the end of the ResNet-20 runs (both seeds) the classifier's B lies 0.69-0.70
+    along its mean input (``python -m recipes.feedback_probe RUN``; a random B about 1/64).
 
     Options:
         lr: feedback learning rate (default 0.005; stable below 2).
@@ -86,6 +96,8 @@ class BFA(LearnsFeedback, FeedbackRule):
         match_norm: rescale the initial B to the Frobenius norm of W (as ``fa``).
         track_norm: send ``delta B`` with B rescaled to ``||W_t||`` (default False: the
             paper's rule, B at its learned norm).
+        drop_mean: remove B's component along the mean input direction after each step
+            (default False).
 
     Plain ``nn.Linear``/``nn.ConvNd`` layers only (not subclasses that override ``forward``).
     State: buffer ``localopt_feedback`` (shape of W); its ``.grad`` holds the pending update.
@@ -95,13 +107,15 @@ class BFA(LearnsFeedback, FeedbackRule):
     feedback_from_data = True
 
     def __init__(self, *, lr: float = 0.005, decay: float = 0.0, init: str = "xavier",
-                 match_norm: bool = False, track_norm: bool = False) -> None:
+                 match_norm: bool = False, track_norm: bool = False,
+                 drop_mean: bool = False) -> None:
         check_choice(self.name, "init", init, FEEDBACK_INITS)
         lr = check_number(self.name, "lr", lr, low=0, high=2, low_open=True, high_open=True)
         decay = check_number(self.name, "decay", decay, low=0, high=1, high_open=True)
         self.lr, self.decay, self.init = lr, decay, init
         self.match_norm = check_bool(self.name, "match_norm", match_norm)
         self.track_norm = check_bool(self.name, "track_norm", track_norm)
+        self.drop_mean = check_bool(self.name, "drop_mean", drop_mean)
 
     def setup(self, site: Site, generator: torch.Generator | None) -> None:
         if not site.fast:
@@ -138,10 +152,22 @@ class BFA(LearnsFeedback, FeedbackRule):
             if isinstance(m, CONV_TYPES):
                 k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
             norm = y.to(torch.promote_types(y.dtype, torch.float32)).square().sum().mul_(k)
+            if self.drop_mean:  # the input's sum per input feature, accumulated with the norm
+                xs = x.detach()
+                if isinstance(m, CONV_TYPES):
+                    xs = xs.unsqueeze(0) if xs.dim() == B.dim() - 1 else xs
+                    xs = xs.transpose(0, 1).reshape(xs.shape[1], -1)
+                else:
+                    xs = xs.reshape(-1, xs.shape[-1]).t()
+                norm = torch.cat([norm.reshape(1), xs.sum(1).to(norm.dtype)])
         return _recon_grad(site, y, x.detach(), B), norm
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
+        sums = [(s, split_pending_input_sum(s)) for s in sites] if self.drop_mean else []
         apply_feedback_grads(sites, self.lr, self.decay)
+        for s, sx in sums:
+            if sx is not None:
+                drop_input_direction(s.buffer("feedback"), sx, getattr(s.module, "groups", 1))
 
 
 def _recon_grad(site: Site, y: Tensor, x: Tensor, B: Tensor) -> Tensor:

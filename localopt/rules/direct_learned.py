@@ -11,7 +11,8 @@ from torch import Tensor
 from ..mechanism import Site
 from .base import check_bool, check_number, register_rule
 from .direct import DFA
-from .learned import LearnsFeedback, accumulate_feedback_grad, anchor, apply_feedback_grads
+from .learned import (LearnsFeedback, accumulate_feedback_grad, anchor, apply_feedback_grads,
+                      drop_input_direction, split_pending_input_sum)
 
 
 @register_rule
@@ -238,29 +239,25 @@ class BiDFA(LearnsFeedback, DFA):
         return x.movedim(fdim, -1).reshape(-1, x.shape[fdim]).sum(0)
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
-        sums = [(s, _pending_stats(s, self.center)) for s in sites] \
-            if self.center or self.drop_mean else []
+        sums = [(s, _center_pending(s) if self.center else split_pending_input_sum(s))
+                for s in sites] if self.center or self.drop_mean else []
         apply_feedback_grads(sites, self.lr, self.decay)
         if self.drop_mean:
             for s, sx in sums:
                 if sx is not None:
-                    _drop_direction(s.buffer("feedback"), sx)
+                    drop_input_direction(s.buffer("feedback"), sx)
 
 
 @torch.no_grad()
-def _pending_stats(site: Site, center: bool) -> "Tensor | None":
-    """Turn the pending gradient ``sum z_i^T r_i`` and the accumulated statistics into the
-    step's gradient and normaliser, and return ``sum x_i`` (None when there is no pending
-    step).  With ``center``, statistics ``[sum ||z_i||^2, N, sum z_i, sum x_i]``: the centred
-    gradient and normaliser, ``G - s_z^T (s_z B - s_x) / N`` and ``sum ||z_i||^2 - ||s_z||^2 /
-    N``; without (``drop_mean`` alone), ``[normaliser, sum x_i]``: both as they are."""
+def _center_pending(site: Site) -> "Tensor | None":
+    """Turn the pending uncentred gradient ``sum z_i^T r_i`` and the statistics ``[sum
+    ||z_i||^2, N, sum z_i, sum x_i]`` of ``center=True`` into the centred gradient and
+    normaliser, ``G - s_z^T (s_z B - s_x) / N`` and ``sum ||z_i||^2 - ||s_z||^2 / N``, and
+    return ``sum x_i`` (None when no step is pending)."""
     B = site.buffer("feedback")
     G, st = B.grad, site.feedback_norm
     if G is None or st is None:
         return None
-    if not center:
-        site.feedback_norm = st[0]
-        return st[1:].to(B.dtype)
     E = B.shape[0]
     sz, sx = st[2:2 + E].to(B.dtype), st[2 + E:].to(B.dtype)
     n = st[1].clamp_min(1.0)
@@ -271,10 +268,3 @@ def _pending_stats(site: Site, center: bool) -> "Tensor | None":
     B.grad = torch.where(varies, G - torch.outer(sz, sz @ B - sx) / n.to(B.dtype), 0.0)
     site.feedback_norm = torch.where(varies, norm, 1.0)
     return sx
-
-
-@torch.no_grad()
-def _drop_direction(B: Tensor, v: Tensor) -> None:
-    """``B <- B (I - u u^T)``, ``u = v / ||v||`` (in place; no change when ``v`` is zero)."""
-    u = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-    B.sub_(torch.outer(B @ u, u))

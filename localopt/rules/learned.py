@@ -129,3 +129,28 @@ def apply_feedback_grads(sites: list[Site], lr: float, decay: float) -> None:
         B.add_(G, alpha=-lr)
         B.grad = None
         s.feedback_norm = None
+
+
+def split_pending_input_sum(site: Site) -> Tensor | None:
+    """For a pending feedback step whose normaliser was accumulated as ``[normaliser, sum_i
+    x_i...]`` (``drop_mean`` of ``bfa``/``bidfa``): keep the normaliser in
+    ``site.feedback_norm`` and return the input sum (None when no step is pending)."""
+    B, st = site.buffer("feedback"), site.feedback_norm
+    if B.grad is None or st is None:
+        return None
+    site.feedback_norm = st[0]
+    return st[1:].to(B.dtype)
+
+
+@torch.no_grad()
+def drop_input_direction(B: Tensor, v: Tensor, groups: int = 1) -> None:
+    """Remove from ``B`` (in place) its component along the direction ``v`` of its input
+    dimension (dim 1; a ``(outputs, inputs)`` matrix or a conv kernel ``(out, in / groups,
+    *kernel)``): ``B_g <- B_g - (B_g . u_g) u_g`` contracting dim 1, ``u_g = v_g / ||v_g||`` for
+    each group's share ``v_g`` of ``v`` -- so ``delta B`` has no component along ``v``, at any
+    position.  A zero ``v_g`` leaves its group as it is."""
+    Bg = B.view(groups, B.shape[0] // groups, B.shape[1], -1)           # (g, o, c, k)
+    u = v.reshape(groups, -1).to(B.dtype)
+    u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    Bg.sub_(torch.einsum("gok,gc->gock", torch.einsum("gock,gc->gok", Bg, u), u))
+
