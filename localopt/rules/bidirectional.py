@@ -159,7 +159,7 @@ class BFA(LearnsFeedback, FeedbackRule):
                     xs = xs.transpose(0, 1).reshape(xs.shape[1], -1)
                 else:
                     xs = xs.reshape(-1, xs.shape[-1]).t()
-                norm = torch.cat([norm.reshape(1), xs.sum(1).to(norm.dtype)])
+                norm = torch.cat([norm.reshape(1), xs.sum(1, dtype=norm.dtype)])
         return _recon_grad(site, y, x.detach(), B), norm
 
     def feedback_step(self, sites: list[Site], step: int) -> None:

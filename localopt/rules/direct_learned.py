@@ -225,18 +225,18 @@ class BiDFA(LearnsFeedback, DFA):
             accumulate_feedback_grad(site, g, stats)
         elif self.drop_mean:
             accumulate_feedback_grad(site, g, torch.cat([(zz * positions).reshape(1),
-                                                         self._input_sum(site, x).to(zz.dtype)]))
+                                                         self._input_sum(site, x, zz.dtype)]))
         else:
             accumulate_feedback_grad(site, g, zz * positions)
         return dx
 
-    def _input_sum(self, site: Site, x: Tensor) -> Tensor:
-        """``sum_i x_i`` in B's input space: over the batch (dense), or over the batch and the
-        positions that share B (``feedback="channel"``: one value per channel)."""
+    def _input_sum(self, site: Site, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``sum_i x_i`` in B's input space, in ``dtype``: over the batch (dense), or over the
+        batch and the positions that share B (``feedback="channel"``: one value per channel)."""
         if self.feedback == "dense":
-            return x.reshape(x.shape[0], -1).sum(0)
+            return x.reshape(x.shape[0], -1).sum(0, dtype=dtype)
         fdim = self._feature_dim(site, x.dim())
-        return x.movedim(fdim, -1).reshape(-1, x.shape[fdim]).sum(0)
+        return x.movedim(fdim, -1).reshape(-1, x.shape[fdim]).sum(0, dtype=dtype)
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         sums = [(s, _center_pending(s) if self.center else split_pending_input_sum(s))
