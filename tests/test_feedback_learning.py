@@ -254,7 +254,47 @@ def test_bfa_drop_mean_signal_has_no_component_along_the_mean_input(conv):
             assert share < 1e-10 if drop else share > 1e-3, (drop, s.name, share)
 
 
-def test_bfa_drop_mean_must_be_a_bool():
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(groups=st.integers(1, 3), out_g=st.integers(1, 4), in_g=st.integers(1, 5),
+       kernel=st.sampled_from([(), (1,), (3,), (2, 3)]), zero_group=st.booleans())
+def test_drop_input_direction_is_the_projection_off_each_groups_direction(
+        groups, out_g, in_g, kernel, zero_group):
+    """drop_input_direction(B, v, groups): each group's slice of B (its outputs, its inputs)
+    loses exactly its component along that group's share of v, contracted over B's input
+    dimension at every kernel tap; applied twice, nothing more changes; a group whose share of
+    v is zero is left as it is."""
+    from localopt.rules.learned import drop_input_direction
+    g = torch.Generator().manual_seed(groups * 100 + out_g * 10 + in_g)
+    B = torch.randn(groups * out_g, in_g, *kernel, generator=g, dtype=torch.float64)
+    v = torch.randn(groups * in_g, generator=g, dtype=torch.float64)
+    if zero_group:
+        v[:in_g] = 0.0
+    before = B.clone()
+    drop_input_direction(B, v, groups)
+    for k in range(groups):
+        rows, u = slice(k * out_g, (k + 1) * out_g), v[k * in_g:(k + 1) * in_g]
+        Bk, B0 = B[rows].reshape(out_g, in_g, -1), before[rows].reshape(out_g, in_g, -1)
+        if u.norm() == 0:
+            assert torch.equal(Bk, B0)
+            continue
+        u = u / u.norm()
+        expected = B0 - torch.einsum("ok,c->ock", torch.einsum("ock,c->ok", B0, u), u)
+        torch.testing.assert_close(Bk, expected)
+        assert torch.einsum("ock,c->ok", Bk, u).abs().max() < 1e-12
+    once = B.clone()
+    drop_input_direction(B, v, groups)
+    torch.testing.assert_close(B, once)
+
+
+def test_feature_sum_sums_over_every_other_dimension():
+    from localopt.rules.learned import feature_sum
+    x = torch.randn(4, 3, 5, 2, dtype=torch.bfloat16)
+    for dim in (0, 1, -1):
+        expected = x.double().movedim(dim, 0).reshape(x.shape[dim], -1).sum(1).float()
+        torch.testing.assert_close(feature_sum(x, dim, torch.float32), expected)
+
+
+
     model = mlp()
     with pytest.raises(TypeError, match="'bfa'.*drop_mean"):
         localopt.wrap(model, "bfa", drop_mean="yes")

@@ -13,7 +13,7 @@ from ..mechanism import CONV_TYPES, Site, input_grad, mode_padding
 from .base import (FEEDBACK_INITS, FeedbackRule, check_bool, check_choice, check_number,
                    init_feedback, register_rule, scaled_to)
 from .learned import (LearnsFeedback, accumulate_feedback_grad, apply_feedback_grads,
-                      drop_input_direction, split_pending_input_sum)
+                      drop_input_direction, feature_sum, split_pending_input_sum)
 
 
 @register_rule
@@ -153,13 +153,8 @@ class BFA(LearnsFeedback, FeedbackRule):
                 k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
             norm = y.to(torch.promote_types(y.dtype, torch.float32)).square().sum().mul_(k)
             if self.drop_mean:  # the input's sum per input feature, accumulated with the norm
-                xs = x.detach()
-                if isinstance(m, CONV_TYPES):
-                    xs = xs.unsqueeze(0) if xs.dim() == B.dim() - 1 else xs
-                    xs = xs.transpose(0, 1).reshape(xs.shape[1], -1)
-                else:
-                    xs = xs.reshape(-1, xs.shape[-1]).t()
-                norm = torch.cat([norm.reshape(1), xs.sum(1, dtype=norm.dtype)])
+                fdim = (1 if x.dim() == B.dim() else 0) if isinstance(m, CONV_TYPES) else -1
+                norm = torch.cat([norm.reshape(1), feature_sum(x.detach(), fdim, norm.dtype)])
         return _recon_grad(site, y, x.detach(), B), norm
 
     def feedback_step(self, sites: list[Site], step: int) -> None:

@@ -12,7 +12,7 @@ from ..mechanism import Site
 from .base import check_bool, check_number, register_rule
 from .direct import DFA
 from .learned import (LearnsFeedback, accumulate_feedback_grad, anchor, apply_feedback_grads,
-                      drop_input_direction, split_pending_input_sum)
+                      drop_input_direction, feature_sum, split_pending_input_sum)
 
 
 @register_rule
@@ -224,19 +224,13 @@ class BiDFA(LearnsFeedback, DFA):
                                x.reshape(n, -1).sum(0).to(zz.dtype)])
             accumulate_feedback_grad(site, g, stats)
         elif self.drop_mean:
-            accumulate_feedback_grad(site, g, torch.cat([(zz * positions).reshape(1),
-                                                         self._input_sum(site, x, zz.dtype)]))
+            dense = self.feedback == "dense"   # B's inputs: every value, or every channel
+            sx = feature_sum(x.flatten(1) if dense else x,
+                             1 if dense else self._feature_dim(site, x.dim()), zz.dtype)
+            accumulate_feedback_grad(site, g, torch.cat([(zz * positions).reshape(1), sx]))
         else:
             accumulate_feedback_grad(site, g, zz * positions)
         return dx
-
-    def _input_sum(self, site: Site, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``sum_i x_i`` in B's input space, in ``dtype``: over the batch (dense), or over the
-        batch and the positions that share B (``feedback="channel"``: one value per channel)."""
-        if self.feedback == "dense":
-            return x.reshape(x.shape[0], -1).sum(0, dtype=dtype)
-        fdim = self._feature_dim(site, x.dim())
-        return x.movedim(fdim, -1).reshape(-1, x.shape[fdim]).sum(0, dtype=dtype)
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
         sums = [(s, _center_pending(s) if self.center else split_pending_input_sum(s))

@@ -131,6 +131,12 @@ def apply_feedback_grads(sites: list[Site], lr: float, decay: float) -> None:
         s.feedback_norm = None
 
 
+def feature_sum(x: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
+    """The sum of ``x`` over every dimension but ``dim`` (one value per feature), in ``dtype``:
+    the input sum that ``drop_mean`` accumulates."""
+    return x.movedim(dim, -1).reshape(-1, x.shape[dim]).sum(0, dtype=dtype)
+
+
 def split_pending_input_sum(site: Site) -> Tensor | None:
     """For a pending feedback step whose normaliser was accumulated as ``[normaliser, sum_i
     x_i...]`` (``drop_mean`` of ``bfa``/``bidfa``): keep the normaliser in
