@@ -213,7 +213,7 @@ class Site:
     #: ``(module, buffer name)`` that holds the layer's feedback ``B``.
     feedback_of: "tuple[nn.Module, str] | None" = None
     #: :mod:`localopt.rng`'s cache of the site's random-stream position (no host read per draw).
-    _rng_cache: "tuple | None" = None
+    rng_cache: "tuple | None" = None
 
     def __init__(self, module: nn.Module, name: str, rule: "Any") -> None:
         self.module = module

@@ -60,7 +60,7 @@ def next_seed(site, salt: int = 0) -> int:
     data-parallel rank, for noise on a rank's own data shard) varies the seed without changing
     the stream's state."""
     buf = site.buffer(BUFFER)
-    cache = site.__dict__.get("_rng_cache")
+    cache = site.rng_cache
     if cache is None or cache[0] is not buf or cache[1] != buf._version:
         seed, draws = (int(v) for v in buf.tolist())  # a host read only after outside changes
         count = buf[1]
@@ -68,7 +68,7 @@ def next_seed(site, salt: int = 0) -> int:
         _, _, seed, draws, count = cache
     with torch.no_grad():
         count.fill_(draws + 1)  # the buffer is always current: state_dict(), .to() need no hook
-    site._rng_cache = (buf, buf._version, seed, draws + 1, count)
+    site.rng_cache = (buf, buf._version, seed, draws + 1, count)
     return mix(seed, draws, salt) if salt else mix(seed, draws)
 
 

@@ -177,7 +177,9 @@ def _checkpoints(out):
             opt.step()
 
     pipe, opt = fresh()
-    res = {"same_optimizer": pipe.optimizer(torch.optim.Adam, lr=1e-2) is opt}
+    res = {"same_optimizer": pipe.optimizer(torch.optim.Adam, lr=1e-2) is opt,
+           "made_optimizer": pipe.made_optimizer is opt,
+           "stage_modules": [type(m).__name__ for m in pipe.stage_modules]}
     try:
         pipe.optimizer(torch.optim.SGD, lr=1e-2)
     except ValueError as exc:
@@ -290,6 +292,7 @@ def test_one_optimizer_per_pipeline(runs):
     for res in runs:
         c = res["checkpoint"]
         assert c["same_optimizer"] and "already has its optimizer" in c["other_optimizer"]
+        assert c["made_optimizer"] and len(c["stage_modules"]) == 1
 
 
 def test_checkpoint_resumes_bit_exactly_and_loads_into_the_unsplit_model(runs):

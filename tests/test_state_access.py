@@ -299,6 +299,32 @@ def test_the_library_uses_no_private_state_of_torch_modules():
     assert not found, found
 
 
+#: ``obj._attr`` with ``obj`` not self/cls: a private attribute read or written through another
+#: object.  A module may do that only with the private attributes it defines itself (``self._x``
+#: or a class-level ``_x`` in the same file: the owner's own helpers).  Of torch, allowed:
+#: ``torch._foreach_*`` and ``torch._assert_async`` (the fused ops torch.optim uses),
+#: ``Tensor._version``/``._base`` (in-place and view tracking), torch's private modules
+#: imported by name, and the two send/recv functions of torch's pipeline schedules that
+#: ``localopt.pipeline.backprop`` times (looked up with getattr, so a torch without them runs).
+OTHERS_PRIVATE = re.compile(r"\b(?!self\b|cls\b)[A-Za-z_][A-Za-z0-9_]*\.(_[a-z][a-z0-9_]*)\b")
+TORCH_PRIVATE = re.compile(r"torch\._foreach_\w+|torch\._assert_async|\._version\b|\._base\b|"
+                           r"torch\.optim\._muon|pipelining\._schedule_visualizer|"
+                           r"schedules\._(wait_)?batch_p2p|sys\._getframe")
+
+
+def test_no_module_of_the_library_uses_another_modules_private_attributes():
+    root = Path(localopt.__file__).parent
+    found = []
+    for p in sorted(root.rglob("*.py")):
+        text = p.read_text()
+        own = set(re.findall(r"(?:self\.|^\s+)(_[a-z][a-z0-9_]*)\s*[:=]", text, re.M))
+        for i, line in enumerate(text.splitlines(), 1):
+            code = TORCH_PRIVATE.sub("", line.split("#")[0])
+            found += [f"{p.relative_to(root)}:{i}: {line.strip()}"
+                      for name in OTHERS_PRIVATE.findall(code) if name not in own]
+    assert not found, found
+
+
 def test_unwrap_removes_the_state_and_set_buffer_replaces_it_in_place_of_the_old():
     m = mlp()
     plain = {k for k, _ in m.named_buffers()}

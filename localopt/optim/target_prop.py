@@ -207,7 +207,7 @@ class TargetProp(Optimizer):
     # -- torch.optim interface -------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        if self.rule._model_ref is None:
+        if not self.rule.installed:
             raise RuntimeError(
                 "localopt: TargetProp.step(): the model was unwrapped after this optimizer was "
                 "built, so there are no targets or feedback to train. Build a new optimizer for "

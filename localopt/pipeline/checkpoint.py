@@ -43,14 +43,14 @@ def owned_keys(pipe) -> list[str]:
     keys: list[str] = []
     entry = set()
     if pipe.schedule == "direct":   # the feedback of my first hooked module: the stage below's
-        entry = {n for st in pipe._stage_modules if st.index > 0 for n, _ in st.entry()}
-    for st in pipe._stage_modules:
+        entry = {n for st in pipe.stage_modules if st.index > 0 for n, _ in st.entry()}
+    for st in pipe.stage_modules:
         for name, part in zip(st.names, st.parts):
             for k in part.state_dict(prefix=f"{name}." if name else ""):
                 owner = k.rsplit(".", 1)[0]
                 if not (_is_rule_state(k) and owner in entry):
                     keys.append(k)
-    nxt = pipe._next_site
+    nxt = pipe.next_site
     if nxt is not None:
         keys += [f"{nxt.name}.{b}" if nxt.name else b for b in nxt.buffer_names]
     return keys
@@ -70,7 +70,7 @@ def state_dict(pipe) -> dict[str, Any]:
     model = {k: full[k] for k in keys}
     if _FORMAT_KEY in full:
         model[_FORMAT_KEY] = full[_FORMAT_KEY]
-    opt = pipe._optimizer[2].state_dict() if pipe._optimizer is not None else None
+    opt = pipe.made_optimizer.state_dict() if pipe.made_optimizer is not None else None
     return {"model": model, "optimizer": opt, "pipeline": _setup(pipe)}
 
 
@@ -95,7 +95,7 @@ def load_state_dict(pipe, checkpoint: dict[str, Any]) -> None:
                 "wrap and build as it was saved.  Nothing was loaded")
         sd = checkpoint["model"]
         opt_state = checkpoint.get("optimizer")
-        if opt_state is not None and pipe._optimizer is None:
+        if opt_state is not None and pipe.made_optimizer is None:
             raise ValueError("localopt.pipeline: this checkpoint has optimizer state: call "
                              "pipe.optimizer(...) before load_state_dict so it is loaded too")
     else:
@@ -115,7 +115,7 @@ def load_state_dict(pipe, checkpoint: dict[str, Any]) -> None:
     if wrong:   # cannot happen for keys taken from the model; a guard for renamed models
         raise ValueError(f"localopt.pipeline: checkpoint keys {wrong[:5]} are not this model's")
     if opt_state is not None:
-        pipe._optimizer[2].load_state_dict(opt_state)
+        pipe.made_optimizer.load_state_dict(opt_state)
 
 
 def gather_state_dict(pipe, dst: int = 0) -> dict[str, torch.Tensor] | None:

@@ -117,6 +117,22 @@ class PipelineStep:
         self._optimizer: tuple | None = None
 
     @property
+    def stage_modules(self) -> tuple[nn.Module, ...]:
+        """This rank's stage module(s), in the order of :attr:`stages`."""
+        return tuple(self._stage_modules)
+
+    @property
+    def next_site(self) -> Site | None:
+        """Direct schedule: the next stage's first hooked module, whose feedback this rank
+        draws, uses and (``dkp``) learns; None otherwise."""
+        return self._next_site
+
+    @property
+    def made_optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer :meth:`optimizer` made, or None before its first call."""
+        return None if self._optimizer is None else self._optimizer[2]
+
+    @property
     def events(self) -> list[Event]:
         """The events of the last :meth:`step` on this rank."""
         return list(self._rec.events)

@@ -244,6 +244,14 @@ class DRTP(DirectRule):
         return u * ((e * u).sum(-1, keepdim=True) /
                     u.square().sum(-1, keepdim=True).clamp_min(1e-30))
 
+    def give_targets(self, targets: Tensor, scale: float) -> bool:
+        """Hold ``(targets, scale)`` for the next backward pass (``target="given"``; see
+        :func:`set_targets`, which checks them); False when the rule is not installed."""
+        if self._state is None:
+            return False
+        self._state.targets = (targets.detach(), float(scale))
+        return True
+
     def source(self, e: Tensor, out: Tensor | None) -> Tensor:
         if self.target == "ce":
             onehot, c = _ce_target(out, e)
@@ -306,7 +314,7 @@ def set_targets(model: nn.Module, targets: Tensor, scale: float = 1.0) -> None:
     micro-batches; see :class:`DRTP`)."""
     from ..wrap import wrapping
     rec = wrapping(model)
-    if rec is None or not isinstance(rec.rule, DRTP) or rec.rule._state is None:
+    if rec is None or not isinstance(rec.rule, DRTP):
         raise ValueError("localopt.set_targets: this model is not wrapped with rule 'drtp'")
     if not isinstance(targets, Tensor):
         raise TypeError(f"localopt.set_targets: targets must be a Tensor, got "
@@ -314,4 +322,5 @@ def set_targets(model: nn.Module, targets: Tensor, scale: float = 1.0) -> None:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"localopt.set_targets: scale={scale!r} must be a positive number")
-    rec.rule._state.targets = (targets.detach(), float(scale))
+    if not rec.rule.give_targets(targets, scale):
+        raise ValueError("localopt.set_targets: this model is not wrapped with rule 'drtp'")

@@ -106,6 +106,11 @@ class TargetPropRule(Rule):
         self._root_hooks: list[Any] = []
         self._model_ref: nn.Module | None = None
 
+    @property
+    def installed(self) -> bool:
+        """Whether this rule is installed on a model (``localopt.wrap`` ran, ``unwrap`` not)."""
+        return self._model_ref is not None
+
     # -- chain discovery (called by wrap before anything is installed) --------------------
     def choose_sites(self, model: nn.Module, picked: list[tuple[str, nn.Module]]):
         if self._model_ref is not None:
