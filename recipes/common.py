@@ -297,9 +297,11 @@ def freeze_parameters(model: nn.Module, patterns: list, owner: str) -> None:
             p.requires_grad_(False)
 
 
-def apply_rule(model: nn.Module, cfg: Config) -> nn.Module:
+def apply_rule(model: nn.Module, cfg: Config, in_effect: dict | None = None) -> nn.Module:
     """The one place a learning rule is installed: ``localopt.wrap(model, rule, ...)``.
-    Feedback randomness is seeded by ``cfg.seed`` unless ``rule_options`` sets ``seed``."""
+    Feedback randomness is seeded by ``cfg.seed`` unless ``rule_options`` sets ``seed``.
+    ``in_effect``: every option of the rule as a run started with it (:func:`rule_in_effect`
+    of its checkpoint), which a resumed run keeps even where the library's defaults changed."""
     if cfg.rule == "none":
         return model
     import localopt
@@ -307,11 +309,19 @@ def apply_rule(model: nn.Module, cfg: Config) -> nn.Module:
         raise ConfigError(f"--rule {cfg.rule!r}: available rules: "
                           f"{', '.join(localopt.available_rules())} (or 'none' for plain "
                           "autograd)")
-    options = {"seed": cfg.seed, **cfg.rule_options}
+    options = {"seed": cfg.seed, **cfg.rule_options, **(in_effect or {})}
     try:
         return localopt.wrap(model, cfg.rule, **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--rule {cfg.rule!r} / --rule-options {cfg.rule_options}: {e}") from None
+
+
+def rule_in_effect(model: nn.Module) -> dict | None:
+    """Every option of the rule on ``model``, defaults included (``localopt.wrapping``), or
+    None for a plain model: what a checkpoint records so that a resume wraps the same rule."""
+    import localopt
+    w = localopt.wrapping(model)
+    return None if w is None else dict(w.options)
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

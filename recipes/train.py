@@ -39,7 +39,7 @@ from localopt.distributed import unwrap_parallel
 from .common import (Config, ConfigError, add_config_args, append_jsonl, apply_rule,
                      build_model, config_from_args, device_name, git_commit, loss_fn,
                      make_optimizer, make_scheduler, pick_device, read_jsonl,
-                     step_diagnostics)
+                     rule_in_effect, step_diagnostics)
 from .data import CifarArrays, DataNotFoundError, Normalizer, Split, load_cifar10, make_splits
 from .data import random_crop_flip
 from .alignment import plot_alignment
@@ -241,8 +241,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     norm = Normalizer(device)
 
     torch.manual_seed(cfg.seed)
-    model = apply_rule(build_model(cfg, len(arrays.classes), device), cfg)
+    # a resumed run keeps every rule option it started with, even where a default changed since
+    started_with = None if ckpt is None else ckpt.get("rule_options_in_effect")
+    model = apply_rule(build_model(cfg, len(arrays.classes), device), cfg, started_with)
     inner = model
+    in_effect = rule_in_effect(inner)
     if ranks.world > 1:   # the start-up broadcast makes every rank rank 0's model and streams
         model = torch.nn.parallel.DistributedDataParallel(
             inner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -280,16 +283,28 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                 and r.get("event") != "final"]
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         append_jsonl(log_path, {"event": "resume", "epoch": start_epoch, **common,
-                                "config": cfg.to_dict()})
+                                "config": cfg.to_dict(), "rule_options_in_effect": in_effect})
     else:
         n_params = sum(p.numel() for p in model.parameters())
         append_jsonl(log_path, {"event": "start", "epoch": 0, **common, "parameters": n_params,
                                 "protocol": cfg.protocol, "config": cfg.to_dict(),
-                                "optimizer": repr(opt)})
+                                "rule_options_in_effect": in_effect, "optimizer": repr(opt)})
     say = (lambda text: print(text, file=sys.stderr)) if ranks.main else (lambda text: None)
     say(f"[{cfg.run_name()}] {cfg.model} + {cfg.rule} on {arrays.description} "
         f"({len(splits['train'])} train, {cfg.protocol} protocol), {device_name(device)}"
         + (f", {ranks.world} data-parallel processes" if ranks.world > 1 else ""))
+    if ckpt is not None and in_effect is not None:
+        if started_with is None:
+            say("note: the checkpoint does not record the rule's options (written by an older "
+                "recipes.train): resumed with the library's current defaults")
+        else:
+            from localopt.rules import make_rule
+            given = {k: v for k, v in cfg.rule_options.items() if k in started_with}
+            now = make_rule(cfg.rule, given).options()
+            changed = {k: v for k, v in started_with.items() if now.get(k) != v}
+            if changed:
+                say(f"note: resumed with the rule options the run started with, {changed}; "
+                    f"the library's defaults are now {({k: now.get(k) for k in changed})}")
 
     stop = None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -335,7 +350,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         _save_checkpoint(ckpt_path, model=inner.state_dict(), optimizer=opt.state_dict(),
                          scheduler=sched.state_dict(), rng=rng_ranks[0], rng_ranks=rng_ranks,
                          epoch=epoch, global_step=global_step, config=cfg.to_dict(),
-                         loss_start=watch["start"])
+                         rule_options_in_effect=in_effect, loss_start=watch["start"])
         shown = " ".join(f"{k}={rec[k]:.4f}" for k in ("train_loss", "train_acc", "val_acc",
                                                          "test_acc") if rec[k] is not None)
         print(f"[{cfg.run_name()}] epoch {epoch}/{cfg.epochs} {shown} lr={lr:.3g} "

@@ -99,6 +99,30 @@ def test_resume_equals_uninterrupted_run(tiny_data, tmp_path, rule):
         train.main([*common_args, "--name", "split", "--resume", "--epochs", "5"])
 
 
+def test_resume_keeps_the_rule_options_the_run_started_with(tiny_data, tmp_path, monkeypatch,
+                                                          capsys):
+    # a library default that changes between the start and the resume (here: bfa's drop_mean)
+    from localopt.rules.bidirectional import BFA
+    args = _args(tiny_data, tmp_path, "--model", "mlp3x1024", "--rule", "bfa", "--epochs", "2",
+                 "--optimizer", "adam", "--lr", "1e-3", "--name", "kept")
+    assert train.main([*args, "--stop-after", "1"]) == 0
+    start_default = BFA.__init__.__kwdefaults__["drop_mean"]
+    (start,) = _records(tmp_path / "kept", "start")
+    assert start["rule_options_in_effect"]["drop_mean"] is start_default
+    assert _state(tmp_path / "kept")["rule_options_in_effect"] == start["rule_options_in_effect"]
+    monkeypatch.setitem(BFA.__init__.__kwdefaults__, "drop_mean", not start_default)
+    capsys.readouterr()
+    assert train.main([*args, "--resume"]) == 0
+    (resumed,) = _records(tmp_path / "kept", "resume")
+    assert resumed["rule_options_in_effect"] == start["rule_options_in_effect"]
+    err = capsys.readouterr().err
+    assert "resumed with the rule options the run started with" in err and "drop_mean" in err
+    # a fresh run takes the new default
+    assert train.main([*args[:-1], "fresh", "--epochs", "1"]) == 0
+    (fresh,) = _records(tmp_path / "fresh", "start")
+    assert fresh["rule_options_in_effect"]["drop_mean"] is (not start_default)
+
+
 def test_existing_run_needs_resume_or_overwrite(tiny_data, tmp_path, capsys):
     args = _args(tiny_data, tmp_path, "--model", "mlp3x1024", "--rule", "none", "--epochs", "1",
                  "--optimizer", "adam", "--lr", "1e-3", "--name", "again")
