@@ -209,6 +209,9 @@ class Site:
     #: ``wm``: True once the site's feedback carried an error backward (a forward alone does
     #: not), so the mirror step updates only feedback that is used.
     sends_feedback: bool = False
+    #: ``bfa`` with ``drop_mean="auto"``: whether this layer drops its mean input direction
+    #: from B, decided at its first forward (True when that input is non-negative).
+    drops_mean: "bool | None" = None
     #: A layer that a direct rule hooks inside one of its modules (``inside="fa"``): the
     #: ``(module, buffer name)`` that holds the layer's feedback ``B``.
     feedback_of: "tuple[nn.Module, str] | None" = None

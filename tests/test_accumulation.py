@@ -41,15 +41,15 @@ CASES = {  # id: (rule, options)
     "dfa-channel": ("dfa", {"feedback": "channel"}), "bdfa": ("bdfa", {}),
     "drtp": ("drtp", {}), "drtp-given": ("drtp", {"target": "given"}),
     "dkp": ("dkp", {}), "bidfa": ("bidfa", {}), "bidfa-center": ("bidfa", {"center": True}),
-    "bidfa-drop-mean": ("bidfa", {"drop_mean": True}),
+    "bidfa-keep-mean": ("bidfa", {"drop_mean": False}),
     "bidfa-channel-drop-mean": ("bidfa", {"drop_mean": True, "feedback": "channel"}),
-    "bfa-drop-mean": ("bfa", {"drop_mean": True}),
+    "bfa-keep-mean": ("bfa", {"drop_mean": False}),
 }
 # normalised least squares: the update does not depend on the loss
-LSQ = ("bfa", "bfa-drop-mean", "bidfa", "bidfa-center", "bidfa-drop-mean",
+LSQ = ("bfa", "bfa-keep-mean", "bidfa", "bidfa-center", "bidfa-keep-mean",
        "bidfa-channel-drop-mean")
-LEARNED = ("kp", "wm", "bfa", "bfa-drop-mean", "dkp", "bidfa", "bidfa-center",
-           "bidfa-drop-mean", "bidfa-channel-drop-mean")
+LEARNED = ("kp", "wm", "bfa", "bfa-keep-mean", "dkp", "bidfa", "bidfa-center",
+           "bidfa-keep-mean", "bidfa-channel-drop-mean")
 TP_RULES = ("dtp", "sdtp", "ao-sdtp", "drl", "l-drl")
 
 

@@ -155,7 +155,7 @@ def test_compiled_dfa_still_raises_without_the_output_error():
 
 
 @pytest.mark.parametrize("rule", ["kp", "wm", "bfa", "dkp", "dkp-fixed", "bidfa",
-                                  "bidfa-center", "bidfa-drop-mean", "bfa-drop-mean"])
+                                  "bidfa-center", "bidfa-keep-mean", "bfa-keep-mean"])
 def test_compiled_training_learns_the_same_feedback_as_eager(rule):
     # what a rule learns of its feedback (B.grad, normalisers) is computed in hooks and the
     # backward pass; under torch.compile it must reach LocalOptimizer exactly as in eager
@@ -165,8 +165,8 @@ def test_compiled_training_learns_the_same_feedback_as_eager(rule):
         torch.manual_seed(0)
         name, options = {"dkp-fixed": ("dkp", {"fixed_norm": True}),
                          "bidfa-center": ("bidfa", {"center": True}),
-                         "bidfa-drop-mean": ("bidfa", {"drop_mean": True}),
-                         "bfa-drop-mean": ("bfa", {"drop_mean": True})}.get(rule, (rule, {}))
+                         "bidfa-keep-mean": ("bidfa", {"drop_mean": False}),
+                         "bfa-keep-mean": ("bfa", {"drop_mean": False})}.get(rule, (rule, {}))
         model = localopt.wrap(ResNetLet(), name, seed=3, **options)
         opt = LocalOptimizer(model, torch.optim.SGD, lr=0.05, momentum=0.9)
         forward = torch.compile(model, backend="aot_eager") if compiled else model

@@ -20,11 +20,11 @@ DEADLINE_S = 120
 STEPS = 2
 #: one DDP step equals the single-process step on the whole batch (float tolerance)
 EXACT = ["bp", "fa", "usf", "brsf", "frsf", "kp", "wm", "bfa", "dfa", "bdfa", "drtp", "dkp",
-         "bidfa", "bidfa-center", "bidfa-drop-mean", "bfa-drop-mean"]
+         "bidfa", "bidfa-center", "bidfa-keep-mean", "bfa-keep-mean"]
 #: cases that are a rule with options
 OPTIONS = {"wm": ("wm", {"warmup": 1}), "bidfa-center": ("bidfa", {"center": True}),
-           "bidfa-drop-mean": ("bidfa", {"drop_mean": True}),
-           "bfa-drop-mean": ("bfa", {"drop_mean": True})}
+           "bidfa-keep-mean": ("bidfa", {"drop_mean": False}),
+           "bfa-keep-mean": ("bfa", {"drop_mean": False})}
 #: per-sample noise of each rank's own shard: identical on the ranks, not equal to one process
 NOISY = ["dtp", "sdtp", "ao-sdtp", "drl", "l-drl"]
 #: (rule, DDP's forward_sync_buffers, how the optimizer finds the group); buffers are always

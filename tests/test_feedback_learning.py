@@ -213,7 +213,9 @@ def recon_loss(model, x):
 
 @pytest.mark.parametrize("conv", [False, True])
 def test_bfa_lowers_reconstruction_loss(conv):
-    model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7, lr=0.5)
+    # the plain read-out (drop_mean=False): the default's B cannot rebuild the input's share
+    # along its mean direction (test_bfa_default_signal_has_no_component_along_the_mean_input)
+    model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7, lr=0.5, drop_mean=False)
     opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)
     x, y = batch(conv=conv)
     r0 = recon_loss(model, x)
@@ -229,7 +231,7 @@ def test_bfa_lowers_reconstruction_loss(conv):
 def test_bfa_drop_mean_signal_has_no_component_along_the_mean_input(conv):
     """drop_mean=True: after a step, the signal ``delta B`` of any output error has no
     component along the layer's mean input (per channel for a conv, also a grouped one), at
-    every position; without it, it has."""
+    every position; with the paper's plain read-out (drop_mean=False), it has."""
     x, y = batch(conv=conv)
     x = x + 2.0                                     # inputs far from zero mean
     for drop in (True, False):
@@ -252,6 +254,51 @@ def test_bfa_drop_mean_signal_has_no_component_along_the_mean_input(conv):
             along = torch.einsum("nc...,c->n...", dx, u / u.norm())
             share = along.square().sum() / dx.square().sum()
             assert share < 1e-10 if drop else share > 1e-3, (drop, s.name, share)
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_bfa_default_drops_the_mean_exactly_where_the_input_is_rectified(conv):
+    """drop_mean="auto" (the default): a layer whose input is non-negative (after a ReLU)
+    takes the drop_mean=True feedback step, a layer with signed input (after tanh) the plain
+    one, bit for bit (the weights held fixed, so each layer's B sees the same inputs in every
+    run)."""
+    x, y = batch(conv=conv)
+    feedback = {}
+    for value in ("auto", True, False):
+        model = localopt.wrap(convnet() if conv else mlp(), "bfa", seed=7, lr=0.5,
+                              **({} if value == "auto" else {"drop_mean": value}))
+        opt = LocalOptimizer(model, torch.optim.SGD, lr=0.0)
+        for _ in range(3):
+            step(model, opt, x, y)
+        feedback[value] = {s.name: (s.buffer("feedback").clone(), s.drops_mean)
+                           for s in localopt.sites(model)}
+    # mlp: Linear -> ReLU -> Linear -> Tanh -> Linear; convnet: conv -> ReLU -> conv -> BN ->
+    # ReLU -> Linear (the first layer sends no signal: its B never learns)
+    expected = {"2": True, "4": False} if not conv else {"2": True, "6": True}
+    assert {n: d for n, (_, d) in feedback["auto"].items() if d is not None} == expected
+    for name, drops in expected.items():
+        B = feedback["auto"][name][0]
+        assert torch.equal(B, feedback[drops][name][0]), name
+        assert not torch.equal(B, feedback[not drops][name][0]), name
+
+
+def test_bfa_default_equals_the_fixed_choice_on_a_rectified_or_a_signed_network():
+    """A ReLU network trains with the default exactly as with drop_mean=True, a tanh network
+    exactly as with drop_mean=False: weights and feedback, over several steps."""
+    def final(act, **opts):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(10, 16), act(), nn.Linear(16, 16), act(),
+                              nn.Linear(16, 4))
+        localopt.wrap(model, "bfa", seed=7, lr=0.5, **opts)
+        opt = LocalOptimizer(model, torch.optim.SGD, lr=0.1)
+        for k in range(3):
+            step(model, opt, *batch(seed=k))
+        return model.state_dict()
+
+    for act, same in ((nn.ReLU, True), (nn.Tanh, False)):
+        auto, fixed, other = final(act), final(act, drop_mean=same), final(act, drop_mean=not same)
+        assert all(torch.equal(auto[k], fixed[k]) for k in auto), act.__name__
+        assert not all(torch.equal(auto[k], other[k]) for k in auto), act.__name__
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
@@ -296,8 +343,10 @@ def test_feature_sum_sums_over_every_other_dimension():
 
 
     model = mlp()
-    with pytest.raises(TypeError, match="'bfa'.*drop_mean"):
+    with pytest.raises(ValueError, match="'bfa'.*drop_mean='yes'"):
         localopt.wrap(model, "bfa", drop_mean="yes")
+    with pytest.raises(TypeError, match="'bfa'.*drop_mean=1"):
+        localopt.wrap(model, "bfa", drop_mean=1)
     assert not localopt.is_wrapped(model)
 
 
