@@ -100,8 +100,8 @@ class BFA(LearnsFeedback, FeedbackRule):
       56.44% (seeds 0 and 42), the plain read-out 51.64 and 52.95 (row ``bfa-keep-mean``),
       ``fa`` 56.60 and 57.16;
     * 3x1024 tanh MLP, where ``"auto"`` is the plain read-out: 49.40 and 49.27; dropping the
-      direction in every layer anyway costs 3 points (``drop_mean=True``: 46.12, seed 0;
-      row ``bfa-drop-mean``).
+      direction in every layer anyway costs 3 points (``drop_mean=True``: 46.12 and
+      46.78; row ``bfa-drop-mean``).
 
     The input sum is accumulated with the normaliser, so accumulation, DDP and
     ``torch.compile`` keep the step of the whole batch.  ``drop_mean=False`` is the paper's
