@@ -210,7 +210,8 @@ class Site:
     #: not), so the mirror step updates only feedback that is used.
     sends_feedback: bool = False
     #: ``bfa`` with ``drop_mean="auto"``: whether this layer drops its mean input direction
-    #: from B, decided at its first forward (True when that input is non-negative).
+    #: from B; None until its first feedback step decides (True when no input it saw, on any
+    #: data-parallel rank, had a negative value).
     drops_mean: "bool | None" = None
     #: A layer that a direct rule hooks inside one of its modules (``inside="fa"``): the
     #: ``(module, buffer name)`` that holds the layer's feedback ``B``.

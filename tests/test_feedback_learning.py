@@ -282,6 +282,48 @@ def test_bfa_default_drops_the_mean_exactly_where_the_input_is_rectified(conv):
         assert not torch.equal(B, feedback[not drops][name][0]), name
 
 
+class _Magnitude(nn.Module):
+    """``|x|``, or ``x`` itself while ``signed`` is set."""
+    signed = False
+
+    def forward(self, x):
+        return x if self.signed else x.abs()
+
+
+def test_bfa_default_decides_at_the_first_step_over_every_accumulated_pass():
+    """drop_mean="auto": a layer decides at its first feedback step, from all the passes
+    accumulated since; one negative input in any of them keeps the plain read-out.  A step
+    after zero_grad(set_to_none=False) saw no input and leaves the layer undecided."""
+    def model_and_opt():
+        torch.manual_seed(0)
+        model = localopt.wrap(nn.Sequential(nn.Linear(10, 8), _Magnitude(), nn.Linear(8, 4)),
+                              "bfa", seed=7, lr=0.5)
+        return model, LocalOptimizer(model, torch.optim.SGD, lr=0.0)
+
+    x, y = batch()
+    for signed, expected in (((False,), True), ((False, True), False), ((True, False), False),
+                             ((False, False), True)):
+        model, opt = model_and_opt()
+        top = localopt.sites(model)[1]
+        opt.zero_grad()
+        for flag in signed:
+            model[1].signed = flag
+            F.cross_entropy(model(x), y).backward()
+        assert top.drops_mean is None
+        opt.step()
+        assert top.drops_mean is expected, signed
+        model[1].signed = not expected   # decided once: later inputs do not change it
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert top.drops_mean is expected, signed
+    model, opt = model_and_opt()
+    F.cross_entropy(model(x), y).backward()
+    opt.zero_grad(set_to_none=False)
+    opt.step()
+    assert localopt.sites(model)[1].drops_mean is None
+
+
 def test_bfa_default_equals_the_fixed_choice_on_a_rectified_or_a_signed_network():
     """A ReLU network trains with the default exactly as with drop_mean=True, a tanh network
     exactly as with drop_mean=False: weights and feedback, over several steps."""

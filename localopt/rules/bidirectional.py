@@ -92,9 +92,12 @@ class BFA(LearnsFeedback, FeedbackRule):
     (after tanh: 3-6% in the 3x1024 MLP's).  At the end of the ResNet-20 runs of the plain
     read-out (both seeds) the classifier's B lies 0.69-0.70 along its mean input (``python -m
     recipes.feedback_probe RUN``; a random B about 1/64).  So the default ``"auto"`` drops the
-    direction in each layer whose input is non-negative at its first forward (one host read
-    per layer, then fixed; ``Site.drops_mean``), and keeps the plain read-out elsewhere
-    (``True``/``False``: every layer).  Cpu protocols (``results/notes/rule_stability.md``):
+    direction in each layer whose input is non-negative, and keeps the plain read-out
+    elsewhere (``True``/``False``: every layer).  A layer decides at its first feedback step,
+    from a count summed with the normaliser (no input value seen since its first forward was
+    negative: over accumulated passes and, averaged by the optimizer, over data-parallel
+    ranks, so every rank decides alike), with one host read; the decision then stays
+    (``Site.drops_mean``).  Cpu protocols (``results/notes/rule_stability.md``):
 
     * ResNet-20, where ``"auto"`` drops it in every layer that sends a signal: 56.59 and
       56.44% (seeds 0 and 42), the plain read-out 51.64 and 52.95 (row ``bfa-keep-mean``),
@@ -175,21 +178,34 @@ class BFA(LearnsFeedback, FeedbackRule):
             if isinstance(m, CONV_TYPES):
                 k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
             norm = y.to(torch.promote_types(y.dtype, torch.float32)).square().sum().mul_(k)
-            if self._drops_mean(site, x):  # the input's sum per feature, with the norm
+            drop = self.drop_mean if self.drop_mean != "auto" else site.drops_mean
+            if drop is not False:  # the input's sum per feature, accumulated with the norm
                 fdim = (1 if x.dim() == B.dim() else 0) if isinstance(m, CONV_TYPES) else -1
-                norm = torch.cat([norm.reshape(1), feature_sum(x.detach(), fdim, norm.dtype)])
+                parts = [norm.reshape(1), feature_sum(x.detach(), fdim, norm.dtype)]
+                if drop is None:  # "auto", undecided: how many input values were negative
+                    parts.append((x.detach() < 0).sum(dtype=norm.dtype).reshape(1))
+                norm = torch.cat(parts)
         return _recon_grad(site, y, x.detach(), B), norm
 
-    def _drops_mean(self, site: Site, x: Tensor) -> bool:
-        """Whether ``site`` drops its mean input direction: the option, or with ``"auto"``
-        whether its input was non-negative at its first forward (one host read per layer)."""
-        if self.drop_mean != "auto":
-            return self.drop_mean
-        if site.drops_mean is None:
-            site.drops_mean = bool((x.detach() >= 0).all())
-        return site.drops_mean
+    def _decide(self, sites: list[Site]) -> None:
+        """``drop_mean="auto"``: at a layer's first step, drop the mean direction from now on
+        iff no input it saw had a negative value (a count summed with the normaliser, so over
+        accumulated passes and, averaged by the optimizer, over data-parallel ranks: every
+        rank decides alike).  One host read per step that decides, none after."""
+        open_ = [s for s in sites if s.drops_mean is None and s.feedback_norm is not None
+                 and s.buffer("feedback").grad is not None]
+        if not open_:
+            return
+        flags = torch.stack([s.feedback_norm[[0, -1]].float().cpu() for s in open_]).tolist()
+        for s, (norm, negative) in zip(open_, flags):
+            if norm > 0:  # a pending pass that saw input (not one zeroed by zero_grad)
+                s.drops_mean = negative == 0
+            # this step's normaliser: with the input sum where the direction is dropped
+            s.feedback_norm = s.feedback_norm[:-1] if s.drops_mean else s.feedback_norm[0]
 
     def feedback_step(self, sites: list[Site], step: int) -> None:
+        if self.drop_mean == "auto":
+            self._decide(sites)
         sums = [(s, split_pending_input_sum(s)) for s in sites
                 if self.drop_mean is True or (self.drop_mean == "auto" and s.drops_mean)]
         apply_feedback_grads(sites, self.lr, self.decay)
