@@ -1,8 +1,17 @@
 """Shared fixtures (opt-in: ``pytestmark = pytest.mark.usefixtures(...)``)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (CI must not depend on the draw); a test's
+# own @settings inherits this profile.  HYPOTHESIS_PROFILE=explore draws fresh examples.
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture

@@ -229,21 +229,36 @@ def test_policy_order_and_staleness_without_messages():
     assert pol.peak_in_flight == 2
 
 
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=25, deadline=None, derandomize=True)
+
+#: dropping the flush can cost a little time: the policy is greedy (each stage runs the first
+#: ready op), and a greedy list schedule can lengthen when a constraint is removed (Graham's
+#: anomalies).  Found by hypothesis: S=6, M=3, 2 steps, f=1.9375, d=0.5, latency 0.005,
+#: max_in_flight=2: 24.81 against 24.56 per step (+0.99%); none in 1,500 random draws.
+ANOMALY = 0.02
+
+
+def test_simulated_asynchronous_can_be_slightly_slower_with_a_tight_bound():
+    costs = [StageCost(1.9375, 2 * 0.5, direct=0.5)] * 6
+    kw = dict(link=CommCost(latency=0.005), e_bytes=1.0, steps=2, max_in_flight=2)
+    sync = simulate(costs, "direct", 3, **kw).makespan
+    asyn = simulate(costs, "direct", 3, asynchronous=True, **kw).makespan
+    assert sync < asyn <= sync * (1 + ANOMALY)
 
 
 @FAST
 @given(S=st.integers(1, 6), M=st.integers(1, 8), steps=st.integers(1, 4),
        f=st.floats(0.1, 3), d=st.floats(0.1, 3), lat=st.floats(0, 2),
        bound=st.one_of(st.none(), st.integers(1, 8)))
-def test_simulated_asynchronous_is_never_slower_and_bounded(S, M, steps, f, d, lat, bound):
+def test_simulated_asynchronous_is_not_slower_and_bounded(S, M, steps, f, d, lat, bound):
     """The same policy in the simulator: every op runs once, at most ``bound`` micro-batches
-    in flight per stage, and dropping the flush never costs time with free updates."""
+    in flight per stage, and dropping the flush costs no time with free updates (beyond the
+    greedy order's rare anomaly, ``ANOMALY``)."""
     costs = [StageCost(f, 2 * d, direct=d)] * S
     kw = dict(link=CommCost(latency=lat), e_bytes=1.0, steps=steps, max_in_flight=bound)
     sync = simulate(costs, "direct", M, **kw)
     asyn = simulate(costs, "direct", M, asynchronous=True, **kw)
-    assert asyn.makespan <= sync.makespan + 1e-9
+    assert asyn.makespan <= sync.makespan * (1 + ANOMALY) + 1e-9
     for r in (sync, asyn):
         for s in range(S):
             ev = sorted((e for e in r.events if e.stage == s and e.kind in

@@ -196,7 +196,8 @@ class BFA(LearnsFeedback, FeedbackRule):
                  and s.buffer("feedback").grad is not None]
         if not open_:
             return
-        flags = torch.stack([s.feedback_norm[[0, -1]].float().cpu() for s in open_]).tolist()
+        dev = open_[0].feedback_norm.device
+        flags = torch.stack([s.feedback_norm[[0, -1]].float().to(dev) for s in open_]).tolist()
         for s, (norm, negative) in zip(open_, flags):
             if norm > 0:  # a pending pass that saw input (not one zeroed by zero_grad)
                 s.drops_mean = negative == 0
