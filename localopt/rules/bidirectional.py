@@ -178,7 +178,7 @@ class BFA(LearnsFeedback, FeedbackRule):
             if isinstance(m, CONV_TYPES):
                 k = max(1.0, math.prod(m.kernel_size) / math.prod(m.stride))
             norm = y.to(torch.promote_types(y.dtype, torch.float32)).square().sum().mul_(k)
-            drop = self.drop_mean if self.drop_mean != "auto" else site.drops_mean
+            drop = self._drops(site)
             if drop is not False:  # the input's sum per feature, accumulated with the norm
                 fdim = (1 if x.dim() == B.dim() else 0) if isinstance(m, CONV_TYPES) else -1
                 parts = [norm.reshape(1), feature_sum(x.detach(), fdim, norm.dtype)]
@@ -186,6 +186,10 @@ class BFA(LearnsFeedback, FeedbackRule):
                     parts.append((x.detach() < 0).sum(dtype=norm.dtype).reshape(1))
                 norm = torch.cat(parts)
         return _recon_grad(site, y, x.detach(), B), norm
+
+    def _drops(self, site: Site) -> bool | None:
+        """Whether ``site`` drops its mean input direction (None: ``"auto"``, undecided)."""
+        return site.drops_mean if self.drop_mean == "auto" else self.drop_mean
 
     def _decide(self, sites: list[Site]) -> None:
         """``drop_mean="auto"``: at a layer's first step, drop the mean direction from now on
@@ -207,8 +211,7 @@ class BFA(LearnsFeedback, FeedbackRule):
     def feedback_step(self, sites: list[Site], step: int) -> None:
         if self.drop_mean == "auto":
             self._decide(sites)
-        sums = [(s, split_pending_input_sum(s)) for s in sites
-                if self.drop_mean is True or (self.drop_mean == "auto" and s.drops_mean)]
+        sums = [(s, split_pending_input_sum(s)) for s in sites if self._drops(s)]
         apply_feedback_grads(sites, self.lr, self.decay)
         for s, sx in sums:
             if sx is not None:
