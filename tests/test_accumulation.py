@@ -30,7 +30,7 @@ import localopt
 from localopt.optim import LocalOptimizer, TargetProp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-HYP = settings(max_examples=4, deadline=None, derandomize=True)
+HYP = settings(max_examples=4, deadline=None)
 N = 12  # big-batch size
 
 CASES = {  # id: (rule, options)

@@ -17,7 +17,7 @@ from trainloop import train_steps
 from localopt.rules.direct_base import _Send
 
 DIRECT = ["dfa", "bdfa", "drtp"]
-HYP = settings(max_examples=15, deadline=None, derandomize=True)
+HYP = settings(max_examples=15, deadline=None)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

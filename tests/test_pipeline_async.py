@@ -229,7 +229,7 @@ def test_policy_order_and_staleness_without_messages():
     assert pol.peak_in_flight == 2
 
 
-FAST = settings(max_examples=25, deadline=None, derandomize=True)
+FAST = settings(max_examples=25, deadline=None)
 
 #: dropping the flush can cost a little time: the policy is greedy (each stage runs the first
 #: ready op), and a greedy list schedule can lengthen when a constraint is removed (Graham's
